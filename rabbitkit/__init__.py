@@ -1,0 +1,23 @@
+"""rabbitkit: deep learning down the rabbit hole, with hand-written Numba kernels.
+
+The public face: :class:`Sequential`, :func:`run`, :data:`hookimpl`, :func:`manual_seed`.
+"""
+__version__ = "0.1.0"
+
+from .hookspecs import hookimpl, hookspec  # noqa: E402
+from .random import manual_seed  # noqa: E402
+
+__all__ = ["__version__", "hookimpl", "hookspec", "manual_seed", "Sequential", "run"]
+
+
+def __getattr__(name):
+    # Imported lazily so ``rabbit --version`` does not load Numba.
+    if name == "Sequential":
+        from .layers.sequential import Sequential
+
+        return Sequential
+    if name == "run":
+        from .train.api import run
+
+        return run
+    raise AttributeError(f"module 'rabbitkit' has no attribute '{name}'")

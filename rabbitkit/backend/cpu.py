@@ -1,0 +1,109 @@
+"""CPU backend: numpy arrays and the Numba decorators every CPU kernel uses.
+
+All kernels are compiled with ``cache=True`` so a second process loads them from
+disk.  ``fastmath`` leaves out the no-NaN/no-inf assumptions: a diverging run must
+still produce NaN so the trainer can stop it.
+"""
+import os
+
+import numpy as np
+
+# Numba's OpenMP workers spin after each parallel region, which halves the speed of
+# the OpenBLAS call that usually follows (both pools then fight for the 2 cores).
+# Passive waiting makes them sleep instead; this must be set before libgomp loads,
+# hence here, before the first parallel kernel runs.  A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+
+# Safe fast-math: reassociation lets reductions vectorise, but NaN/inf keep their meaning.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+# Below this many elements a parallel region costs more than it saves.
+PARALLEL_THRESHOLD = 1 << 15
+
+
+def kernel(fn=None, *, parallel=True, fastmath=True):
+    """``@kernel``: the one decorator for CPU kernels (``njit`` + cache)."""
+
+    def wrap(f):
+        return numba.njit(parallel=parallel, fastmath=set(FASTMATH) if fastmath else False, cache=True, nogil=True)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+class SizedKernel:
+    """A kernel compiled serially and in parallel; the call picks by work size.
+
+    Small tensors (an MLP on 1-D data) are overhead-bound and run faster without
+    waking the thread pool; large ones use every core.  Each variant compiles on
+    first use only.
+    """
+
+    def __init__(self, fn, fastmath=True, threshold=PARALLEL_THRESHOLD):
+        self.serial = kernel(fn, parallel=False, fastmath=fastmath)
+        self.parallel = kernel(fn, parallel=True, fastmath=fastmath)
+        self.threshold = threshold
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, work, *args):
+        if work >= self.threshold:
+            return self.parallel(*args)
+        return self.serial(*args)
+
+
+def sized_kernel(fn=None, *, fastmath=True):
+    """``@sized_kernel``: like :func:`kernel`, but first call argument is the work size."""
+    if fn is not None:
+        return SizedKernel(fn, fastmath=fastmath)
+    return lambda f: SizedKernel(f, fastmath=fastmath)
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def asarray(self, array, dtype=None):
+        """A C-contiguous numpy array of ``dtype`` (no copy when it already is one)."""
+        if hasattr(array, "copy_to_host"):
+            array = array.copy_to_host()
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    def to_host(self, array):
+        return array
+
+    def fill(self, array, value):
+        array.fill(value)
+
+    def copy_into(self, dst, src):
+        """Copy a host or device array into ``dst`` in place."""
+        if hasattr(src, "copy_to_host"):
+            src = src.copy_to_host()
+        np.copyto(dst, src)
+
+    def synchronize(self):
+        pass
+
+
+CPU_BACKEND = CPUBackend()
+
+
+def gemm_accumulate(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=1.0):
+    """c = alpha * op(a) @ op(b) + beta * c in place, on C-contiguous arrays, via BLAS.
+
+    numpy has no in-place accumulate, and ``c += a @ b`` costs a temporary plus a
+    pass over ``c``.  BLAS is column-major, so we hand it the transposed problem
+    c.T = op(b).T @ op(a).T, whose operands are the C arrays viewed as Fortran.
+    """
+    from scipy.linalg import blas
+
+    gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
+    out = gemm(alpha, b.T, a.T, beta=beta, c=c.T, trans_a=int(trans_b), trans_b=int(trans_a), overwrite_c=1)
+    if not np.shares_memory(out, c):  # BLAS refused to write in place (unexpected layout)
+        c[...] = out.T

@@ -1,0 +1,236 @@
+"""CUDA backend: numba.cuda device arrays, one launch helper, shared kernels.
+
+``numba.cuda`` (the maintained ``numba-cuda`` package, extra ``cuda``) is imported
+on first use only, so layer modules can define their CUDA kernels next to their
+CPU kernels without making CUDA a dependency.  ``NUMBA_ENABLE_CUDASIM=1`` runs
+every kernel in Numba's simulator on the CPU (slow: tiny shapes only).
+"""
+import math
+
+import numpy as np
+
+from ..errors import BackendError
+
+THREADS_PER_BLOCK = 256
+MAX_BLOCKS = 1024  # grid-stride loops cover the rest
+TILE = 16  # GEMM tile edge
+
+_cuda = None
+cuda = None  # numba.cuda, bound by CudaKernel.compiled() on the first launch
+
+
+def cuda_module():
+    """Import numba.cuda once, or explain in one line why CUDA is not available."""
+    global _cuda
+    if _cuda is None:
+        try:
+            from numba import cuda
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise BackendError(f"device 'cuda' needs the 'numba-cuda' package (pip install rabbitkit[cuda]): {err}") from None
+        try:
+            available = cuda.is_available()
+        except Exception:  # pragma: no cover - driver problems
+            available = False
+        if not available:
+            raise BackendError(
+                "device 'cuda' requested but no CUDA GPU or driver was found "
+                "(set NUMBA_ENABLE_CUDASIM=1 to use the simulator)"
+            )
+        _cuda = cuda
+    return _cuda
+
+
+def simulating():
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def launch_config(n, threads=THREADS_PER_BLOCK):
+    """(blocks, threads) for a grid-stride loop over ``n`` items."""
+    if simulating():
+        # The simulator runs one Python thread per CUDA thread: keep the grid small.
+        threads = min(threads, 32)
+        return max(1, min(4, math.ceil(n / threads))), threads
+    return max(1, min(MAX_BLOCKS, math.ceil(n / threads))), threads
+
+
+class CudaKernel:
+    """A ``numba.cuda`` kernel compiled on first launch.
+
+    ``kernel.launch(n, *args)`` runs it with the grid-stride configuration for ``n``
+    items; ``kernel[blocks, threads](*args)`` launches with an explicit one.
+    """
+
+    def __init__(self, pyfunc, device=False):
+        self.pyfunc = pyfunc
+        self.device = device
+        self._compiled = None
+        self.__name__ = pyfunc.__name__
+
+    def compiled(self):
+        if self._compiled is None:
+            module = cuda_module()
+            # Kernel bodies name the module-level global ``cuda``; bind it to the real
+            # numba.cuda module now (the simulator recognises it by identity).
+            self.pyfunc.__globals__["cuda"] = module
+            options = {} if simulating() else {"cache": True}
+            self._compiled = module.jit(device=self.device, **options)(self.pyfunc)
+        return self._compiled
+
+    def __getitem__(self, config):
+        return self.compiled()[config]
+
+    def launch(self, n, *args):
+        blocks, threads = launch_config(n)
+        self.compiled()[blocks, threads](*args)
+
+
+def cuda_kernel(fn):
+    """``@cuda_kernel``: declare a CUDA kernel beside the CPU one; compiled lazily.
+
+    The kernel's module must define ``cuda = None`` at top level: that global is
+    bound to ``numba.cuda`` when the kernel is first compiled.
+    """
+    return CudaKernel(fn)
+
+
+# ---------------------------------------------------------------------------
+# Kernels shared by many layers.  Each uses a grid-stride loop over flat arrays.
+
+
+@cuda_kernel
+def _fill_kernel(out, value):
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, out.size, stride):
+        out[i] = value
+
+
+@cuda_kernel
+def _gemm_kernel(a, b, c, trans_a, trans_b, alpha, beta):
+    """c = alpha * op(a) @ op(b) + beta * c with shared-memory tiles."""
+    tile_a = cuda.shared.array(shape=(16, 16), dtype=c.dtype)
+    tile_b = cuda.shared.array(shape=(16, 16), dtype=c.dtype)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    row = cuda.blockIdx.y * 16 + ty
+    col = cuda.blockIdx.x * 16 + tx
+    m = c.shape[0]
+    n = c.shape[1]
+    k = a.shape[0] if trans_a else a.shape[1]
+    acc = 0.0
+    for t in range((k + 15) // 16):
+        ka = t * 16 + tx
+        kb = t * 16 + ty
+        if row < m and ka < k:
+            tile_a[ty, tx] = a[ka, row] if trans_a else a[row, ka]
+        else:
+            tile_a[ty, tx] = 0.0
+        if col < n and kb < k:
+            tile_b[ty, tx] = b[col, kb] if trans_b else b[kb, col]
+        else:
+            tile_b[ty, tx] = 0.0
+        cuda.syncthreads()
+        for j in range(16):
+            acc += tile_a[ty, j] * tile_b[j, tx]
+        cuda.syncthreads()
+    if row < m and col < n:
+        if beta == 0.0:
+            c[row, col] = alpha * acc
+        else:
+            c[row, col] = alpha * acc + beta * c[row, col]
+
+
+@cuda_kernel
+def _sum_squares_kernel(x, out):
+    """out[0] += sum(x**2) (block partial sums, one atomic per block)."""
+    partial = cuda.shared.array(shape=256, dtype=np.float64)
+    tid = cuda.threadIdx.x
+    acc = 0.0
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        acc += x[i] * x[i]
+    partial[tid] = acc
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if tid < step:
+            partial[tid] += partial[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        cuda.atomic.add(out, 0, partial[0])
+
+
+@cuda_kernel
+def _scale_kernel(x, factor):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        x[i] *= factor
+
+
+class CUDABackend:
+    name = "cuda"
+
+    def __init__(self):
+        self.cuda = cuda_module()
+
+    def empty(self, shape, dtype):
+        return self.cuda.device_array(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        array = self.cuda.device_array(shape, dtype=dtype)
+        self.fill(array, 0)
+        return array
+
+    def asarray(self, array, dtype=None):
+        """A device array of ``dtype``; host arrays are copied over."""
+        if hasattr(array, "copy_to_host"):
+            if dtype is None or array.dtype == np.dtype(dtype):
+                return array
+            array = array.copy_to_host()
+        return self.cuda.to_device(np.ascontiguousarray(array, dtype=dtype))
+
+    def to_host(self, array):
+        return array.copy_to_host() if hasattr(array, "copy_to_host") else array
+
+    def fill(self, array, value):
+        flat = array.reshape(array.size)
+        _fill_kernel.launch(array.size, flat, array.dtype.type(value))
+
+    def copy_into(self, dst, src):
+        if hasattr(src, "copy_to_host"):
+            dst.copy_to_device(src)
+        else:
+            dst.copy_to_device(np.ascontiguousarray(src, dtype=dst.dtype))
+
+    def synchronize(self):
+        self.cuda.synchronize()
+
+    # -- shared math --------------------------------------------------------
+    def gemm(self, a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
+        """c = alpha * op(a) @ op(b) + beta * c on 2-D device arrays."""
+        m, n = c.shape
+        grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
+        _gemm_kernel[grid, (TILE, TILE)](a, b, c, trans_a, trans_b, c.dtype.type(alpha), c.dtype.type(beta))
+
+    def sum_squares(self, array):
+        """sum(array**2) as a Python float (used by global-norm clipping)."""
+        out = self.cuda.to_device(np.zeros(1, dtype=np.float64))
+        flat = array.reshape(array.size)
+        blocks, _ = launch_config(array.size)
+        _sum_squares_kernel[blocks, 256 if not simulating() else 32](flat, out)
+        return float(out.copy_to_host()[0])
+
+    def scale(self, array, factor):
+        flat = array.reshape(array.size)
+        _scale_kernel.launch(array.size, flat, array.dtype.type(factor))
+
+
+_backend = None
+
+
+def get_cuda_backend():
+    global _backend
+    if _backend is None:
+        _backend = CUDABackend()
+    return _backend

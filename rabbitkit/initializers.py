@@ -1,0 +1,1 @@
+"""initializers (in progress)."""

@@ -1,0 +1,14 @@
+"""Layers.  ``rabbitkit.layers.NAME`` resolves any registered layer by name, built-in
+or from a plugin, e.g. ``from rabbitkit.layers import Dense, Conv2D``."""
+from .base import Layer, fans, resolve_dtype
+
+__all__ = ["Layer", "fans", "resolve_dtype"]
+
+
+def __getattr__(name):
+    from ..plugins import registry
+
+    layers = registry("layers")
+    if name in layers:
+        return layers.get(name)
+    raise AttributeError(f"module 'rabbitkit.layers' has no layer '{name}'")

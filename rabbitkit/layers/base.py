@@ -1,0 +1,210 @@
+"""The layer contract every built-in and plugin layer follows.
+
+A layer holds its parameters in ``params`` and their gradients in ``grads`` (same
+keys, same shapes, on the layer's device).  ``forward(x, training)`` returns the
+output and keeps what ``backward`` needs; ``backward(dy)`` returns the input
+gradient and *adds* the parameter gradients into ``grads`` (``zero_grad`` resets
+them), as in llm.c.
+
+A concrete layer implements ``forward_cpu``/``backward_cpu`` and, where it has
+CUDA kernels, ``forward_cuda``/``backward_cuda``, all in its one file.  A layer
+without CUDA kernels is refused on ``device="cuda"`` with a message naming it.
+"""
+import math
+
+import numpy as np
+
+from .. import random as rk_random
+from ..backend import get_backend
+from ..errors import BackendError, CheckpointError, ConfigError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Parameter roles: initializers and regularizers act on "weight" parameters only.
+ROLES = ("weight", "bias", "scale", "other")
+
+
+def resolve_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def fans(shape):
+    """(fan_in, fan_out) of a weight with PyTorch/Caffe layout (out, in, *kernel)."""
+    if len(shape) < 2:
+        return shape[0], shape[0]
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+class Layer:
+    """Base class of all layers (see the module docstring for the contract)."""
+
+    #: set by subclasses that run on any device through other layers (containers,
+    #: pure reshapes); otherwise CUDA support means "overrides forward_cuda".
+    device_agnostic = False
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = resolve_dtype(dtype)
+        self.params = {}
+        self.grads = {}
+        self.param_roles = {}
+        self.buffers = {}  # non-trainable state saved with the model (running means)
+        self.device = "cpu"
+        self.backend = get_backend("cpu")
+        self.rng = rk_random.layer_rng()
+
+    # -- parameters -----------------------------------------------------------
+    def add_param(self, name, value, role="weight"):
+        """Register a parameter (a host array) with a zeroed gradient of its shape."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        value = np.ascontiguousarray(value, dtype=self.dtype)
+        self.params[name] = self.backend.asarray(value, self.dtype)
+        self.grads[name] = self.backend.zeros(value.shape, self.dtype)
+        self.param_roles[name] = role
+        return self.params[name]
+
+    def add_buffer(self, name, value):
+        """Register non-trainable state (saved in state dicts, moved with the layer)."""
+        self.buffers[name] = self.backend.asarray(np.ascontiguousarray(value, dtype=self.dtype), self.dtype)
+        return self.buffers[name]
+
+    def children(self):
+        """Sub-layers of a container (named by their position); none for a plain layer."""
+        return []
+
+    def zero_grad(self):
+        for grad in self.grads.values():
+            self.backend.fill(grad, 0)
+        for child in self.children():
+            child.zero_grad()
+
+    def named_parameters(self, prefix=""):
+        """Yield ``(name, layer, key)`` for every parameter, recursively."""
+        for key in self.params:
+            yield prefix + key, self, key
+        for index, child in enumerate(self.children()):
+            yield from child.named_parameters(f"{prefix}{index}.")
+
+    def named_buffers(self, prefix=""):
+        for key in self.buffers:
+            yield prefix + key, self, key
+        for index, child in enumerate(self.children()):
+            yield from child.named_buffers(f"{prefix}{index}.")
+
+    def state_dict(self):
+        """Parameters and buffers as host numpy arrays by name (``"0.weight"``)."""
+        state = {}
+        for name, layer, key in self.named_parameters():
+            state[name] = np.array(layer.backend.to_host(layer.params[key]))
+        for name, layer, key in self.named_buffers():
+            state[name] = np.array(layer.backend.to_host(layer.buffers[key]))
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into parameters and buffers; names and shapes must match."""
+        expected = {name: (layer.params, key, layer) for name, layer, key in self.named_parameters()}
+        expected.update({name: (layer.buffers, key, layer) for name, layer, key in self.named_buffers()})
+        if strict:
+            missing = sorted(set(expected) - set(state))
+            unexpected = sorted(set(state) - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"state does not match the model: missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+                )
+        for name, value in state.items():
+            if name not in expected:
+                continue
+            store, key, layer = expected[name]
+            if tuple(np.shape(value)) != tuple(store[key].shape):
+                raise CheckpointError(
+                    f"parameter '{name}' has shape {tuple(np.shape(value))}, the model expects {tuple(store[key].shape)}"
+                )
+            layer.backend.copy_into(store[key], np.asarray(value, dtype=layer.dtype))
+
+    def num_parameters(self):
+        return sum(int(np.prod(layer.params[key].shape)) for _, layer, key in self.named_parameters())
+
+    # -- devices --------------------------------------------------------------
+    def supports_cuda(self):
+        """Whether this layer (and every sub-layer) has CUDA kernels."""
+        own = self.device_agnostic or type(self).forward_cuda is not Layer.forward_cuda
+        return own and all(child.supports_cuda() for child in self.children())
+
+    def _layers_without_cuda(self):
+        own = self.device_agnostic or type(self).forward_cuda is not Layer.forward_cuda
+        missing = [] if own else [type(self).__name__]
+        for child in self.children():
+            missing += child._layers_without_cuda()
+        return missing
+
+    def to(self, device):
+        """Move parameters and gradients to ``device`` ("cpu" or "cuda")."""
+        if device == "cuda":
+            missing = self._layers_without_cuda()
+            if missing:
+                names = ", ".join(sorted(set(missing)))
+                raise BackendError(f"layer {names} has no CUDA kernels; use device = \"cpu\" or layers that have them")
+        backend = get_backend(device)
+        for store in (self.params, self.grads, self.buffers):
+            for key in list(store):
+                store[key] = backend.asarray(self.backend.to_host(store[key]), self.dtype)
+        self.device = device
+        self.backend = backend
+        for child in self.children():
+            child.to(device)
+        return self
+
+    # -- randomness -----------------------------------------------------------
+    def seed(self, seed):
+        """Reset this layer's random stream (dropout masks and the like)."""
+        self.rng = np.random.default_rng(seed)
+        for index, child in enumerate(self.children()):
+            child.seed(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
+
+    # -- computation ----------------------------------------------------------
+    def forward(self, x, training=True):
+        if self.device == "cuda":
+            return self.forward_cuda(self.backend.asarray(x, self.dtype), training)
+        return self.forward_cpu(np.ascontiguousarray(x, dtype=self.dtype), training)
+
+    def backward(self, dy):
+        if self.device == "cuda":
+            return self.backward_cuda(self.backend.asarray(dy, self.dtype))
+        return self.backward_cpu(np.ascontiguousarray(dy, dtype=self.dtype))
+
+    def forward_cpu(self, x, training):
+        raise NotImplementedError(f"{type(self).__name__}.forward_cpu")
+
+    def backward_cpu(self, dy):
+        raise NotImplementedError(f"{type(self).__name__}.backward_cpu")
+
+    def forward_cuda(self, x, training):
+        raise BackendError(f"layer {type(self).__name__} has no CUDA kernels")
+
+    def backward_cuda(self, dy):
+        raise BackendError(f"layer {type(self).__name__} has no CUDA kernels")
+
+    # -- shapes and costs -----------------------------------------------------
+    def output_shape(self, input_shape):
+        """Per-sample output shape for a per-sample ``input_shape`` (no batch axis).
+
+        The default runs a batch-1 forward pass on zeros in evaluation mode; layers
+        with a cheap closed form override it.
+        """
+        probe = np.zeros((1, *input_shape), dtype=self.dtype)
+        out = self.backend.to_host(self.forward(probe, training=False))
+        return tuple(out.shape[1:])
+
+    def flops(self, input_shape):
+        """Forward multiply-adds x 2 per sample (0 for layers whose cost is negligible)."""
+        return 0
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"

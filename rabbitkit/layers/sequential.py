@@ -1,0 +1,88 @@
+"""Sequential: a chain of layers that is itself a layer (so chains nest)."""
+import numpy as np
+
+from ..hookspecs import hookimpl
+from .base import Layer
+
+
+class Sequential(Layer):
+    """Layers applied in order; backward runs them in reverse.
+
+    Parameters are named by position, ``"0.weight"``, nested ``"3.1.bias"``,
+    as in PyTorch, so state dicts exchange.
+    """
+
+    device_agnostic = True
+
+    def __init__(self, layers, dtype=None):
+        layers = list(layers)
+        super().__init__(dtype if dtype is not None else (layers[0].dtype if layers else np.float32))
+        self.layers = layers
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def forward(self, x, training=True):
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def children(self):
+        return self.layers
+
+    # -- shapes and summary -------------------------------------------------------
+    def output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    def flops(self, input_shape):
+        total = 0
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            total += layer.flops(shape)
+            shape = layer.output_shape(shape)
+        return total
+
+    def summary_rows(self, input_shape):
+        """[(index, layer repr, output shape, parameter count, flops)] per layer."""
+        rows = []
+        shape = tuple(input_shape)
+        for index, layer in enumerate(self.layers):
+            flops = layer.flops(shape)
+            shape = layer.output_shape(shape)
+            rows.append((str(index), repr(layer), shape, layer.num_parameters(), flops))
+        return rows
+
+    def summary(self, input_shape):
+        """A text table: layer, output shape, parameters, forward FLOPs per sample."""
+        rows = self.summary_rows(input_shape)
+        header = ("#", "layer", "output shape", "params", "FLOPs")
+        table = [header] + [(i, r, "x".join(map(str, s)), f"{p:,}", f"{f:,}") for i, r, s, p, f in rows]
+        widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+        lines = ["  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)) for row in table]
+        lines.insert(1, "-" * len(lines[0]))
+        total_p = sum(r[3] for r in rows)
+        total_f = sum(r[4] for r in rows)
+        lines.append(f"input {'x'.join(map(str, input_shape))}; total parameters {total_p:,}; forward FLOPs per sample {total_f:,}")
+        return "\n".join(lines)
+
+    def extra_repr(self):
+        return ", ".join(repr(layer) for layer in self.layers)
+
+
+@hookimpl
+def rabbit_layers():
+    return {"Sequential": Sequential}

@@ -1,0 +1,1 @@
+"""regularizers (in progress)."""

@@ -1,0 +1,1 @@
+"""Built-in visualizers (one module each, registered through ``rabbit_visualizers``)."""

@@ -1,0 +1,25 @@
+"""Test setup: the CUDA simulator (set before Numba is imported) and shared data."""
+import os
+import pathlib
+
+# CUDA kernels are tested against the CPU kernels in Numba's simulator, on tiny
+# shapes; a machine with a GPU can run the same tests with NUMBA_ENABLE_CUDASIM=0.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data (real GTSRB subset, Tiny Shakespeare, CIFAR-10 sample); CI always has it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present (a user's clone has no ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
