@@ -11,6 +11,7 @@ CUDA kernels, ``forward_cuda``/``backward_cuda``, all in its one file.  A layer
 without CUDA kernels is refused on ``device="cuda"`` with a message naming it.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,6 +23,16 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Parameter roles: initializers and regularizers act on "weight" parameters only.
 ROLES = ("weight", "bias", "scale", "other")
+
+
+class Param(NamedTuple):
+    """One trainable tensor as optimizers and regularizers see it (arrays on the layer's device)."""
+
+    name: str
+    value: object
+    grad: object
+    role: str
+    backend: object
 
 
 def resolve_dtype(dtype):
@@ -88,6 +99,13 @@ class Layer:
             yield prefix + key, self, key
         for index, child in enumerate(self.children()):
             yield from child.named_parameters(f"{prefix}{index}.")
+
+    def parameters(self):
+        """Every trainable tensor as a :class:`Param` (name, value, grad, role, backend)."""
+        return [
+            Param(name, layer.params[key], layer.grads[key], layer.param_roles[key], layer.backend)
+            for name, layer, key in self.named_parameters()
+        ]
 
     def named_buffers(self, prefix=""):
         for key in self.buffers:
