@@ -183,6 +183,11 @@ class Layer:
         for index, child in enumerate(self.children()):
             child.seed(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
 
+    def reset_state(self):
+        """Forget carried state (a stateful recurrent layer's hidden state); containers recurse."""
+        for child in self.children():
+            child.reset_state()
+
     # -- computation ----------------------------------------------------------
     def forward(self, x, training=True):
         if self.device == "cuda":
