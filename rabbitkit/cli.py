@@ -1,0 +1,186 @@
+"""The ``rabbit`` command: argument parsing only; every command calls the Python API.
+
+User errors (:class:`~rabbitkit.errors.RabbitError`) print as one line on stderr
+and exit with status 2; interrupted runs exit with 130.
+"""
+import pathlib
+import sys
+
+import click
+
+from . import __version__
+from .errors import RabbitError
+
+
+class RabbitGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RabbitError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+
+
+def _manager(ctx):
+    from .plugins import get_manager
+
+    manager = get_manager()
+    for module in ctx.obj.get("plugins", ()):
+        manager.load(module)
+    return manager
+
+
+@click.group(cls=RabbitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rabbit")
+@click.option("-p", "plugins", multiple=True, metavar="MODULE", help="Load a plugin module by import path (repeatable).")
+@click.pass_context
+def main(ctx, plugins):
+    """rabbitkit: deep learning down the rabbit hole, with hand-written Numba kernels."""
+    ctx.ensure_object(dict)
+    ctx.obj["plugins"] = plugins
+
+
+@main.command()
+@click.pass_context
+def plugins(ctx):
+    """List every registered name by kind, with the plugin providing it."""
+    from .plugins import KINDS
+
+    manager = _manager(ctx)
+    for kind in KINDS:
+        registry = manager.registry(kind)
+        click.echo(f"{kind}:")
+        for name, _, provider in registry.items():
+            click.echo(f"  {name:<28} {provider}")
+
+
+def _experiment_path(path):
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise RabbitError(f"{path}: experiment file not found")
+    return path
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override experiment.device.")
+@click.option("--seed", type=int, help="Override experiment.seed.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the run directory (output.dir).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a dotted key, e.g. train.lr=0.01.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration and model summary, then exit.")
+@click.pass_context
+def run(ctx, experiment, device, seed, out, sets, dry_run):
+    """Train the model an EXPERIMENT.toml describes."""
+    from .train import config as config_module
+
+    path = _experiment_path(experiment)
+    overrides = [config_module.parse_override(s) for s in sets]
+    overrides = {".".join(k): v for k, v in overrides}
+    if device:
+        overrides["experiment.device"] = device
+    if seed is not None:
+        overrides["experiment.seed"] = seed
+    if out:
+        overrides["output.dir"] = out
+    manager = _manager(ctx)
+    if dry_run:
+        from .train.dryrun import describe
+
+        click.echo(describe(config_module.load(path, overrides), manager))
+        return
+    from .train.api import run as run_experiment
+
+    result = run_experiment(path, overrides)
+    _finish(ctx, result)
+
+
+def _finish(ctx, result):
+    if result.stopped == "interrupted":
+        ctx.exit(130)
+    click.echo(f"run directory: {result.run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, help="Train up to this many epochs in total (extends a finished run).")
+@click.pass_context
+def resume(ctx, run_dir, epochs):
+    """Continue the run in RUN_DIR from its last checkpoint."""
+    from .train.api import resume as resume_run
+
+    _manager(ctx)
+    _finish(ctx, resume_run(run_dir, epochs=epochs))
+
+
+@main.command(name="eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split to evaluate.")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.pass_context
+def evaluate(ctx, run_dir, split, which):
+    """Accuracy, per-class accuracy and confusion matrix (CSV and PNG) of a trained run."""
+    from .train.evaluate import evaluate_run
+
+    _manager(ctx)
+    report = evaluate_run(run_dir, split=split, which=which)
+    click.echo(report.text)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--length", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--prime", default="", help="Text to start from.")
+@click.option("--prime-file", type=click.Path(dir_okay=False, exists=True), help="Read the prime from a file.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (default: random).")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.pass_context
+def sample(ctx, run_dir, length, temperature, prime, prime_file, seed, which):
+    """Generate text from a trained character model."""
+    from .train.sampling import sample_run
+
+    _manager(ctx)
+    if prime_file:
+        prime = pathlib.Path(prime_file).read_text()
+    click.echo(sample_run(run_dir, length=length, temperature=temperature, prime=prime, seed=seed, which=which))
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...", required=True,
+              help="A dotted key and the values to try (repeatable: the product is run).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a dotted key for every run.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the run directories.")
+@click.pass_context
+def sweep(ctx, experiment, grids, sets, out):
+    """Run EXPERIMENT once per combination of --grid values and print a table."""
+    from .train import config as config_module
+    from .train.api import sweep as run_sweep
+
+    path = _experiment_path(experiment)
+    grid = {}
+    for text in grids:
+        keys, _ = config_module.parse_override(text.split("=", 1)[0] + "=0")
+        raw_values = text.split("=", 1)[1].split(",")
+        grid[".".join(keys)] = [config_module.parse_override(f"x={v}")[1] for v in raw_values]
+    base = {".".join(k): v for k, v in (config_module.parse_override(s) for s in sets)}
+    _manager(ctx)
+    results = run_sweep(path, grid, base_overrides=base, out=out)
+    from .train.sweeps import format_table
+
+    click.echo(format_table(results))
+
+
+def _mount_data_commands():
+    try:
+        from .data.cli import data
+    except ImportError:  # the data commands are optional while the data package is built
+        return
+    main.add_command(data)
+
+
+_mount_data_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The Python face of experiment runs, for scripted research: ``rabbitkit.run`` and sweeps."""
+import itertools
+import pathlib
+
+from ..plugins import get_manager
+from . import config as config_module
+from .rundir import new_run_directory
+from .trainer import Run
+
+
+def _resolve(config_or_path, overrides):
+    if isinstance(config_or_path, (str, pathlib.Path)):
+        return config_module.load(config_or_path, overrides=overrides)
+    if isinstance(config_or_path, dict) and "source" in config_or_path and "options" in config_or_path.get("model", {}):
+        resolved = config_or_path  # already resolved
+        return config_module.resolve(_unresolve(resolved), resolved["source"], overrides) if overrides else resolved
+    return config_module.resolve(config_or_path, "<dict>", overrides)
+
+
+def _unresolve(config):
+    raw = {}
+    for section, table in config.items():
+        if isinstance(table, dict):
+            flat = {k: v for k, v in table.items() if k != "options" and v is not None}
+            flat.update(table.get("options", {}))
+            raw[section] = flat
+    return raw
+
+
+def run(config_or_path, overrides=None, *, out=None, device=None, seed=None, plugins=(), progress=None,
+        quiet=False):
+    """Run one experiment; returns a :class:`~rabbitkit.train.trainer.Result`.
+
+    ``config_or_path``: a TOML path or a dict shaped like one; ``overrides``:
+    ``{"train.lr": 0.01}`` (dotted keys, as ``--set``).  A sweep is a plain loop::
+
+        for lr in (0.1, 0.03, 0.01):
+            result = rabbitkit.run("experiments/sine.toml", {"train.lr": lr})
+            print(lr, result.metrics["val_loss"])
+    """
+    overrides = dict(overrides or {})
+    if device is not None:
+        overrides["experiment.device"] = device
+    if seed is not None:
+        overrides["experiment.seed"] = seed
+    if out is not None:
+        overrides["output.dir"] = str(out)
+    config = _resolve(config_or_path, overrides)
+    manager = get_manager()
+    for module in plugins:
+        manager.load(module)
+    run_dir = new_run_directory(config["output"]["dir"], config["experiment"]["name"])
+    live = Run(config, run_dir, manager=manager, progress=progress, log_to_stdout=not quiet)
+    return live.train()
+
+
+def resume(run_dir, *, progress=None, quiet=False, epochs=None):
+    """Continue a run from its last checkpoint (in the same run directory)."""
+    from ..errors import CheckpointError
+    from .trainer import LAST
+
+    run_dir = pathlib.Path(run_dir)
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
+    overrides = {"train.epochs": epochs} if epochs else None
+    config = config_module.load(config_path, overrides=overrides)
+    last = run_dir / "checkpoints" / LAST
+    if not last.is_file():
+        raise CheckpointError(f"{last}: no checkpoint to resume from (the run stopped before its first one)")
+    live = Run(config, run_dir, progress=progress, log_to_stdout=not quiet)
+    return live.train(resume_from=last)
+
+
+def sweep(config_or_path, grid, *, base_overrides=None, **run_options):
+    """Run every combination of ``grid`` ({"train.lr": [0.1, 0.01], ...}); returns [(overrides, Result)]."""
+    keys = list(grid)
+    results = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        overrides = dict(base_overrides or {})
+        overrides.update(zip(keys, values))
+        results.append((dict(zip(keys, values)), run(config_or_path, overrides, **run_options)))
+    return results

@@ -1,0 +1,142 @@
+"""From a resolved config to live objects: dataset, model, loss, optimizer, ...
+
+Every name is resolved through the plugin registries, and every option is
+checked against the plugin's signature before anything heavy runs.
+"""
+import inspect
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..plugins import get_manager
+from .config import check_plugin_options, factory_parameters, named_spec
+from .schedules import get_schedule
+
+# First constructor arguments that the builder fills from the incoming shape.
+SHAPE_ARGUMENTS = {
+    "in_features": lambda shape: shape[-1],
+    "input_size": lambda shape: shape[-1],
+    "in_channels": lambda shape: shape[0],
+    "num_features": lambda shape: shape[0],
+    "num_channels": lambda shape: shape[0],
+}
+
+
+def build_dataset(config, manager=None):
+    manager = manager or get_manager()
+    path = config["source"]
+    data = config["data"]
+    factory = manager.registry("datasets").get(data["dataset"])
+    options = dict(data["options"])
+    check_plugin_options(factory, options, "data", path, data["dataset"])
+    params, _ = factory_parameters(factory)
+    if "seed" in params and "seed" not in options:
+        options["seed"] = config["experiment"]["seed"]
+    return factory(**options)
+
+
+def build_model(config, input_shape, num_outputs, manager=None):
+    """The architecture (with its options) or the explicit layer list, unplaced (CPU)."""
+    manager = manager or get_manager()
+    path = config["source"]
+    model_cfg = config["model"]
+    dtype = np.dtype(config["experiment"]["dtype"])
+    if model_cfg["architecture"] is not None:
+        name = model_cfg["architecture"]
+        factory = manager.registry("architectures").get(name)
+        check_plugin_options(factory, model_cfg["options"], "model", path, name)
+        model = factory(tuple(input_shape), num_outputs, dtype=dtype, **model_cfg["options"])
+    else:
+        model = build_layers(model_cfg["layers"], input_shape, dtype, path, manager)
+    from ..layers.sequential import Sequential
+
+    if not isinstance(model, Sequential):
+        model = Sequential([model], dtype=dtype)
+    return model
+
+
+def build_layers(specs, input_shape, dtype, path, manager):
+    from ..layers.sequential import Sequential
+
+    registry = manager.registry("layers")
+    layers = []
+    shape = tuple(input_shape)
+    for index, spec in enumerate(specs):
+        where = f"model.layers[{index}]"
+        options = {k: v for k, v in spec.items() if k != "type"}
+        cls = registry.get(spec["type"])
+        params, _ = factory_parameters(cls)
+        first = next(iter(params), None)
+        if first in SHAPE_ARGUMENTS and first not in options:
+            options[first] = int(SHAPE_ARGUMENTS[first](shape))
+        check_plugin_options(cls, options, where, path, spec["type"])
+        try:
+            layer = cls(**options, dtype=dtype) if "dtype" in inspect.signature(cls).parameters else cls(**options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {where} ({spec['type']}): {err}") from None
+        try:
+            shape = layer.output_shape(shape)
+        except Exception as err:  # the layer cannot take the incoming shape
+            raise ConfigError(f"{path}: {where} ({spec['type']}) cannot take input of shape {shape}: {err}") from None
+        layers.append(layer)
+    return Sequential(layers, dtype=dtype)
+
+
+def build_loss(config, task, manager=None):
+    manager = manager or get_manager()
+    name = config["train"]["loss"] or ("squared_error" if task == "regression" else "softmax_cross_entropy")
+    return manager.registry("losses").get(name)()
+
+
+def build_optimizer(config, params, manager=None):
+    manager = manager or get_manager()
+    path = config["source"]
+    train = config["train"]
+    name, options = named_spec(train["optimizer"], "train.optimizer", path)
+    cls = manager.registry("optimizers").get(name)
+    check_plugin_options(cls, options, "train.optimizer", path, name, skip=("params", "lr", "weight_decay"))
+    return cls(params, lr=train["lr"], weight_decay=train["weight_decay"], **options)
+
+
+def build_regularizers(config, manager=None):
+    manager = manager or get_manager()
+    path = config["source"]
+    train = config["train"]
+    registry = manager.registry("regularizers")
+    specs = list(train["regularizers"])
+    for shorthand in ("l2", "l1"):
+        if train[shorthand] > 0:
+            specs.append({"name": shorthand, "strength": train[shorthand]})
+    regularizers = []
+    for index, spec in enumerate(specs):
+        where = f"train.regularizers[{index}]"
+        name, options = named_spec(spec, where, path)
+        cls = registry.get(name)
+        check_plugin_options(cls, options, where, path, name)
+        regularizers.append(cls(**options))
+    return regularizers
+
+
+def build_schedule(config):
+    path = config["source"]
+    train = config["train"]
+    name, options = named_spec(train["schedule"] or "constant", "train.schedule", path)
+    cls = get_schedule(name)
+    check_plugin_options(cls, options, "train.schedule", path, name, skip=("base_lr", "epochs"))
+    return cls(train["lr"], train["epochs"], **options)
+
+
+def initialize(config, model, rng):
+    """Apply [init] (a default initializer and per-parameter overrides), if set."""
+    init = config["init"]
+    if init["default"] is None and not init["overrides"]:
+        return
+    from ..initializers import initialize as apply_initializers
+
+    apply_initializers(model, default=init["default"], overrides=init["overrides"], rng=rng, bias=init["bias"])
+
+
+def build_visualizers(config, manager=None):
+    manager = manager or get_manager()
+    registry = manager.registry("visualizers")
+    return [(name, registry.get(name)) for name in config["output"]["visualizers"]]

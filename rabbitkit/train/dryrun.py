@@ -1,0 +1,22 @@
+"""``rabbit run --dry-run``: the resolved configuration and the model summary, no training."""
+from . import builder
+from .config import dump_toml
+from .feeders import make_feeder
+
+
+def describe(config, manager):
+    """Resolve every plugin name and option, build the model, and describe it."""
+    dataset = builder.build_dataset(config, manager)
+    feeder = make_feeder(dataset, config)
+    model = builder.build_model(config, feeder.input_shape, feeder.num_outputs, manager)
+    builder.build_loss(config, dataset.task, manager)
+    builder.build_optimizer(config, model.parameters(), manager)
+    builder.build_regularizers(config, manager)
+    builder.build_schedule(config)
+    builder.build_visualizers(config, manager)
+    return "\n".join([
+        "# resolved configuration",
+        dump_toml(config),
+        f"# model (input {feeder.input_shape}, {feeder.num_outputs} outputs)",
+        model.summary(feeder.input_shape),
+    ])

@@ -1,0 +1,75 @@
+"""``rabbit eval``: accuracy, per-class accuracy and a confusion matrix of a trained run."""
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from . import checkpoint
+from . import config as config_module
+from .trainer import BEST, LAST, Run
+
+
+@dataclasses.dataclass
+class EvalReport:
+    metrics: dict
+    confusion: np.ndarray | None
+    files: list
+    text: str
+
+
+def load_run(run_dir, which="best", quiet=True):
+    """Rebuild a finished run's model and data and load its ``best`` or ``last`` weights."""
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
+    config = config_module.load(run_dir / "config.toml")
+    path = run_dir / "checkpoints" / (BEST if which == "best" else LAST)
+    if which == "best" and not path.is_file():
+        path = run_dir / "checkpoints" / LAST
+    live = Run(config, run_dir, log_to_stdout=not quiet, progress=False)
+    groups, metadata = checkpoint.load(path)
+    if metadata.get("config_hash") != live.hash:
+        raise CheckpointError(f"{path}: checkpoint belongs to a different model/data configuration")
+    live.model.load_state_dict(groups.get("model", {}))
+    live.feeder.load_state_dict(groups.get("preprocess", {}))
+    return live
+
+
+def confusion_matrix(predicted, targets, num_classes):
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (targets.ravel(), predicted.ravel()), 1)
+    return matrix
+
+
+def evaluate_run(run_dir, split="test", which="best"):
+    live = load_run(run_dir, which)
+    if not live.feeder.has_split(split):
+        raise ConfigError(f"{run_dir}: split '{split}' not available; available: {', '.join(live.feeder.splits)}")
+    result = live.evaluate(split, collect=live.task == "classification")
+    metrics = {k: v for k, v in result.items() if k in ("loss", "accuracy")}
+    lines = [f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())]
+    files = []
+    matrix = None
+    if live.task == "classification":
+        num_classes = live.feeder.num_outputs
+        predicted = result["outputs"].argmax(axis=-1)
+        matrix = confusion_matrix(predicted, result["targets"], num_classes)
+        support = matrix.sum(axis=1)
+        per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
+        names = live.dataset.class_names or [str(c) for c in range(num_classes)]
+        lines.append("per-class accuracy:")
+        for c in range(num_classes):
+            lines.append(f"  {c:>3} {str(names[c])[:28]:<28} {per_class[c]:.4f}  (n={support[c]})")
+        out = pathlib.Path(run_dir)
+        csv_path = out / f"confusion_{split}.csv"
+        header = ",".join(["true\\pred"] + [str(c) for c in range(num_classes)])
+        rows = [header] + [",".join([str(c)] + [str(v) for v in matrix[c]]) for c in range(num_classes)]
+        csv_path.write_text("\n".join(rows) + "\n")
+        files.append(csv_path)
+        from ..viz.confusion import plot_confusion
+
+        files.append(plot_confusion(matrix, out / f"confusion_{split}.png", title=f"{split} confusion matrix"))
+        lines.append("wrote " + ", ".join(str(f) for f in files))
+        metrics["per_class_accuracy"] = per_class
+    return EvalReport(metrics, matrix, files, "\n".join(lines))

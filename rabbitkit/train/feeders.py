@@ -1,0 +1,194 @@
+"""Feeders turn a dataset into training and evaluation batches for the trainer.
+
+* :class:`ArrayFeeder`: classification and regression on in-memory arrays.
+  Preprocessing is fitted on the training split and applied to every split once
+  (ZCA or LCN per batch would cost more than the training step); augmentation
+  runs per batch on the fly in a background thread.
+* :class:`StreamFeeder`: character language models; stateful batches in which
+  row i of batch k+1 continues where row i of batch k stopped (truncated BPTT).
+
+Each batch's randomness comes from (seed, epoch, batch index), so any batch can be
+replayed exactly after a resume.
+"""
+import math
+import queue
+import threading
+
+import numpy as np
+
+
+def _derived_rng(*parts):
+    return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
+
+
+def prefetch(iterator, depth=2):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead (exceptions re-raised)."""
+    items = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+        except BaseException as err:  # handed to the consumer
+            items.put(err)
+            return
+        items.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+class ArrayFeeder:
+    def __init__(self, dataset, config):
+        from ..data.augment import Augmenter
+        from ..data.preprocess import Pipeline
+
+        self.dataset = dataset
+        self.task = dataset.task
+        self.splits = dataset.splits
+        self.seed = config["experiment"]["seed"]
+        self.batch_size = config["train"]["batch_size"]
+        self.eval_batch_size = config["train"]["eval_batch_size"]
+        self.pipeline = Pipeline.from_config(config["data"]["preprocess"])
+        augment = config["data"]["augment"]
+        self.augmenter = Augmenter.from_config(augment) if augment else None
+        self.input_shape = tuple(self.pipeline.output_shape(dataset.input_shape))
+        if self.task == "classification":
+            self.num_outputs = int(dataset.num_classes)
+        else:
+            y = self.splits["train"].y
+            self.num_outputs = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+        self.has_accuracy = self.task == "classification"
+        self._prepared = {}
+
+    def has_split(self, name):
+        return name in self.splits and len(self.splits[name]) > 0
+
+    # -- preprocessing ----------------------------------------------------------------
+    def fit(self):
+        self.pipeline.fit(self.splits["train"].x)
+
+    def state_dict(self):
+        return self.pipeline.state_dict()
+
+    def load_state_dict(self, state):
+        self.pipeline.load_state_dict(state)
+        self._prepared.clear()
+
+    def prepared(self, name):
+        """The split's inputs after preprocessing (float32), computed once."""
+        if name not in self._prepared:
+            self._prepared[name] = np.ascontiguousarray(self.pipeline.apply(self.splits[name].x), dtype=np.float32)
+        return self._prepared[name]
+
+    def _targets(self, y):
+        return y.astype(np.int64) if self.task == "classification" else y.astype(np.float32)
+
+    # -- batches ----------------------------------------------------------------------
+    def num_train_batches(self, limit=None):
+        n = len(self.splits["train"])
+        batches = n // self.batch_size if n >= self.batch_size else 1  # drop the ragged last batch
+        return min(batches, limit) if limit else batches
+
+    def train_batches(self, epoch, start=0, limit=None):
+        x = self.prepared("train")
+        y = self._targets(self.splits["train"].y)
+        order = _derived_rng(self.seed, 1, epoch).permutation(len(x))
+        total = self.num_train_batches(limit)
+        size = min(self.batch_size, len(x))
+
+        def produce():
+            for b in range(start, total):
+                index = np.sort(order[b * size:(b + 1) * size])  # sorted gathers are cache-friendlier
+                xb, yb = x[index], y[index]
+                if self.augmenter is not None:
+                    xb, yb = self.augmenter(xb, yb, _derived_rng(self.seed, 2, epoch, b))
+                yield b, (np.ascontiguousarray(xb, dtype=np.float32), yb)
+
+        return prefetch(produce())
+
+    def eval_batches(self, name):
+        x = self.prepared(name)
+        y = self._targets(self.splits[name].y)
+        for begin in range(0, len(x), self.eval_batch_size):
+            yield x[begin:begin + self.eval_batch_size], y[begin:begin + self.eval_batch_size]
+
+    def score(self, out, yb):
+        """(correct, count) of a batch; count is what the loss averages over."""
+        if not self.has_accuracy:
+            return 0.0, float(len(yb))
+        from ..backend import to_host
+
+        predicted = np.asarray(to_host(out)).argmax(axis=-1)
+        return float(np.count_nonzero(predicted == yb)), float(yb.size)
+
+
+class StreamFeeder:
+    """Stateful (N, T) character batches for truncated BPTT."""
+
+    def __init__(self, dataset, config):
+        self.dataset = dataset
+        self.task = dataset.task
+        self.splits = dataset.splits
+        self.batch_size = config["train"]["batch_size"]
+        self.seq_len = config["train"]["seq_len"]
+        self.input_shape = (self.seq_len,)
+        self.num_outputs = int(dataset.num_classes)
+        self.has_accuracy = False
+
+    def has_split(self, name):
+        return name in self.splits and len(self.splits[name]) > self.batch_size * (self.seq_len + 1)
+
+    def fit(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def num_train_batches(self, limit=None):
+        n = len(self.splits["train"].x)
+        batches = max(1, (n - 1) // (self.batch_size * self.seq_len))
+        return min(batches, limit) if limit else batches
+
+    def train_batches(self, epoch, start=0, limit=None):
+        total = self.num_train_batches(limit)
+        stream = self.dataset.stream_batches("train", self.batch_size, self.seq_len)
+        for b, batch in enumerate(stream):
+            if b >= total:
+                return
+            if b >= start:
+                yield b, batch
+
+    def eval_batches(self, name):
+        yield from self.dataset.stream_batches(name, self.batch_size, self.seq_len)
+
+    def score(self, out, yb):
+        return 0.0, float(yb.size)
+
+
+def make_feeder(dataset, config):
+    if dataset.task == "language_model":
+        return StreamFeeder(dataset, config)
+    return ArrayFeeder(dataset, config)
