@@ -116,13 +116,14 @@ def resume(ctx, run_dir, epochs):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Evaluate on this device (default: the run's).")
 @click.pass_context
-def evaluate(ctx, run_dir, split, which):
+def evaluate(ctx, run_dir, split, which, device):
     """Accuracy, per-class accuracy and confusion matrix (CSV and PNG) of a trained run."""
     from .train.evaluate import evaluate_run
 
     _manager(ctx)
-    report = evaluate_run(run_dir, split=split, which=which)
+    report = evaluate_run(run_dir, split=split, which=which, device=device)
     click.echo(report.text)
 
 

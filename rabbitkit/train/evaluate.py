@@ -18,12 +18,17 @@ class EvalReport:
     text: str
 
 
-def load_run(run_dir, which="best", quiet=True):
-    """Rebuild a finished run's model and data and load its ``best`` or ``last`` weights."""
+def load_run(run_dir, which="best", quiet=True, device=None):
+    """Rebuild a finished run's model and data and load its ``best`` or ``last`` weights.
+
+    ``device`` overrides the run's device: checkpoints hold host arrays, so a model
+    trained on ``cuda`` evaluates on ``cpu`` and back.
+    """
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
-    config = config_module.load(run_dir / "config.toml")
+    overrides = {"experiment.device": device} if device else None
+    config = config_module.load(run_dir / "config.toml", overrides=overrides)
     path = run_dir / "checkpoints" / (BEST if which == "best" else LAST)
     if which == "best" and not path.is_file():
         path = run_dir / "checkpoints" / LAST
@@ -42,8 +47,8 @@ def confusion_matrix(predicted, targets, num_classes):
     return matrix
 
 
-def evaluate_run(run_dir, split="test", which="best"):
-    live = load_run(run_dir, which)
+def evaluate_run(run_dir, split="test", which="best", device=None):
+    live = load_run(run_dir, which, device=device)
     if not live.feeder.has_split(split):
         raise ConfigError(f"{run_dir}: split '{split}' not available; available: {', '.join(live.feeder.splits)}")
     result = live.evaluate(split, collect=live.task == "classification")

@@ -59,7 +59,6 @@ def prefetch(iterator, depth=2):
 
 class ArrayFeeder:
     def __init__(self, dataset, config):
-        from ..data.augment import Augmenter
         from ..data.preprocess import Pipeline
 
         self.dataset = dataset
@@ -70,7 +69,11 @@ class ArrayFeeder:
         self.eval_batch_size = config["train"]["eval_batch_size"]
         self.pipeline = Pipeline.from_config(config["data"]["preprocess"])
         augment = config["data"]["augment"]
-        self.augmenter = Augmenter.from_config(augment) if augment else None
+        self.augmenter = None
+        if augment:
+            from ..data.augment import Augmenter
+
+            self.augmenter = Augmenter.from_config(augment)
         self.input_shape = tuple(self.pipeline.output_shape(dataset.input_shape))
         if self.task == "classification":
             self.num_outputs = int(dataset.num_classes)

@@ -1,6 +1,7 @@
 """The learned first-layer filters as an image grid (``filters.png``), as on the talk's
 "learned weights" slide.  Conv filters show as small RGB (or grey) patches; the
-first dense layer of an MLP on images shows each unit's weights as an image."""
+first dense layer of an MLP on images shows each unit's weights as an image; any
+other first layer (e.g. an MLP on 1-D data) shows its weight matrix as a heat map."""
 import math
 
 import numpy as np
@@ -33,11 +34,27 @@ def filter_tiles(weight, input_shape):
     return (tiles - low) / np.maximum(high - low, 1e-12)
 
 
+def plot_weight_matrix(name, weight, path):
+    plt = pyplot()
+    matrix = weight.reshape(weight.shape[0], -1)
+    figure, axis = plt.subplots(figsize=(min(10, 2 + 0.15 * matrix.shape[1]), min(10, 2 + 0.15 * matrix.shape[0])))
+    limit = float(np.abs(matrix).max()) or 1.0
+    image = axis.imshow(matrix, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    axis.set_xlabel("input")
+    axis.set_ylabel("unit")
+    figure.colorbar(image, ax=axis)
+    figure.suptitle(f"learned first-layer weights: {name} {tuple(weight.shape)}")
+    return [save_figure(figure, path)]
+
+
 def plot_filters(run, max_filters=100):
     name, weight = first_weight(run.model)
     if weight is None:
         return []
-    tiles = filter_tiles(weight, run.input_shape)[:max_filters]
+    try:
+        tiles = filter_tiles(weight, run.input_shape)[:max_filters]
+    except RabbitError:
+        return plot_weight_matrix(name, weight, run.run_dir / "filters.png")
     count = len(tiles)
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)

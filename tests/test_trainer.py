@@ -1,0 +1,216 @@
+"""Runs: resume equality, Ctrl-C, SIGKILL, atomic checkpoints, divergence, devices, hooks."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import rabbitkit
+from rabbitkit.errors import CheckpointError
+from rabbitkit.train import api, checkpoint
+from rabbitkit.train.trainer import DivergenceError
+
+EXPERIMENT = {
+    "experiment": {"name": "t", "seed": 7},
+    "data": {"dataset": "function1d", "n_train": 96, "n_val": 32, "n_test": 32, "noise": 0.1},
+    "model": {"architecture": "mlp", "hidden": [12, 12], "activation": "Tanh", "dropout": 0.2},
+    "init": {"default": "xavier_uniform"},
+    "train": {"epochs": 4, "batch_size": 16, "optimizer": {"name": "sgd", "momentum": 0.9}, "lr": 0.05,
+              "schedule": {"name": "cosine"}, "l2": 1e-4},
+    "output": {"visualizers": []},
+}
+
+
+def history_without_timing(history):
+    drop = ("samples_per_s", "epoch_seconds", "wall_seconds")
+    return [{k: v for k, v in row.items() if k not in drop} for row in history]
+
+
+def run(tmp_path, overrides=None, **kwargs):
+    return rabbitkit.run(EXPERIMENT, overrides, out=tmp_path / "runs", quiet=True, **kwargs)
+
+
+def test_same_seed_same_metrics(tmp_path):
+    first = run(tmp_path)
+    second = run(tmp_path)
+    assert first.run_dir != second.run_dir
+    assert history_without_timing(first.history) == history_without_timing(second.history)
+    assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
+    other_seed = run(tmp_path, {"experiment.seed": 8})
+    assert history_without_timing(other_seed.history) != history_without_timing(first.history)
+
+
+class InterruptAtStep:
+    """A plugin that presses Ctrl-C (sends SIGINT to this process) during a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @rabbitkit.hookimpl
+    def rabbit_train_start(self, run):
+        original = run._train_step
+
+        def step_then_interrupt(xb, yb):
+            result = original(xb, yb)
+            if run.step + 1 == self.step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        run._train_step = step_then_interrupt
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_equals_uninterrupted(tmp_path):
+    reference = run(tmp_path)
+    manager = rabbitkit.plugins.get_manager()
+    plugin = InterruptAtStep(step=9)  # epoch 2 of 4 (6 steps per epoch), batch 3
+    manager.register(plugin, name="interrupter")
+    try:
+        interrupted = run(tmp_path)
+    finally:
+        manager.unregister(plugin)
+    assert interrupted.stopped == "interrupted"
+    assert len(interrupted.history) == 1
+    _, metadata = checkpoint.load(interrupted.run_dir / "checkpoints" / "last.safetensors")
+    assert metadata["position"]["batch"] == 2 and metadata["epoch"] == 1
+    resumed = api.resume(interrupted.run_dir, quiet=True)
+    assert resumed.stopped == "completed"
+    assert history_without_timing(resumed.history) == history_without_timing(reference.history)
+    assert resumed.metrics["test_loss"] == reference.metrics["test_loss"]
+    rows = (interrupted.run_dir / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def test_resume_extends_a_finished_run_like_a_longer_run(tmp_path):
+    constant = {"train.schedule": "constant"}
+    long_run = run(tmp_path, dict(constant, **{"train.epochs": 5}))
+    short = run(tmp_path, dict(constant, **{"train.epochs": 3}))
+    extended = api.resume(short.run_dir, quiet=True, epochs=5)
+    assert history_without_timing(extended.history) == history_without_timing(long_run.history)
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, rabbitkit
+    experiment = json.loads(sys.argv[1])
+    rabbitkit.run(experiment, out=sys.argv[2], quiet=True)
+""")
+
+
+def test_sigkill_resumes_from_last_good_checkpoint(tmp_path):
+    slow = dict(EXPERIMENT, train=dict(EXPERIMENT["train"], epochs=40, schedule="constant"))
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(slow), str(tmp_path / "runs")])
+    deadline = time.time() + 120
+    last = None
+    while time.time() < deadline:
+        found = list((tmp_path / "runs").glob("*/checkpoints/last.safetensors"))
+        if found:
+            last = found[0]
+            _, meta = checkpoint.load(last)
+            if meta["epoch"] >= 2:
+                break
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert last is not None, "no checkpoint appeared"
+    run_dir = last.parents[1]
+    _, meta = checkpoint.load(last)
+    assert meta["epoch"] < 40
+    resumed = api.resume(run_dir, quiet=True)
+    reference = rabbitkit.run(slow, out=tmp_path / "ref", quiet=True)
+    assert history_without_timing(resumed.history) == history_without_timing(reference.history)
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    result = run(tmp_path, {"train.epochs": 2})
+    last = result.run_dir / "checkpoints" / "last.safetensors"
+    before = last.read_bytes()
+    import safetensors.numpy
+
+    def dying_save(tensors, filename, metadata=None):
+        pathlib.Path(filename).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", dying_save)
+    with pytest.raises(OSError):
+        checkpoint.save(last, {"model": {"w": np.zeros(3, np.float32)}}, {"epoch": 99})
+    assert last.read_bytes() == before
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]
+    groups, meta = checkpoint.load(last)
+    assert meta["epoch"] == 2 and "0.weight" in groups["model"] or "1.weight" in groups["model"]
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    result = run(tmp_path, {"train.epochs": 1})
+    last = result.run_dir / "checkpoints" / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="last.safetensors: not a readable safetensors checkpoint"):
+        api.resume(result.run_dir, quiet=True)
+    done = subprocess.run([sys.executable, "-m", "rabbitkit.cli", "resume", str(result.run_dir)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "last.safetensors" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_divergence_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(DivergenceError, match="loss is (nan|inf)"):
+        run(tmp_path, {"train.lr": 1e6, "train.epochs": 5, "model.activation": "ReLU",
+                       "train.optimizer": {"name": "sgd"}, "model.dropout": 0.0})
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "stopped: loss is" in (run_dir / "log.txt").read_text()
+
+
+def test_lifecycle_hooks_fire(tmp_path):
+    calls = []
+
+    class Recorder:
+        @rabbitkit.hookimpl
+        def rabbit_train_start(self, run):
+            calls.append(("start", run.config["experiment"]["name"]))
+
+        @rabbitkit.hookimpl
+        def rabbit_epoch_end(self, run, epoch, metrics):
+            calls.append(("epoch", epoch, round(metrics["train_loss"], 12)))
+
+        @rabbitkit.hookimpl
+        def rabbit_train_end(self, run, result):
+            calls.append(("end", result.stopped))
+
+    manager = rabbitkit.plugins.get_manager()
+    plugin = Recorder()
+    manager.register(plugin, name="recorder")
+    try:
+        result = run(tmp_path, {"train.epochs": 2})
+    finally:
+        manager.unregister(plugin)
+    assert calls[0] == ("start", "t") and calls[-1] == ("end", "completed")
+    assert [c[1] for c in calls if c[0] == "epoch"] == [1, 2]
+    assert calls[1][2] == round(result.history[0]["train_loss"], 12)
+
+
+def test_early_stopping(tmp_path):
+    result = run(tmp_path, {"train.epochs": 50, "train.lr": 1e-9, "train.schedule": "constant",
+                            "train.early_stopping": {"patience": 2, "min_delta": 1.0}})
+    assert result.stopped == "early_stopping"
+    assert len(result.history) == 3
+
+
+def test_trained_on_cuda_evaluated_on_cpu_and_back(tmp_path):
+    tiny = {"data.n_train": 16, "data.n_val": 8, "data.n_test": 8, "model.hidden": [4], "model.dropout": 0.0,
+            "train.epochs": 1, "train.batch_size": 8}
+    on_cuda = run(tmp_path, dict(tiny, **{"experiment.device": "cuda"}))
+    on_cpu = run(tmp_path, tiny)
+    # the same seed gives the same training on both devices, up to float32 rounding
+    assert on_cuda.history[0]["train_loss"] == pytest.approx(on_cpu.history[0]["train_loss"], rel=1e-4)
+    from rabbitkit.train.evaluate import load_run
+
+    cuda_model_on_cpu = load_run(on_cuda.run_dir, which="last", device="cpu")
+    assert all(layer.device == "cpu" for layer in cuda_model_on_cpu.model.layers)
+    assert cuda_model_on_cpu.evaluate("test")["loss"] == pytest.approx(on_cuda.metrics["test_loss"], rel=1e-4)
+    cpu_model_on_cuda = load_run(on_cpu.run_dir, which="last", device="cuda")
+    assert all(layer.device == "cuda" for layer in cpu_model_on_cuda.model.layers)
+    assert cpu_model_on_cuda.evaluate("test")["loss"] == pytest.approx(on_cpu.metrics["test_loss"], rel=1e-4)
