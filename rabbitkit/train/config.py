@@ -67,7 +67,7 @@ SCHEMA = {
         "name": Key(str, "experiment", help="Name of the run; the run directory starts with it."),
         "seed": Key(int, 0, minimum=0, help="Seed for initialisation, shuffling, augmentation and dropout."),
         "device": Key(str, "cpu", choices=("cpu", "cuda"), help="Backend the model runs on."),
-        "threads": Key(int, 0, minimum=0, help="CPU threads for kernels and BLAS (0 = all cores)."),
+        "threads": Key(int, 0, minimum=0, help="Threads for Numba kernels (0 = all cores); BLAS keeps its own setting."),
         "dtype": Key(str, "float32", choices=("float32", "float64"), help="Floating-point type of the model."),
     },
     "data": {
@@ -399,5 +399,25 @@ def dump_toml(config):
             if value is None:
                 continue
             lines.append(f"{json.dumps(key) if not key.isidentifier() else key} = {value_text(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def schema_markdown():
+    """The key reference of docs/experiments.md, generated from :data:`SCHEMA`."""
+    lines = []
+    for section, schema in SCHEMA.items():
+        lines.append(f"### `[{section}]`\n")
+        if section in OPEN_SECTIONS:
+            lines.append(f"Any other key in `[{section}]` is an option of the chosen {OPEN_SECTIONS[section]} "
+                         f"plugin, checked against its signature.\n")
+        lines.append("| key | type | default | meaning |")
+        lines.append("|---|---|---|---|")
+        for name, key in schema.items():
+            default = "required" if key.required else ("unset" if key.default is None else f"`{json.dumps(key.default)}`")
+            lines.append(f"| `{section}.{name}` | {key.describe()} | {default} | {key.help} |")
+            for sub_name, sub_key in SUB_SCHEMAS.get((section, name), {}).items():
+                sub_default = "unset" if sub_key.default is None else f"`{json.dumps(sub_key.default)}`"
+                lines.append(f"| `{section}.{name}.{sub_name}` | {sub_key.describe()} | {sub_default} | {sub_key.help} |")
         lines.append("")
     return "\n".join(lines)
