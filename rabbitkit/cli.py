@@ -173,11 +173,9 @@ def sweep(ctx, experiment, grids, sets, out):
 
 
 def _mount_data_commands():
-    try:
-        from .data.cli import data
-    except ImportError:  # the data commands are optional while the data package is built
-        return
-    main.add_command(data)
+    from .data.cli import data_group
+
+    main.add_command(data_group)
 
 
 _mount_data_commands()

@@ -5,6 +5,8 @@ import pathlib
 # CUDA kernels are tested against the CPU kernels in Numba's simulator, on tiny
 # shapes; a machine with a GPU can run the same tests with NUMBA_ENABLE_CUDASIM=0.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# Tests never download: a dataset without a local copy fails fast with its message.
+os.environ.setdefault("RABBIT_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
