@@ -85,7 +85,16 @@ class BatchLoader:
         return xb, yb
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start=0, stop=None):
+        """Batches ``start`` .. ``stop - 1`` of the epoch, exactly as a full iteration makes them.
+
+        The whole epoch's plan is drawn first, so a run resumed in the middle of an
+        epoch sees the same batches and random numbers it would have seen.
+        """
         batches, rngs = self._plan()
+        batches, rngs = batches[start:stop], rngs[start:stop]
         if self.prefetch <= 0:
             for index, rng in zip(batches, rngs):
                 yield self._make(index, rng)

@@ -67,8 +67,10 @@ def resolve(name, path=None):
 def how_to_provide(name, archives=()):
     """The one-line advice of a 'dataset missing' message."""
     where = " or ".join(str(d) for d in candidate_dirs(name))
+    if not os.environ.get("RABBIT_DATA"):
+        where = f"$RABBIT_DATA/{name}/ or {where}"
     files = f" (put {', '.join(archives)} there)" if archives else ""
-    fetch = f"; or run 'rabbit data fetch {name}'" if archives else ""
+    fetch = f"; or, with network, run 'rabbit data fetch {name}'" if archives else ""
     return f"set [data] path = \"...\" (the 'path' option) to its file or folder, or use {where}{files}{fetch}"
 
 

@@ -10,51 +10,11 @@
 Each batch's randomness comes from (seed, epoch, batch index), so any batch can be
 replayed exactly after a resume.
 """
-import math
-import queue
-import threading
-
 import numpy as np
 
 
 def _derived_rng(*parts):
     return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
-
-
-def prefetch(iterator, depth=2):
-    """Run ``iterator`` in a background thread, ``depth`` items ahead (exceptions re-raised)."""
-    items = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                items.put(item)
-        except BaseException as err:  # handed to the consumer
-            items.put(err)
-            return
-        items.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
 
 
 class ArrayFeeder:
@@ -113,21 +73,15 @@ class ArrayFeeder:
         return min(batches, limit) if limit else batches
 
     def train_batches(self, epoch, start=0, limit=None):
+        """(batch index, (x, y)) from ``start``; augmentation runs in the loader's thread."""
+        from ..data.loader import BatchLoader, make_transform
+
         x = self.prepared("train")
         y = self._targets(self.splits["train"].y)
-        order = _derived_rng(self.seed, 1, epoch).permutation(len(x))
-        total = self.num_train_batches(limit)
-        size = min(self.batch_size, len(x))
-
-        def produce():
-            for b in range(start, total):
-                index = np.sort(order[b * size:(b + 1) * size])  # sorted gathers are cache-friendlier
-                xb, yb = x[index], y[index]
-                if self.augmenter is not None:
-                    xb, yb = self.augmenter(xb, yb, _derived_rng(self.seed, 2, epoch, b))
-                yield b, (np.ascontiguousarray(xb, dtype=np.float32), yb)
-
-        return prefetch(produce())
+        loader = BatchLoader(x, y, min(self.batch_size, len(x)), shuffle=True, rng=_derived_rng(self.seed, 1, epoch),
+                             transform=make_transform(None, self.augmenter) if self.augmenter else None,
+                             drop_last=True)
+        return enumerate(loader.batches(start, self.num_train_batches(limit)), start)
 
     def eval_batches(self, name):
         x = self.prepared(name)
