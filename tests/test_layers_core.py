@@ -95,3 +95,21 @@ def test_dense_cuda_matches_cpu(make, shape):
 
 def test_sequential_on_cuda_matches_cpu():
     check_cuda_parity(lambda: rabbitkit.Sequential([Dense(3, 4), Tanh(), Dense(4, 2)]), (3, 3))
+
+
+def test_skip_input_grad_stops_backward_at_the_first_parametric_layer(rng):
+    from rabbitkit.layers import Flatten
+
+    model = rabbitkit.Sequential([Flatten(), Dense(6, 4), Tanh(), Dense(4, 2)])
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 2)).astype(np.float32)
+    model.forward(x)
+    assert model.backward(dy).shape == x.shape
+    full = {name: layer.grads[key].copy() for name, layer, key in model.named_parameters()}
+    model.zero_grad()
+    model.skip_input_grad()
+    assert not model.layers[1].needs_input_grad and model.layers[3].needs_input_grad
+    model.forward(x)
+    assert model.backward(dy) is None
+    for name, layer, key in model.named_parameters():
+        np.testing.assert_array_equal(layer.grads[key], full[name])

@@ -57,6 +57,10 @@ class Layer:
     #: pure reshapes); otherwise CUDA support means "overrides forward_cuda".
     device_agnostic = False
 
+    #: False when nobody uses this layer's input gradient (the first layer of a
+    #: trained model): layers that honour it skip that product and return None.
+    needs_input_grad = True
+
     def __init__(self, dtype=np.float32):
         self.dtype = resolve_dtype(dtype)
         self.params = {}
@@ -182,6 +186,15 @@ class Layer:
         self.rng = np.random.default_rng(seed)
         for index, child in enumerate(self.children()):
             child.seed(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
+
+    def skip_input_grad(self):
+        """Declare that the gradient w.r.t. this layer's input is not needed.
+
+        The trainer calls it on the model: the first layer's input gradient (often
+        the most expensive product of a ConvNet's backward pass) is then not computed.
+        Containers pass it to the layer that sees their input.
+        """
+        self.needs_input_grad = False
 
     def reset_state(self):
         """Forget carried state (a stateful recurrent layer's hidden state); containers recurse."""

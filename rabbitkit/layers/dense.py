@@ -86,6 +86,8 @@ class Dense(Layer):
         gemm_accumulate(dy2, x2, self.grads["weight"], trans_a=True)
         if self.has_bias:
             add_column_sums_cpu(dy2, self.grads["bias"])
+        if not self.needs_input_grad:
+            return None
         dx = np.dot(dy2, self.params["weight"])
         return dx.reshape(self._x.shape)
 
@@ -104,6 +106,8 @@ class Dense(Layer):
         self.backend.gemm(dy2, x2, self.grads["weight"], trans_a=True, beta=1.0)
         if self.has_bias:
             add_column_sums_cuda.launch(self.out_features, dy2, self.grads["bias"])
+        if not self.needs_input_grad:
+            return None
         dx = self.backend.empty((dy2.shape[0], self.in_features), self.dtype)
         self.backend.gemm(dy2, self.params["weight"], dx)
         return dx.reshape(self._x.shape)

@@ -36,7 +36,17 @@ class Sequential(Layer):
     def backward(self, dy):
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
+            if dy is None:  # the first layer skipped its input gradient
+                break
         return dy
+
+    def skip_input_grad(self):
+        # Layers up to the first one with parameters see only data-side gradients.
+        self.needs_input_grad = False
+        for layer in self.layers:
+            layer.skip_input_grad()
+            if any(True for _ in layer.named_parameters()):
+                break
 
     def children(self):
         return self.layers

@@ -71,6 +71,7 @@ class Run:
         self.input_shape = self.feeder.input_shape
         self.model = builder.build_model(config, self.input_shape, self.feeder.num_outputs, self.manager)
         builder.initialize(config, self.model, np.random.default_rng(derived_seed(self.seed, 0)))
+        self.model.skip_input_grad()  # nothing uses the gradient w.r.t. the data
         if self.device != "cpu":
             self.model.to(self.device)
         self.params = self.model.parameters()
