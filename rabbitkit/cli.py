@@ -152,8 +152,10 @@ def sample(ctx, run_dir, length, temperature, prime, prime_file, seed, which):
               help="A dotted key and the values to try (repeatable: the product is run).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a dotted key for every run.")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the run directories.")
+@click.option("--dask", "scheduler", metavar="ADDRESS",
+              help="Run on a dask.distributed cluster (scheduler address, or 'local' for a local cluster).")
 @click.pass_context
-def sweep(ctx, experiment, grids, sets, out):
+def sweep(ctx, experiment, grids, sets, out, scheduler):
     """Run EXPERIMENT once per combination of --grid values and print a table."""
     from .train import config as config_module
     from .train.api import sweep as run_sweep
@@ -166,8 +168,10 @@ def sweep(ctx, experiment, grids, sets, out):
         grid[".".join(keys)] = [config_module.parse_override(f"x={v}")[1] for v in raw_values]
     base = {".".join(k): v for k, v in (config_module.parse_override(s) for s in sets)}
     _manager(ctx)
-    results = run_sweep(path, grid, base_overrides=base, out=out)
-    from .train.sweeps import format_table
+    from .train.sweeps import dask_client, format_table
+
+    with dask_client(scheduler) as client:
+        results = run_sweep(path, grid, base_overrides=base, out=out, client=client)
 
     click.echo(format_table(results))
 

@@ -72,12 +72,30 @@ def resume(run_dir, *, progress=None, quiet=False, epochs=None):
     return live.train(resume_from=last)
 
 
-def sweep(config_or_path, grid, *, base_overrides=None, **run_options):
-    """Run every combination of ``grid`` ({"train.lr": [0.1, 0.01], ...}); returns [(overrides, Result)]."""
+def grid_points(grid):
+    """Every combination of ``{"train.lr": [0.1, 0.01], "train.l2": [0, 1e-3]}`` as override dicts."""
     keys = list(grid)
-    results = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        overrides = dict(base_overrides or {})
-        overrides.update(zip(keys, values))
-        results.append((dict(zip(keys, values)), run(config_or_path, overrides, **run_options)))
-    return results
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _sweep_point(config, overrides, run_options):
+    """One sweep run (module level, so a dask worker can unpickle it)."""
+    return run(config, overrides, quiet=True, **run_options)
+
+
+def sweep(config_or_path, grid, *, base_overrides=None, client=None, **run_options):
+    """Run every combination of ``grid``; returns ``[(swept values, Result)]`` in grid order.
+
+    Runs one after another by default.  With ``client`` (a ``dask.distributed.Client``,
+    optional extra ``dask``) every run is submitted to the cluster and they run in
+    parallel on its workers; run directories are written where the workers run
+    (use a shared file system, or an absolute ``out``).
+    """
+    config = _resolve(config_or_path, base_overrides or {})
+    points = grid_points(grid)
+    for point in points:  # validate every point before any work starts
+        _resolve(config, point)
+    if client is None:
+        return [(point, _sweep_point(config, point, run_options)) for point in points]
+    futures = [client.submit(_sweep_point, config, point, run_options, pure=False) for point in points]
+    return list(zip(points, client.gather(futures)))
