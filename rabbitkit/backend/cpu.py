@@ -5,6 +5,7 @@ disk.  ``fastmath`` leaves out the no-NaN/no-inf assumptions: a diverging run mu
 still produce NaN so the trainer can stop it.
 """
 import os
+import types
 
 import numpy as np
 
@@ -24,12 +25,31 @@ PARALLEL_THRESHOLD = 1 << 15
 
 
 def kernel(fn=None, *, parallel=True, fastmath=True):
-    """``@kernel``: the one decorator for CPU kernels (``njit`` + cache)."""
+    """``@kernel``: the one decorator for CPU kernels (``njit`` + cache).
+
+    ``error_model="numpy"``: a division yields inf/NaN as in numpy instead of a
+    zero check that raises, which keeps loops with divisions vectorisable.
+    """
 
     def wrap(f):
-        return numba.njit(parallel=parallel, fastmath=set(FASTMATH) if fastmath else False, cache=True, nogil=True)(f)
+        return numba.njit(parallel=parallel, fastmath=set(FASTMATH) if fastmath else False, cache=True, nogil=True,
+                          error_model="numpy")(f)
 
     return wrap(fn) if fn is not None else wrap
+
+
+def _renamed_copy(fn, suffix):
+    """The same function under another qualified name.
+
+    Numba's on-disk cache is keyed by the function's qualified name and signature,
+    not by compile flags: a serial and a parallel build of one function would
+    overwrite each other's cache entries.  A renamed copy gets its own.
+    """
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
 
 
 class SizedKernel:
@@ -41,7 +61,7 @@ class SizedKernel:
     """
 
     def __init__(self, fn, fastmath=True, threshold=PARALLEL_THRESHOLD):
-        self.serial = kernel(fn, parallel=False, fastmath=fastmath)
+        self.serial = kernel(_renamed_copy(fn, "_serial"), parallel=False, fastmath=fastmath)
         self.parallel = kernel(fn, parallel=True, fastmath=fastmath)
         self.threshold = threshold
         self.__name__ = fn.__name__

@@ -1,0 +1,188 @@
+"""char-rnn training speed: rabbitkit against PyTorch CPU, same process, same threads.
+
+    python benchmarks/bench_lstm.py            # full run (about a minute)
+    python benchmarks/bench_lstm.py --quick    # short sanity run
+
+The model (issue 6, Karpathy's char-rnn defaults): vocabulary 65 as one-hot
+codes, a 2-layer LSTM with 128 units, a linear layer to 65 logits, softmax
+cross-entropy over all (N, T) positions, Adam (lr 2e-3) and gradient clipping
+to global norm 5; sequences of 50 characters, batch 32.  The hidden state is
+carried between batches and detached (truncated BPTT) on both sides.
+
+One training step = forward + backward + clipping + Adam update.  Both sides
+run in alternating blocks in one process with the same thread count; the table
+gives the median step time, sequences/s (batch / median) and the ratio.  Before
+timing, the two models are given the same weights and their logits and
+gradients on one batch are compared (max abs difference), so the numbers are
+for the same computation.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 65, 128, 2, 50, 32
+LR, MAX_NORM = 2e-3, 5.0
+
+
+def batches(count, seed=0):
+    """Contiguous random character streams cut into (BATCH, SEQ) blocks with next-char targets."""
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(0, VOCAB, (BATCH, count * SEQ + 1))
+    return [(stream[:, k * SEQ:(k + 1) * SEQ].copy(), stream[:, k * SEQ + 1:(k + 1) * SEQ + 1].copy())
+            for k in range(count)]
+
+
+# -- rabbitkit ----------------------------------------------------------------------------
+class RabbitSide:
+    name = "rabbitkit"
+
+    def __init__(self):
+        import rabbitkit
+        from rabbitkit.losses import SoftmaxCrossEntropy
+        from rabbitkit.models.char_rnn import build_char_rnn
+        from rabbitkit.optim import Adam, clip_grad_norm
+
+        rabbitkit.manual_seed(0)
+        self.model = build_char_rnn((VOCAB,), VOCAB, hidden_size=HIDDEN, num_layers=LAYERS)
+        self.loss = SoftmaxCrossEntropy()
+        self.optimizer = Adam(self.model.parameters(), lr=LR)
+        self.clip = clip_grad_norm
+
+    def step(self, x, y):
+        self.optimizer.zero_grad()
+        value = self.loss.forward(self.model.forward(x, training=True), y)
+        self.model.backward(self.loss.backward())
+        self.clip(self.model.parameters(), MAX_NORM)
+        self.optimizer.step()
+        return value
+
+
+# -- PyTorch ------------------------------------------------------------------------------
+class TorchSide:
+    name = "pytorch"
+
+    def __init__(self):
+        import torch
+
+        torch.manual_seed(0)
+        self.torch = torch
+        self.lstm = torch.nn.LSTM(VOCAB, HIDDEN, num_layers=LAYERS, batch_first=True)
+        self.head = torch.nn.Linear(HIDDEN, VOCAB)
+        self.params = list(self.lstm.parameters()) + list(self.head.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=LR)
+        self.state = None
+
+    def forward(self, x):
+        torch = self.torch
+        codes = torch.nn.functional.one_hot(torch.from_numpy(x), VOCAB).float()
+        if self.state is not None:
+            self.state = tuple(s.detach() for s in self.state)
+        out, self.state = self.lstm(codes, self.state)
+        return self.head(out)
+
+    def step(self, x, y):
+        torch = self.torch
+        self.optimizer.zero_grad()
+        logits = self.forward(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.from_numpy(y).reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_NORM)
+        self.optimizer.step()
+        return float(loss)
+
+
+def compare_numerics(rabbit, torch_side, x, y):
+    """Load rabbitkit's weights into PyTorch; max |difference| of loss, logits and gradients."""
+    torch = torch_side.torch
+    state = rabbit.model.state_dict()
+    torch_side.lstm.load_state_dict({k[2:]: torch.from_numpy(v.copy()) for k, v in state.items() if k.startswith("1.")})
+    torch_side.head.load_state_dict({"weight": torch.from_numpy(state["2.weight"].copy()),
+                                     "bias": torch.from_numpy(state["2.bias"].copy())})
+    rabbit.model.reset_state()
+    rabbit.model.zero_grad()
+    logits = rabbit.model.forward(x, training=True)
+    loss = rabbit.loss.forward(logits, y)
+    rabbit.model.backward(rabbit.loss.backward())
+    torch_side.state = None
+    torch_side.optimizer.zero_grad()
+    t_logits = torch_side.forward(x)
+    t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, VOCAB), torch.from_numpy(y).reshape(-1))
+    t_loss.backward()
+    grads = dict(rabbit.model[1].grads)
+    grad_diff = max(float(np.abs(grads[name] - p.grad.numpy()).max()) for name, p in torch_side.lstm.named_parameters())
+    grad_diff = max(grad_diff, float(np.abs(rabbit.model[2].grads["weight"] - torch_side.head.weight.grad.numpy()).max()))
+    rabbit.model.reset_state()
+    rabbit.model.zero_grad()
+    torch_side.state = None
+    return {"loss": abs(loss - float(t_loss.detach())), "logits": float(np.abs(logits - t_logits.detach().numpy()).max()),
+            "gradients": grad_diff}
+
+
+def time_steps(side, data, count):
+    times = []
+    for k in range(count):
+        x, y = data[k % len(data)]
+        start = time.perf_counter()
+        side.step(x, y)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short sanity run (few steps)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
+    parser.add_argument("--blocks", type=int, default=None, help="alternating timing blocks per side")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per block")
+    args = parser.parse_args(argv)
+    blocks = args.blocks or (2 if args.quick else 5)
+    steps = args.steps or (5 if args.quick else 20)
+
+    import numba
+    import torch
+
+    import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot calls, so it is limited too)
+    from threadpoolctl import threadpool_limits
+
+    threads = args.threads or os.cpu_count()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")  # numpy's and scipy's OpenBLAS
+
+    data = batches(max(steps, 8))
+    rabbit, torch_side = RabbitSide(), TorchSide()
+    diffs = compare_numerics(rabbit, torch_side, *data[0])
+
+    start = time.perf_counter()
+    rabbit.step(*data[0])  # compilation or cache load
+    first_step = time.perf_counter() - start
+    for side in (rabbit, torch_side):  # warm-up
+        time_steps(side, data, 3)
+    results = {rabbit.name: [], torch_side.name: []}
+    for _ in range(blocks):
+        for side in (rabbit, torch_side):
+            results[side.name] += time_steps(side, data, steps)
+
+    print(f"char-rnn training step: one-hot {VOCAB}, LSTM {LAYERS}x{HIDDEN}, seq {SEQ}, batch {BATCH}, "
+          f"Adam + clip {MAX_NORM}; {threads} threads, {blocks} blocks x {steps} steps per side")
+    print(f"numerics vs PyTorch on one batch (float32): |loss| {diffs['loss']:.2e}, "
+          f"max |logits| {diffs['logits']:.2e}, max |grad| {diffs['gradients']:.2e}")
+    print(f"rabbitkit first step (compile or cache load): {first_step:.2f} s\n")
+    print("| side | median step (ms) | sequences/s |")
+    print("|---|---:|---:|")
+    medians = {}
+    for name, times in results.items():
+        medians[name] = float(np.median(times))
+        print(f"| {name} | {medians[name] * 1e3:.2f} | {BATCH / medians[name]:,.0f} |")
+    ratio = medians[torch_side.name] / medians[rabbit.name]
+    print(f"\nrabbitkit / PyTorch speed: {ratio:.2f}x (goal >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""Recurrent layers: RNN (tanh), LSTM (optionally with peepholes) and GRU.
+
+All three share :class:`Recurrent`, which owns the PyTorch parameter layout, the
+stacking of layers, dropout between them, initial/final/carried states and the
+large matrix products; each cell contributes two time-loop kernels from
+:mod:`._recurrent_kernels` (one call per layer forward, one backward).
+
+Inputs are (N, T, F) batches of sequences; outputs (N, T, H), or (N, H) for the
+last step with ``return_sequences=False``.  States are (num_layers, N, H) arrays:
+``(h, c)`` for the LSTM, ``h`` alone for RNN and GRU.
+
+Parameter names and shapes follow ``torch.nn.LSTM``/``GRU``/``RNN``
+(``weight_ih_l0`` (gates*H, F), ``weight_hh_l0`` (gates*H, H), ``bias_ih_l0``,
+``bias_hh_l0``, then ``_l1`` ...), so PyTorch state dicts load unchanged.  The
+LSTM's peephole weights ``weight_ci_l0``, ``weight_cf_l0``, ``weight_co_l0`` (H,)
+have no PyTorch counterpart.
+
+Speed: the input projection of all steps is one matrix product (a row gather when
+the first layer's input is one-hot), each layer's time loop is one kernel call that
+splits the batch over Numba's threads with a single-threaded BLAS per thread, and
+the weight gradients are one product each over all steps.
+
+The layers are CPU-only for now; ``to("cuda")`` refuses them with a clear message.
+"""
+import math
+
+import numba
+import numpy as np
+
+from ..backend.cpu import gemm_accumulate
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+from ._recurrent_kernels import (
+    gru_backward_sequence,
+    one_hot_rows_cpu,
+    gru_forward_sequence,
+    lstm_backward_sequence,
+    lstm_forward_sequence,
+    rnn_backward_sequence,
+    rnn_forward_sequence,
+)
+from .base import Layer
+from .conv2d import SINGLE_THREADED_BLAS
+from .embedding import gather_rows_cpu, scatter_add_rows_cpu
+
+# Each thread of a time-loop kernel takes a block of at least this many batch rows;
+# thinner blocks make the per-step products too small to pay for the split.
+MIN_ROWS_PER_THREAD = 4
+
+
+class Recurrent(Layer):
+    """Shared machinery of stacked recurrent layers (see the module docstring).
+
+    Subclasses set ``gates`` (gate blocks per unit), ``state_arrays`` (1, or 2 for
+    (h, c)) and implement ``_forward_layer`` / ``_backward_layer`` for one layer.
+
+    State handling:
+
+    * ``initial_state``: settable; None means zeros.  Used by every forward until
+      changed (a stateful layer replaces it after each forward).
+    * ``final_state``: the state after the last step of the latest forward.
+    * ``initial_state_grad``: after ``backward``, the gradient w.r.t. the initial
+      state (e.g. for a seq2seq encoder whose final state fed a decoder).
+    * ``backward(dy, state_grad=...)``: also backpropagate a gradient arriving at the
+      final state; ``dy`` may be None when only the state is used downstream.
+    * ``stateful=True``: each forward starts from the previous forward's final state,
+      detached (truncated BPTT), until :meth:`reset_state`.  A batch of a different
+      size than the carried state starts a new stream from zeros.
+
+    ``needs_input_grad = False`` (an attribute) skips the input-gradient product
+    when the layer below has no use for it (it follows a one-hot encoding); backward
+    then returns None.
+    """
+
+    gates = 1
+    state_arrays = 1
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        return_sequences=True,
+        dropout=0.0,
+        stateful=False,
+        dtype=np.float32,
+    ):
+        super().__init__(dtype)
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.return_sequences = bool(return_sequences)
+        self.dropout = float(dropout)
+        self.stateful = bool(stateful)
+        if self.input_size < 1 or self.hidden_size < 1 or self.num_layers < 1:
+            raise ConfigError(
+                f"{type(self).__name__}: input_size, hidden_size and num_layers must be positive, "
+                f"got {input_size}, {hidden_size}, {num_layers}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
+        self.needs_input_grad = True
+        self._initial_state = None
+        self._state_carried = False
+        self.final_state = None
+        self.initial_state_grad = None
+        self._cache = None
+        bound = 1.0 / math.sqrt(self.hidden_size)  # PyTorch's default for every tensor
+        rows = self.gates * self.hidden_size
+        for layer in range(self.num_layers):
+            features = self.input_size if layer == 0 else self.hidden_size
+            self.add_param(f"weight_ih_l{layer}", self.rng.uniform(-bound, bound, (rows, features)))
+            self.add_param(f"weight_hh_l{layer}", self.rng.uniform(-bound, bound, (rows, self.hidden_size)))
+            self.add_param(f"bias_ih_l{layer}", self.rng.uniform(-bound, bound, rows), role="bias")
+            self.add_param(f"bias_hh_l{layer}", self.rng.uniform(-bound, bound, rows), role="bias")
+            self._add_layer_params(layer, bound)
+
+    def _add_layer_params(self, layer, bound):
+        """Hook for cell-specific extra parameters (LSTM peepholes)."""
+
+    # -- states -------------------------------------------------------------------
+    @property
+    def initial_state(self):
+        """The state the next forward starts from (None: zeros)."""
+        return self._initial_state
+
+    @initial_state.setter
+    def initial_state(self, state):
+        self._initial_state = None if state is None else self._as_state(state, "initial_state")
+        self._state_carried = False
+
+    def _as_state(self, state, what):
+        arrays = (state,) if self.state_arrays == 1 else tuple(state)
+        if len(arrays) != self.state_arrays:
+            raise ConfigError(f"{type(self).__name__}.{what} needs {self.state_arrays} arrays (h, c), got {len(arrays)}")
+        arrays = tuple(np.array(a, dtype=self.dtype, copy=True) for a in arrays)
+        for a in arrays:
+            if a.ndim != 3 or a.shape[0] != self.num_layers or a.shape[2] != self.hidden_size:
+                raise ConfigError(
+                    f"{type(self).__name__}.{what} arrays must be (num_layers, N, hidden) = "
+                    f"({self.num_layers}, N, {self.hidden_size}), got {a.shape}"
+                )
+        return arrays[0] if self.state_arrays == 1 else arrays
+
+    def _state_tuple(self, state):
+        return (state,) if self.state_arrays == 1 else tuple(state)
+
+    def _pack_state(self, arrays):
+        return arrays[0] if self.state_arrays == 1 else tuple(arrays)
+
+    def reset_state(self):
+        """Forget the carried (or set) initial state: the next forward starts from zeros."""
+        self._initial_state = None
+        self._state_carried = False
+
+    def _start_state(self, batch):
+        """(num_layers, N, H) arrays the forward starts from."""
+        if self._initial_state is not None:
+            arrays = self._state_tuple(self._initial_state)
+            if arrays[0].shape[1] == batch:
+                return arrays
+            if not self._state_carried:
+                raise ConfigError(
+                    f"{type(self).__name__}.initial_state has batch size {arrays[0].shape[1]}, the input has {batch}"
+                )
+        zeros = np.zeros((self.num_layers, batch, self.hidden_size), dtype=self.dtype)
+        return tuple(zeros.copy() for _ in range(self.state_arrays))
+
+    # -- computation ----------------------------------------------------------------
+    def _param(self, name, layer):
+        return self.params[f"{name}_l{layer}"]
+
+    def _chunks(self, batch):
+        """Row blocks the time-loop kernels run in parallel (1 without a BLAS thread limit)."""
+        if not SINGLE_THREADED_BLAS.available:
+            return 1
+        return max(1, min(numba.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
+
+    def _bias(self, layer):
+        """b_ih + b_hh: where the cell adds both, the kernel adds them once."""
+        return self._param("bias_ih", layer) + self._param("bias_hh", layer)
+
+    def forward_cpu(self, x, training):
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ConfigError(
+                f"{type(self).__name__} expects input (N, T, {self.input_size}), got shape {tuple(x.shape)}"
+            )
+        batch, steps, _ = x.shape
+        if steps < 1:
+            raise ConfigError(f"{type(self).__name__} needs at least one time step")
+        start = self._start_state(batch)
+        inp = np.ascontiguousarray(x.transpose(1, 0, 2))  # time-major (T, N, F)
+        caches = []
+        finals = [np.empty((self.num_layers, batch, self.hidden_size), dtype=self.dtype) for _ in start]
+        for layer in range(self.num_layers):
+            cache = {"input": inp}
+            xproj = self._input_projection(layer, inp.reshape(steps * batch, -1), cache)
+            out = self._forward_layer(layer, xproj.reshape(steps, batch, -1), [s[layer] for s in start], cache)
+            for final, value in zip(finals, cache["final"]):
+                final[layer] = value
+            if training and self.dropout > 0 and layer < self.num_layers - 1:
+                keep = 1.0 - self.dropout
+                cache["mask"] = (self.rng.random(out.shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+                out = out * cache["mask"]
+            caches.append(cache)
+            inp = out
+        self._cache = {"caches": caches, "shape": x.shape}
+        self.final_state = self._pack_state(finals)
+        if self.stateful:
+            # Carry the state into the next forward, detached: BPTT stops at this boundary.
+            self._initial_state = self._pack_state([f.copy() for f in finals])
+            self._state_carried = True
+        if self.return_sequences:
+            return np.ascontiguousarray(inp.transpose(1, 0, 2))
+        return np.ascontiguousarray(inp[-1])
+
+    def backward(self, dy, state_grad=None):
+        """Input gradient for ``dy`` (None: no gradient from the outputs) plus, optionally,
+        ``state_grad`` arriving at the final state (same structure as ``final_state``)."""
+        if self.device == "cuda":
+            return self.backward_cuda(dy)
+        if dy is not None:
+            dy = np.ascontiguousarray(dy, dtype=self.dtype)
+        return self._backward(dy, state_grad)
+
+    def backward_cpu(self, dy):
+        return self._backward(dy, None)
+
+    def _backward(self, dy, state_grad):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        batch, steps, _ = self._cache["shape"]
+        shape = (steps, batch, self.hidden_size)
+        if dy is None:
+            dout = np.zeros(shape, dtype=self.dtype)
+        elif self.return_sequences:
+            dout = np.ascontiguousarray(dy.reshape(batch, steps, self.hidden_size).transpose(1, 0, 2))
+        else:
+            dout = np.zeros(shape, dtype=self.dtype)
+            dout[-1] = dy.reshape(batch, self.hidden_size)
+        if state_grad is None:
+            dstate = [np.zeros((self.num_layers, batch, self.hidden_size), dtype=self.dtype) for _ in range(self.state_arrays)]
+        else:
+            dstate = [np.array(a, dtype=self.dtype, copy=True) for a in self._state_tuple(state_grad)]
+        dinp = None
+        for layer in range(self.num_layers - 1, -1, -1):
+            cache = self._cache["caches"][layer]
+            dcarry = [np.ascontiguousarray(d[layer]) for d in dstate]
+            dgx, dgh = self._backward_layer(layer, dout, dcarry, cache)
+            for d, value in zip(dstate, dcarry):
+                d[layer] = value  # now the gradient w.r.t. the initial state
+            inp = cache["input"]
+            rows = steps * batch
+            inp2 = inp.reshape(rows, -1)
+            dgx2 = dgx.reshape(rows, -1)
+            dgh2 = dgh.reshape(rows, -1)
+            self._input_weight_grad(layer, dgx2, inp2, cache)
+            gemm_accumulate(dgh2, cache["hs"][:steps].reshape(rows, -1), self.grads[f"weight_hh_l{layer}"], trans_a=True)
+            dbias = dgx2.sum(axis=0)
+            self.grads[f"bias_ih_l{layer}"] += dbias
+            self.grads[f"bias_hh_l{layer}"] += dbias if dgh is dgx else dgh2.sum(axis=0)
+            if layer == 0 and not self.needs_input_grad:
+                dinp = None
+                break
+            dinp = np.dot(dgx2, self._param("weight_ih", layer)).reshape(steps, batch, -1)
+            if layer > 0:
+                below = self._cache["caches"][layer - 1]
+                if "mask" in below:
+                    dinp *= below["mask"]
+                dout = dinp
+        self.initial_state_grad = self._pack_state(dstate)
+        if dinp is None:
+            return None
+        return np.ascontiguousarray(dinp.transpose(1, 0, 2))
+
+    # -- the input projection: one matrix product, or a row gather for one-hot input --------
+    def _input_projection(self, layer, rows, cache):
+        """X W_ih^T for all steps at once, (T*N, gates*H).
+
+        When every input row of the first layer is a one-hot code (char-rnn's input),
+        the product is a gather of W_ih's columns, and the weight gradient below a
+        scatter-add: two (T*N x V x gates*H) products saved, results identical.
+        """
+        weight = self._param("weight_ih", layer)
+        if layer == 0 and self.input_size > 1:
+            indices = np.empty(rows.shape[0], dtype=np.int64)
+            if one_hot_rows_cpu(rows, indices):
+                cache["one_hot"] = indices
+                out = np.empty((rows.shape[0], weight.shape[0]), dtype=self.dtype)
+                gather_rows_cpu(out.size, indices, np.ascontiguousarray(weight.T), out)
+                return out
+        return np.dot(rows, weight.T)
+
+    def _input_weight_grad(self, layer, dgx2, rows, cache):
+        """grad W_ih += dgates^T X (a scatter-add of dgates rows for one-hot input)."""
+        grad = self.grads[f"weight_ih_l{layer}"]
+        if "one_hot" in cache:
+            grad_t = np.zeros((grad.shape[1], grad.shape[0]), dtype=self.dtype)
+            scatter_add_rows_cpu(cache["one_hot"], dgx2, grad_t)
+            grad += grad_t.T
+        else:
+            gemm_accumulate(dgx2, rows, grad, trans_a=True)
+
+    # -- per-cell hooks ---------------------------------------------------------------
+    def _forward_layer(self, layer, xproj, start, cache):
+        """Run one layer over the sequence; fill ``cache`` (incl. "hs" (T+1, N, H) and
+        "final", a list of (N, H) arrays); return its output (T, N, H)."""
+        raise NotImplementedError
+
+    def _backward_layer(self, layer, dout, dcarry, cache):
+        """BPTT for one layer: update ``dcarry`` (final- to initial-state gradients) in
+        place; return (input pre-activation grads, recurrent pre-activation grads)."""
+        raise NotImplementedError
+
+    # -- shapes and summary -------------------------------------------------------------
+    def output_shape(self, input_shape):
+        steps = input_shape[0]
+        return (steps, self.hidden_size) if self.return_sequences else (self.hidden_size,)
+
+    def flops(self, input_shape):
+        steps = input_shape[0]
+        rows = self.gates * self.hidden_size
+        total = 0
+        for layer in range(self.num_layers):
+            features = self.input_size if layer == 0 else self.hidden_size
+            total += 2 * steps * rows * (features + self.hidden_size)
+        return total
+
+    def extra_repr(self):
+        text = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if not self.return_sequences:
+            text += ", return_sequences=False"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        if self.stateful:
+            text += ", stateful=True"
+        return text
+
+
+class RNN(Recurrent):
+    """Elman RNN with tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+
+    gates = 1
+    state_arrays = 1
+
+    def _forward_layer(self, layer, xproj, start, cache):
+        steps, batch, _ = xproj.shape
+        hs = np.empty((steps + 1, batch, self.hidden_size), dtype=self.dtype)
+        hs[0] = start[0]
+        w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
+        scratch = np.empty((batch, self.hidden_size), dtype=self.dtype)
+        with SINGLE_THREADED_BLAS:
+            rnn_forward_sequence(xproj, w_hh_t, self._bias(layer), hs, scratch, self._chunks(batch))
+        cache["hs"] = hs
+        cache["final"] = [hs[-1]]
+        return hs[1:]
+
+    def _backward_layer(self, layer, dout, dcarry, cache):
+        dpre = np.empty_like(dout)
+        with SINGLE_THREADED_BLAS:
+            rnn_backward_sequence(dout, self._param("weight_hh", layer), cache["hs"], dcarry[0], dpre,
+                                  self._chunks(dout.shape[1]))
+        return dpre, dpre
+
+
+class LSTM(Recurrent):
+    """Long short-term memory, gates (i, f, g, o) stacked as in ``torch.nn.LSTM``.
+
+    ``peephole=True`` adds Gers' peephole connections: the input and forget gates see
+    c_{t-1}, the output gate sees c_t, through diagonal weights ``weight_ci_l{k}``,
+    ``weight_cf_l{k}``, ``weight_co_l{k}`` of shape (H,).  States are ``(h, c)``.
+    """
+
+    gates = 4
+    state_arrays = 2
+
+    def __init__(self, input_size, hidden_size, num_layers=1, return_sequences=True, dropout=0.0,
+                 stateful=False, peephole=False, dtype=np.float32):
+        self.peephole = bool(peephole)
+        super().__init__(input_size, hidden_size, num_layers, return_sequences, dropout, stateful, dtype)
+        self._no_peep = np.zeros((3, self.hidden_size), dtype=self.dtype)
+
+    def _add_layer_params(self, layer, bound):
+        if self.peephole:
+            # role "other": diagonal weights, left alone by initializers and weight decay.
+            for gate in ("ci", "cf", "co"):
+                self.add_param(f"weight_{gate}_l{layer}", self.rng.uniform(-bound, bound, self.hidden_size), role="other")
+
+    def _peepholes(self, layer):
+        if not self.peephole:
+            return self._no_peep
+        return np.stack([self._param(f"weight_{gate}", layer) for gate in ("ci", "cf", "co")])
+
+    def _forward_layer(self, layer, gates, start, cache):
+        steps, batch, _ = gates.shape
+        shape = (steps + 1, batch, self.hidden_size)
+        hs = np.empty(shape, dtype=self.dtype)
+        cs = np.empty(shape, dtype=self.dtype)
+        hs[0] = start[0]
+        cs[0] = start[1]
+        tanh_cs = np.empty((steps, batch, self.hidden_size), dtype=self.dtype)
+        w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
+        scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
+        peep = self._peepholes(layer)
+        with SINGLE_THREADED_BLAS:
+            lstm_forward_sequence(gates, w_hh_t, self._bias(layer), peep, hs, cs, tanh_cs, scratch, self._chunks(batch))
+        cache.update(gates=gates, hs=hs, cs=cs, tanh_cs=tanh_cs, peep=peep, final=[hs[-1], cs[-1]])
+        return hs[1:]
+
+    def _backward_layer(self, layer, dout, dcarry, cache):
+        dgates = np.empty_like(cache["gates"])
+        chunks = self._chunks(dout.shape[1])
+        dpeep = np.zeros((chunks, 3, self.hidden_size), dtype=self.dtype)
+        with SINGLE_THREADED_BLAS:
+            lstm_backward_sequence(
+                dout, cache["gates"], self._param("weight_hh", layer), cache["peep"], cache["cs"], cache["tanh_cs"],
+                dcarry[0], dcarry[1], dgates, dpeep, chunks,
+            )
+        if self.peephole:
+            dpeep = dpeep.sum(axis=0)
+            for row, gate in enumerate(("ci", "cf", "co")):
+                self.grads[f"weight_{gate}_l{layer}"] += dpeep[row]
+        return dgates, dgates
+
+    def extra_repr(self):
+        return super().extra_repr() + (", peephole=True" if self.peephole else "")
+
+
+class GRU(Recurrent):
+    """Gated recurrent unit as in ``torch.nn.GRU`` (gates r, z, n):
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h."""
+
+    gates = 3
+    state_arrays = 1
+
+    def _forward_layer(self, layer, gates, start, cache):
+        steps, batch, _ = gates.shape
+        hs = np.empty((steps + 1, batch, self.hidden_size), dtype=self.dtype)
+        hs[0] = start[0]
+        hn = np.empty((steps, batch, self.hidden_size), dtype=self.dtype)
+        w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
+        scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
+        with SINGLE_THREADED_BLAS:
+            gru_forward_sequence(gates, w_hh_t, self._param("bias_ih", layer), self._param("bias_hh", layer), hs, hn,
+                                 scratch, self._chunks(batch))
+        cache.update(gates=gates, hs=hs, hn=hn, final=[hs[-1]])
+        return hs[1:]
+
+    def _backward_layer(self, layer, dout, dcarry, cache):
+        dgx = np.empty_like(cache["gates"])
+        dgh = np.empty_like(dgx)
+        scratch = np.empty_like(dcarry[0])
+        with SINGLE_THREADED_BLAS:
+            gru_backward_sequence(
+                dout, cache["gates"], self._param("weight_hh", layer), cache["hs"], cache["hn"], dcarry[0], dgx, dgh,
+                scratch, self._chunks(dout.shape[1]),
+            )
+        return dgx, dgh
+
+
+@hookimpl
+def rabbit_layers():
+    return {"RNN": RNN, "LSTM": LSTM, "GRU": GRU}
