@@ -86,3 +86,14 @@ def test_reverses_held_out_strings_after_training():
     assert result["losses"][-1] < 0.2 * result["losses"][0]
     assert sequence_accuracy(model, task) == result["accuracy"]
     assert blas_threads() == threads_before  # training ran with BLAS single-threaded, then restored
+
+
+def test_seq2seq_experiment_reaches_90_percent_held_out_sequence_accuracy(tmp_path):
+    import pathlib
+
+    import rabbitkit
+
+    experiment = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "seq2seq.toml"
+    result = rabbitkit.run(experiment, {"train.epochs": 3, "output.visualizers": []}, out=tmp_path, quiet=True)
+    assert result.metrics["test_sequence_accuracy"] > 0.9
+    assert result.history[-1]["val_sequence_accuracy"] > 0.5

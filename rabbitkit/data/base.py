@@ -7,13 +7,16 @@ A :class:`Dataset` holds whole splits in memory as numpy arrays:
   float32 for the network;
 * regression: ``x`` float32 (N, ...), ``y`` float32 targets;
 * language models: ``x`` the encoded corpus piece (int64, 1-D), ``y`` None (the
-  targets are the next characters; see :class:`rabbitkit.data.datasets.text.TextDataset`).
+  targets are the next characters; see :class:`rabbitkit.data.datasets.text.TextDataset`);
+* sequence to sequence: ``x`` the held-out source strings, ``y`` their target strings
+  (object arrays); training pairs are generated on the fly (see
+  :mod:`rabbitkit.data.datasets.reverse_strings`).
 """
 from dataclasses import dataclass, field
 
 import numpy as np
 
-TASKS = ("classification", "regression", "language_model")
+TASKS = ("classification", "regression", "language_model", "seq2seq")
 
 
 @dataclass

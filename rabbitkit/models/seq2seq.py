@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
+from ..hookspecs import hookimpl
 from ..layers.base import Layer
 from ..layers.conv2d import SingleThreadedBLAS
 from ..layers.dense import Dense
@@ -92,8 +93,24 @@ class Seq2Seq(Layer):
         self.decoder.initial_state = None
         return out
 
+    def output_shape(self, input_shape):
+        """Logits per decoder position: (target length, vocabulary) for a source of ``input_shape``."""
+        return (int(input_shape[0]) + 1, self.vocab_size)
+
     def extra_repr(self):
         return f"vocab={self.vocab_size}, hidden={self.hidden_size}, layers={self.encoder.num_layers}"
+
+
+def build_seq2seq(input_shape, num_outputs, dtype=np.float32, hidden_size: int = 64, embedding_dim: int = 16,
+                  num_layers: int = 1):
+    """The ``seq2seq`` architecture: a :class:`Seq2Seq` over ``num_outputs`` token ids."""
+    return Seq2Seq(num_outputs, hidden_size=hidden_size, embedding_dim=embedding_dim, num_layers=num_layers,
+                   dtype=dtype)
+
+
+@hookimpl
+def rabbit_architectures():
+    return {"seq2seq": build_seq2seq}
 
 
 class ReverseTask:

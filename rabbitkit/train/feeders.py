@@ -145,7 +145,74 @@ class StreamFeeder:
         return 0.0, float(yb.size)
 
 
+class Seq2SeqFeeder:
+    """Generated (source, decoder input) -> decoder target batches, teacher forcing.
+
+    Validation and test report token loss/accuracy under teacher forcing plus the
+    sequence accuracy of greedy decoding (whole strings exactly right).
+    """
+
+    def __init__(self, dataset, config):
+        self.dataset = dataset
+        self.task = dataset.task
+        self.splits = dataset.splits
+        self.generator = dataset.generator
+        self.seed = config["experiment"]["seed"]
+        self.batch_size = config["train"]["batch_size"]
+        self.eval_batch_size = config["train"]["eval_batch_size"]
+        self.input_shape = tuple(dataset.input_shape)
+        self.num_outputs = int(dataset.num_classes)
+        self.has_accuracy = True
+
+    def has_split(self, name):
+        return name in self.splits and len(self.splits[name]) > 0
+
+    def fit(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def num_train_batches(self, limit=None):
+        return min(self.dataset.train_batches, limit) if limit else self.dataset.train_batches
+
+    def train_batches(self, epoch, start=0, limit=None):
+        for b in range(start, self.num_train_batches(limit)):
+            source, decoder_input, target = self.generator.training_batch(self.batch_size, _derived_rng(self.seed, 1, epoch, b))
+            yield b, ((source, decoder_input), target)
+
+    def _by_length(self, name):
+        groups = {}
+        for text in self.splits[name].x:
+            groups.setdefault(len(text), []).append(text)
+        return groups
+
+    def eval_batches(self, name):
+        for _, strings in sorted(self._by_length(name).items()):
+            for begin in range(0, len(strings), self.eval_batch_size):
+                source, decoder_input, target = self.generator.arrays(strings[begin:begin + self.eval_batch_size])
+                yield (source, decoder_input), target
+
+    def extra_metrics(self, model, name):
+        """Greedy-decoding sequence accuracy on a held-out split."""
+        from ..models.seq2seq import sequence_accuracy
+
+        seq2seq = model.layers[0] if hasattr(model, "layers") else model
+        return {"sequence_accuracy": sequence_accuracy(seq2seq, self.generator, list(self.splits[name].x))}
+
+    def score(self, out, yb):
+        from ..backend import to_host
+
+        predicted = np.asarray(to_host(out)).argmax(axis=-1)
+        return float(np.count_nonzero(predicted == yb)), float(yb.size)
+
+
 def make_feeder(dataset, config):
     if dataset.task == "language_model":
         return StreamFeeder(dataset, config)
+    if dataset.task == "seq2seq":
+        return Seq2SeqFeeder(dataset, config)
     return ArrayFeeder(dataset, config)

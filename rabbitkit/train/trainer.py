@@ -217,7 +217,7 @@ class Run:
             sums["loss"] += loss_value * count
             sums["correct"] += correct
             sums["count"] += count
-            sums["samples"] += len(xb)
+            sums["samples"] += len(yb)
             self.step += 1
             progress.update(batch_index + 1, sums, started, sums["seconds"])
             if self.interrupted:
@@ -297,6 +297,8 @@ class Run:
         metrics = {"loss": total_loss / max(count, 1)}
         if self.feeder.has_accuracy:
             metrics["accuracy"] = correct / max(count, 1)
+        if hasattr(self.feeder, "extra_metrics"):
+            metrics.update(self.feeder.extra_metrics(self.model, split))
         if collect:
             metrics["outputs"] = np.concatenate(predictions) if predictions else np.zeros((0,))
             metrics["targets"] = np.concatenate(targets) if targets else np.zeros((0,))
@@ -334,6 +336,8 @@ class Run:
             parts.append(f"val_loss {m['val_loss']:.4f}")
         if "val_accuracy" in m:
             parts.append(f"val_acc {m['val_accuracy']:.4f}")
+        if "val_sequence_accuracy" in m:
+            parts.append(f"val_seq_acc {m['val_sequence_accuracy']:.4f}")
         if "val_bpc" in m:
             parts.append(f"val_bpc {m['val_bpc']:.3f}")
         parts.append(f"{m['samples_per_s']:.0f} samples/s")
