@@ -122,3 +122,22 @@ def test_dump_toml_round_trips(tmp_path):
     for section in ("experiment", "data", "model", "init", "train", "output"):
         assert again[section] == config[section]
     assert cfg.config_hash(again) == cfg.config_hash(config)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.augment={scale=2.0}", "data: augment: scale must be < 1"),
+    ("data.preprocess=[\"standardise\"]", "did you mean 'standardize'"),
+    ("train.schedule={name=\"step\", step_size=\"x\"}", "train.schedule.step_size: expected int"),
+    ("init.default=\"xavier\"", "unknown initializer 'xavier'"),
+])
+def test_errors_raised_inside_plugins_name_the_file(tmp_path, override, message):
+    import rabbitkit
+
+    path = write(tmp_path, BASE)
+    keys, value = cfg.parse_override(override)
+    with pytest.raises((ConfigError, PluginError)) as info:
+        rabbitkit.run(path, {".".join(keys): value}, out=tmp_path, quiet=True)
+    assert message in str(info.value)
+    if isinstance(info.value, ConfigError):
+        assert str(info.value).startswith(str(path))
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no empty run directory left behind

@@ -50,8 +50,20 @@ def run(config_or_path, overrides=None, *, out=None, device=None, seed=None, plu
     for module in plugins:
         manager.load(module)
     run_dir = new_run_directory(config["output"]["dir"], config["experiment"]["name"])
-    live = Run(config, run_dir, manager=manager, progress=progress, log_to_stdout=not quiet)
+    try:
+        live = Run(config, run_dir, manager=manager, progress=progress, log_to_stdout=not quiet)
+    except BaseException:
+        _remove_if_untouched(run_dir)  # a config or data error leaves no empty run behind
+        raise
     return live.train()
+
+
+def _remove_if_untouched(run_dir):
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def resume(run_dir, *, progress=None, quiet=False, epochs=None):

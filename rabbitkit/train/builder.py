@@ -3,6 +3,7 @@
 Every name is resolved through the plugin registries, and every option is
 checked against the plugin's signature before anything heavy runs.
 """
+import contextlib
 import inspect
 
 import numpy as np
@@ -22,6 +23,20 @@ SHAPE_ARGUMENTS = {
 }
 
 
+@contextlib.contextmanager
+def blame(config, where):
+    """Re-raise a plugin's ConfigError or ValueError as one line naming the file and section."""
+    path = str(config["source"])
+    try:
+        yield
+    except ConfigError as err:
+        if str(err).startswith(path):
+            raise
+        raise ConfigError(f"{path}: {where}: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: {where}: {err}") from None
+
+
 def build_dataset(config, manager=None):
     manager = manager or get_manager()
     path = config["source"]
@@ -32,7 +47,8 @@ def build_dataset(config, manager=None):
     params, _ = factory_parameters(factory)
     if "seed" in params and "seed" not in options:
         options["seed"] = config["experiment"]["seed"]
-    return factory(**options)
+    with blame(config, "data"):
+        return factory(**options)
 
 
 def build_model(config, input_shape, num_outputs, manager=None):
@@ -45,7 +61,8 @@ def build_model(config, input_shape, num_outputs, manager=None):
         name = model_cfg["architecture"]
         factory = manager.registry("architectures").get(name)
         check_plugin_options(factory, model_cfg["options"], "model", path, name)
-        model = factory(tuple(input_shape), num_outputs, dtype=dtype, **model_cfg["options"])
+        with blame(config, "model"):
+            model = factory(tuple(input_shape), num_outputs, dtype=dtype, **model_cfg["options"])
     else:
         model = build_layers(model_cfg["layers"], input_shape, dtype, path, manager)
     from ..layers.sequential import Sequential
@@ -95,7 +112,8 @@ def build_optimizer(config, params, manager=None):
     name, options = named_spec(train["optimizer"], "train.optimizer", path)
     cls = manager.registry("optimizers").get(name)
     check_plugin_options(cls, options, "train.optimizer", path, name, skip=("params", "lr", "weight_decay"))
-    return cls(params, lr=train["lr"], weight_decay=train["weight_decay"], **options)
+    with blame(config, "train.optimizer"):
+        return cls(params, lr=train["lr"], weight_decay=train["weight_decay"], **options)
 
 
 def build_regularizers(config, manager=None):
@@ -113,7 +131,8 @@ def build_regularizers(config, manager=None):
         name, options = named_spec(spec, where, path)
         cls = registry.get(name)
         check_plugin_options(cls, options, where, path, name)
-        regularizers.append(cls(**options))
+        with blame(config, where):
+            regularizers.append(cls(**options))
     return regularizers
 
 
@@ -123,7 +142,8 @@ def build_schedule(config):
     name, options = named_spec(train["schedule"] or "constant", "train.schedule", path)
     cls = get_schedule(name)
     check_plugin_options(cls, options, "train.schedule", path, name, skip=("base_lr", "epochs"))
-    return cls(train["lr"], train["epochs"], **options)
+    with blame(config, "train.schedule"):
+        return cls(train["lr"], train["epochs"], **options)
 
 
 def initialize(config, model, rng):
@@ -133,7 +153,8 @@ def initialize(config, model, rng):
         return
     from ..initializers import initialize as apply_initializers
 
-    apply_initializers(model, default=init["default"], overrides=init["overrides"], rng=rng, bias=init["bias"])
+    with blame(config, "init"):
+        apply_initializers(model, default=init["default"], overrides=init["overrides"], rng=rng, bias=init["bias"])
 
 
 def build_visualizers(config, manager=None):

@@ -7,7 +7,8 @@ from .feeders import make_feeder
 def describe(config, manager):
     """Resolve every plugin name and option, build the model, and describe it."""
     dataset = builder.build_dataset(config, manager)
-    feeder = make_feeder(dataset, config)
+    with builder.blame(config, "data"):
+        feeder = make_feeder(dataset, config)
     model = builder.build_model(config, feeder.input_shape, feeder.num_outputs, manager)
     builder.build_loss(config, dataset.task, manager)
     builder.build_optimizer(config, model.parameters(), manager)

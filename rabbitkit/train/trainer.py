@@ -67,7 +67,8 @@ class Run:
         rk_random.manual_seed(self.seed)
         self.dataset = builder.build_dataset(config, self.manager)
         self.task = self.dataset.task
-        self.feeder = make_feeder(self.dataset, config)
+        with builder.blame(config, "data"):
+            self.feeder = make_feeder(self.dataset, config)
         self.input_shape = self.feeder.input_shape
         self.model = builder.build_model(config, self.input_shape, self.feeder.num_outputs, self.manager)
         builder.initialize(config, self.model, np.random.default_rng(derived_seed(self.seed, 0)))
