@@ -52,6 +52,57 @@ def _renamed_copy(fn, suffix):
     return copy
 
 
+def kernel_pair(fn, fastmath=True):
+    """(serial, parallel) compiled variants of one kernel, cached separately."""
+    return (kernel(_renamed_copy(fn, "_serial"), parallel=False, fastmath=fastmath),
+            kernel(fn, parallel=True, fastmath=fastmath))
+
+
+class SingleThreadedBLAS:
+    """Context manager: every loaded BLAS runs single-threaded inside, as before after.
+
+    Used around batch-parallel kernels whose threads each call BLAS on their own
+    sample (a multi-threaded BLAS there would oversubscribe the cores), and around
+    loops of small products that a BLAS thread pool only slows down.  Nesting is
+    safe.  Needs threadpoolctl; ``available`` is False without it.
+    """
+
+    def __init__(self):
+        self._libraries = None
+        self._saved = []
+
+    def _blas(self):
+        if self._libraries is None:
+            try:
+                import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls scipy's BLAS)
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                self._libraries = []
+            else:
+                self._libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+        return self._libraries
+
+    @property
+    def available(self):
+        return bool(self._blas())
+
+    def __enter__(self):
+        saved = [(library, library.num_threads) for library in self._blas()]
+        self._saved.append(saved)
+        for library, _ in saved:
+            library.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        for library, threads in self._saved.pop():
+            library.set_num_threads(threads)
+        return False
+
+
+#: The process-wide instance layers share.
+SINGLE_THREADED_BLAS = SingleThreadedBLAS()
+
+
 class SizedKernel:
     """A kernel compiled serially and in parallel; the call picks by work size.
 
@@ -61,8 +112,7 @@ class SizedKernel:
     """
 
     def __init__(self, fn, fastmath=True, threshold=PARALLEL_THRESHOLD):
-        self.serial = kernel(_renamed_copy(fn, "_serial"), parallel=False, fastmath=fastmath)
-        self.parallel = kernel(fn, parallel=True, fastmath=fastmath)
+        self.serial, self.parallel = kernel_pair(fn, fastmath)
         self.threshold = threshold
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__

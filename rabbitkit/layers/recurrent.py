@@ -40,7 +40,7 @@ from ._recurrent_kernels import (
     rnn_forward_sequence,
 )
 from .base import Layer
-from .conv2d import SINGLE_THREADED_BLAS
+from ..backend.cpu import SINGLE_THREADED_BLAS
 from .embedding import gather_rows_cpu, scatter_add_rows_cpu
 
 # Each thread of a time-loop kernel takes a block of at least this many batch rows;

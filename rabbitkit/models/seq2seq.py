@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..layers.base import Layer
-from ..layers.conv2d import SingleThreadedBLAS
+from ..backend.cpu import SINGLE_THREADED_BLAS
 from ..layers.dense import Dense
 from ..layers.embedding import Embedding
 from ..layers.recurrent import LSTM
@@ -199,9 +199,7 @@ def train_seq2seq(model, task, steps=2000, batch_size=64, lr=1e-2, max_norm=5.0,
     accuracy is measured every so many steps and training stops early once it
     reaches ``target_accuracy``; ``log(step, loss, accuracy)`` is called then.
     """
-    # A context of its own: the layers enter the shared one inside, and its saved thread
-    # counts would be overwritten by a nested use.
-    with SingleThreadedBLAS():
+    with SINGLE_THREADED_BLAS:
         return _train(model, task, steps, batch_size, lr, max_norm, seed, eval_every, target_accuracy, log)
 
 

@@ -1,0 +1,366 @@
+"""Reference ConvNet training speed: rabbitkit against PyTorch CPU, same process, same threads.
+
+    python benchmarks/bench_convnet.py            # full run (a few minutes)
+    python benchmarks/bench_convnet.py --quick    # short sanity run
+
+The net (issue 3): 32x32x3 input, conv3x3(3->32)+ReLU, conv3x3(32->32)+ReLU,
+maxpool 2, conv3x3(32->64)+ReLU, conv3x3(64->64)+ReLU, maxpool 2, flatten,
+fc(4096->256)+ReLU, dropout 0.5, fc(256->43), softmax cross-entropy, SGD with
+momentum 0.9, batch 64 (convolutions padded by 1).
+
+Reports, as a markdown table:
+* training images/s (forward + backward + update) of both sides, run in
+  alternating blocks in one process, medians of the timed steps, and the ratio;
+* each conv layer's GFLOP/s (forward; forward + backward = 3x the forward FLOPs)
+  for both sides, against numpy float32 matrix-multiply GFLOP/s of the same run;
+* peak RSS (VmHWM) and images/s of each side training alone in its own
+  subprocess (no second OpenMP runtime in the process);
+* rabbitkit's first-step time with an empty Numba cache (compilation) and in a
+  second process that loads the cache (warm start);
+* which BLAS libraries and kernels ran (threadpoolctl).
+
+OpenBLAS kernel choice: a machine may set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
+(this one does), which a typical user's does not; the script re-executes
+itself with both removed from its own environment and says so.  Tests and CI
+leave the environment alone.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+REEXEC_MARK = "RABBITKIT_BENCH_CLEAN_ENV"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+BATCH = 64
+CLASSES = 43
+CONVS = [(3, 32, 32), (32, 32, 32), (32, 64, 16), (64, 64, 16)]  # (in, out, input side)
+
+
+def clean_environment():
+    """Re-exec without the OpenBLAS overrides (before numpy loads OpenBLAS)."""
+    removed = [name for name in OPENBLAS_OVERRIDES if name in os.environ]
+    if removed and not os.environ.get(REEXEC_MARK):
+        env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_OVERRIDES}
+        env[REEXEC_MARK] = ",".join(f"{name}={os.environ[name]}" for name in removed)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    return os.environ.get(REEXEC_MARK, "")
+
+
+# -- the two nets ----------------------------------------------------------------------
+def rabbit_net():
+    sys.path.insert(0, ROOT)
+    from rabbitkit.layers.activations import ReLU
+    from rabbitkit.layers.conv2d import Conv2D
+    from rabbitkit.layers.dense import Dense
+    from rabbitkit.layers.dropout import Dropout
+    from rabbitkit.layers.flatten import Flatten
+    from rabbitkit.layers.pooling import MaxPool2D
+    from rabbitkit.layers.sequential import Sequential
+
+    return Sequential([
+        Conv2D(3, 32, 3, padding=1), ReLU(), Conv2D(32, 32, 3, padding=1), ReLU(), MaxPool2D(2),
+        Conv2D(32, 64, 3, padding=1), ReLU(), Conv2D(64, 64, 3, padding=1), ReLU(), MaxPool2D(2),
+        Flatten(), Dense(4096, 256), ReLU(), Dropout(0.5), Dense(256, CLASSES),
+    ])
+
+
+def torch_net():
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4096, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, CLASSES),
+    )
+
+
+class InlineSGD:
+    """SGD with momentum in numpy (used only if rabbitkit.optim.SGD is missing)."""
+
+    def __init__(self, params, lr, momentum):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.buffers = [np.zeros_like(p.value) for p in params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad.fill(0)
+
+    def step(self):
+        for p, buf in zip(self.params, self.buffers):
+            buf *= self.momentum
+            buf += p.grad
+            p.value -= self.lr * buf
+
+
+class InlineSoftmaxCrossEntropy:
+    """Mean softmax cross-entropy in numpy (used only if rabbitkit.losses is missing)."""
+
+    def forward(self, y, target):
+        shifted = y - y.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        rows = np.arange(len(target))
+        self._dy = np.exp(log_p)
+        self._dy[rows, target] -= 1
+        self._dy /= len(target)
+        return float(-log_p[rows, target].mean())
+
+    def backward(self):
+        return self._dy
+
+
+def rabbit_trainer(seed=0):
+    """(step function, model) for rabbitkit; reports which loss/optimizer it uses."""
+    sys.path.insert(0, ROOT)
+    import rabbitkit
+
+    rabbitkit.manual_seed(seed)
+    model = rabbit_net()
+    try:
+        from rabbitkit.losses import SoftmaxCrossEntropy
+        from rabbitkit.optim import SGD
+
+        loss, optimizer, kind = SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.01, momentum=0.9), "rabbitkit"
+    except ImportError:  # the losses/optim modules are not there yet
+        loss, optimizer, kind = InlineSoftmaxCrossEntropy(), InlineSGD(model.parameters(), 0.01, 0.9), "inline numpy"
+
+    def step(x, t):
+        optimizer.zero_grad()
+        y = model.forward(x, training=True)
+        value = loss.forward(y, t)
+        model.backward(loss.backward())
+        optimizer.step()
+        return value
+
+    return step, model, kind
+
+
+def torch_trainer(seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch_net()
+    loss = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x, t):
+        optimizer.zero_grad(set_to_none=False)
+        value = loss(model(x), t)
+        value.backward()
+        optimizer.step()
+        return value.item()
+
+    return step, model
+
+
+def batch_data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+    t = rng.integers(0, CLASSES, BATCH)
+    return x, t
+
+
+# -- measurements ----------------------------------------------------------------------
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_gflops(repeats):
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    out = np.empty_like(a)
+    np.dot(a, a, out=out)
+    return 2 * 2048**3 / median_time(lambda: np.dot(a, a, out=out), repeats) / 1e9
+
+
+def training_speed(blocks, steps, warmup):
+    """images/s of both sides, in alternating blocks so machine noise hits both."""
+    import torch
+
+    x, t = batch_data()
+    r_step, _, kind = rabbit_trainer()
+    t_step, _ = torch_trainer()
+    xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+    for _ in range(warmup):
+        r_step(x, t)
+        t_step(xt, tt)
+    r_times, t_times = [], []
+    for _ in range(blocks):
+        r_times += [median_time(lambda: r_step(x, t), 1) for _ in range(steps)]
+        t_times += [median_time(lambda: t_step(xt, tt), 1) for _ in range(steps)]
+    return BATCH / float(np.median(r_times)), BATCH / float(np.median(t_times)), kind
+
+
+def conv_layer_speed(repeats):
+    """Per conv layer: GFLOP/s forward and forward+backward, both sides."""
+    import torch
+
+    from rabbitkit.layers.conv2d import Conv2D
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for c_in, c_out, side in CONVS:
+        flops = 2 * BATCH * c_out * c_in * 9 * side * side
+        x = rng.standard_normal((BATCH, c_in, side, side)).astype(np.float32)
+        layer = Conv2D(c_in, c_out, 3, padding=1)
+        dy = np.ones((BATCH, c_out, side, side), np.float32)
+        layer.forward(x), layer.backward(dy)
+        r_fwd = median_time(lambda: layer.forward(x), repeats)
+        r_all = median_time(lambda: (layer.forward(x), layer.backward(dy)), repeats)
+        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        dyt = torch.from_numpy(dy)
+
+        def torch_forward():
+            with torch.no_grad():
+                conv(xt)
+
+        def torch_both():
+            conv(xt).backward(dyt)
+
+        torch_forward(), torch_both()
+        t_fwd = median_time(torch_forward, repeats)
+        t_all = median_time(torch_both, repeats)
+        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / r_fwd / 1e9, 3 * flops / r_all / 1e9,
+                     flops / t_fwd / 1e9, 3 * flops / t_all / 1e9))
+    return rows
+
+
+def blas_report():
+    from threadpoolctl import threadpool_info
+
+    return [f"{i.get('internal_api')} {i.get('version', '')} {os.path.basename(i['filepath'])}: "
+            f"{i.get('num_threads')} threads, kernel {i.get('architecture', 'n/a')}"
+            for i in threadpool_info()]
+
+
+# -- subprocess roles --------------------------------------------------------------------
+def peak_rss_mb():
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited across fork/exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_rss(side, steps):
+    """Train alone for a few steps; print peak RSS (MB) and images/s as JSON."""
+    x, t = batch_data()
+    if side == "torch":
+        import torch
+
+        torch.set_num_threads(numba_threads())
+        step, _ = torch_trainer()
+        x, t = torch.from_numpy(x), torch.from_numpy(t)
+    else:
+        step, _, _ = rabbit_trainer()
+    for _ in range(2):  # warm-up
+        step(x, t)
+    seconds = median_time(lambda: step(x, t), steps)
+    print(json.dumps({"rss_mb": peak_rss_mb(), "images_per_s": BATCH / seconds}))
+
+
+def child_startup():
+    """Time import + model build and the first training step (compiles unless cached)."""
+    start = time.perf_counter()
+    step, _, _ = rabbit_trainer()
+    x, t = batch_data()
+    built = time.perf_counter()
+    step(x, t)
+    first = time.perf_counter()
+    step(x, t)
+    second = time.perf_counter()
+    print(json.dumps({"import_build_s": built - start, "first_step_s": first - built, "second_step_s": second - first}))
+
+
+def run_child(args, env=None):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                         env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def numba_threads():
+    import numba
+
+    return numba.get_num_threads()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short sanity run")
+    parser.add_argument("--child", choices=["rss-rabbit", "rss-torch", "startup"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    removed = clean_environment()
+
+    global np
+    import numpy as np
+
+    if args.child == "startup":
+        return child_startup()
+    if args.child:
+        return child_rss(args.child.split("-")[1], 3 if args.quick else 10)
+
+    import torch
+
+    torch.set_num_threads(numba_threads())
+    blocks, steps, warmup, repeats = (2, 3, 2, 3) if args.quick else (5, 10, 5, 10)
+
+    print("# Reference ConvNet: rabbitkit vs PyTorch CPU\n")
+    print(f"command: python benchmarks/bench_convnet.py{' --quick' if args.quick else ''}")
+    if removed:
+        print(f"environment: removed {removed} for this run (a typical user's machine sets neither)")
+    else:
+        print("environment: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE not set")
+    print(f"threads: Numba {numba_threads()}, torch {torch.get_num_threads()}; batch {BATCH}; torch {torch.__version__}")
+    matmul = matmul_gflops(repeats)
+    rabbit_ips, torch_ips, kind = training_speed(blocks, steps, warmup)
+    for line in blas_report():  # after training, so every library that ran is loaded
+        print(f"BLAS: {line}")
+    print(f"PyTorch: oneDNN convolutions {torch.backends.mkldnn.is_available()}, MKL {torch.backends.mkl.is_available()}")
+    print(f"\nloss/optimizer on the rabbitkit side: {kind}\n")
+    print("| training (fwd+bwd+SGD step) | images/s |")
+    print("|---|---|")
+    print(f"| rabbitkit | {rabbit_ips:,.0f} |")
+    print(f"| PyTorch | {torch_ips:,.0f} |")
+    print(f"| ratio rabbitkit / PyTorch | {rabbit_ips / torch_ips:.2f}x |")
+
+    print(f"\nnumpy float32 matmul (2048^3): {matmul:.0f} GFLOP/s\n")
+    print("| conv layer | rabbitkit fwd GFLOP/s | rabbitkit fwd+bwd | % of matmul (fwd+bwd) | PyTorch fwd | PyTorch fwd+bwd |")
+    print("|---|---|---|---|---|---|")
+    for name, r_fwd, r_all, t_fwd, t_all in conv_layer_speed(repeats):
+        print(f"| {name} | {r_fwd:.0f} | {r_all:.0f} | {100 * r_all / matmul:.0f}% | {t_fwd:.0f} | {t_all:.0f} |")
+
+    alone = {side: run_child(["--child", f"rss-{side}"] + (["--quick"] if args.quick else []))
+             for side in ("rabbit", "torch")}
+    print("\n| training alone, own process | peak RSS MB | images/s |")
+    print("|---|---|---|")
+    for side, name in (("rabbit", "rabbitkit"), ("torch", "PyTorch")):
+        print(f"| {name} | {alone[side]['rss_mb']:.0f} | {alone[side]['images_per_s']:,.0f} |")
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        cold = run_child(["--child", "startup"], env)
+        warm = run_child(["--child", "startup"], env)
+    print("\n| rabbitkit start-up | import + build s | first step s | second step s |")
+    print("|---|---|---|---|")
+    print(f"| empty Numba cache (compiles) | {cold['import_build_s']:.2f} | {cold['first_step_s']:.2f} | {cold['second_step_s']:.3f} |")
+    print(f"| warm start (cache=True) | {warm['import_build_s']:.2f} | {warm['first_step_s']:.2f} | {warm['second_step_s']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

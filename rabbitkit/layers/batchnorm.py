@@ -1,0 +1,161 @@
+"""Batch normalisation (Ioffe & Szegedy 2015) for dense (N, F) and image (N, C, H, W) inputs.
+
+Statistics are per feature / channel (axis 1) over every other axis.  Training
+uses the batch's mean and biased variance and updates running averages
+(``running = (1 - momentum) * running + momentum * batch``, the variance
+unbiased), as PyTorch does; evaluation uses the running averages.  Parameters
+and buffers carry PyTorch's names (``weight``, ``bias``, ``running_mean``,
+``running_var``) so state dicts exchange.
+
+Kernels see the input as (N, C, S), S the product of the trailing axes (1 for
+dense input), and are parallel over channels: each channel's reduction and
+update belong to one thread.  Backward recomputes the normalised input from the
+saved mean and inverse deviation instead of keeping a copy of it.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from ..backend.cpu import kernel
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+from .base import Layer
+
+
+@kernel
+def batch_statistics(x, mean, var):
+    """Per-channel mean and biased variance of x (N, C, S), two-pass for accuracy."""
+    n, channels, size = x.shape
+    count = n * size
+    for c in prange(channels):
+        total = 0.0
+        for b in range(n):
+            for k in range(size):
+                total += x[b, c, k]
+        mu = total / count
+        squares = 0.0
+        for b in range(n):
+            for k in range(size):
+                d = x[b, c, k] - mu
+                squares += d * d
+        mean[c] = mu
+        var[c] = squares / count
+
+
+@kernel
+def normalize_affine(x, mean, inv_std, weight, bias, y):
+    """y = (x - mean) * inv_std * weight + bias, per channel of (N, C, S)."""
+    n, channels, size = x.shape
+    for c in prange(channels):
+        gain = inv_std[c] * weight[c]
+        shift = bias[c] - mean[c] * gain
+        for b in range(n):
+            for k in range(size):
+                y[b, c, k] = x[b, c, k] * gain + shift
+
+
+@kernel
+def normalize_backward(x, dy, mean, inv_std, weight, batch_stats, dx, dweight, dbias):
+    """dx, and dweight += sum(dy * xhat), dbias += sum(dy), per channel of (N, C, S).
+
+    With batch statistics the mean and variance depend on x, giving
+    dx = weight * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat));
+    with running statistics (evaluation) they are constants: dx = weight * inv_std * dy.
+    """
+    n, channels, size = x.shape
+    count = n * size
+    for c in prange(channels):
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for b in range(n):
+            for k in range(size):
+                xhat = (x[b, c, k] - mean[c]) * inv_std[c]
+                sum_dy += dy[b, c, k]
+                sum_dy_xhat += dy[b, c, k] * xhat
+        dweight[c] += sum_dy_xhat
+        dbias[c] += sum_dy
+        gain = weight[c] * inv_std[c]
+        if batch_stats:
+            mean_dy = sum_dy / count
+            mean_dy_xhat = sum_dy_xhat / count
+        else:
+            mean_dy = 0.0
+            mean_dy_xhat = 0.0
+        for b in range(n):
+            for k in range(size):
+                xhat = (x[b, c, k] - mean[c]) * inv_std[c]
+                dx[b, c, k] = gain * (dy[b, c, k] - mean_dy - xhat * mean_dy_xhat)
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over axis 1 of (N, F), (N, C, L) or (N, C, H, W) input.
+
+    ``weight`` (role "scale", init 1) and ``bias`` (init 0) are the learnable
+    affine map; ``running_mean`` / ``running_var`` are buffers.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__(dtype)
+        self.num_features = int(num_features)
+        if self.num_features < 1:
+            raise ConfigError(f"BatchNorm num_features must be positive, got {num_features}")
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.add_param("weight", np.ones(self.num_features), role="scale")
+        self.add_param("bias", np.zeros(self.num_features), role="bias")
+        self.add_buffer("running_mean", np.zeros(self.num_features))
+        self.add_buffer("running_var", np.ones(self.num_features))
+
+    def _channels_view(self, x):
+        if x.ndim < 2 or x.shape[1] != self.num_features:
+            raise ConfigError(f"BatchNorm({self.num_features}) expects (N, {self.num_features}, ...) input, got {tuple(x.shape)}")
+        return x.reshape(x.shape[0], self.num_features, -1)
+
+    def forward_cpu(self, x, training):
+        x3 = self._channels_view(x)
+        count = x3.shape[0] * x3.shape[2]
+        if training:
+            if count < 2:
+                raise ConfigError(f"BatchNorm needs more than one value per channel in training, got input {tuple(x.shape)}")
+            mean = np.empty(self.num_features, dtype=self.dtype)
+            var = np.empty(self.num_features, dtype=self.dtype)
+            batch_statistics(x3, mean, var)
+            momentum = self.momentum
+            self.buffers["running_mean"] *= 1.0 - momentum
+            self.buffers["running_mean"] += momentum * mean
+            self.buffers["running_var"] *= 1.0 - momentum
+            self.buffers["running_var"] += (momentum * count / (count - 1)) * var
+        else:
+            mean = self.buffers["running_mean"].copy()
+            var = self.buffers["running_var"]
+        inv_std = (1.0 / np.sqrt(var + self.eps)).astype(self.dtype)
+        y = np.empty_like(x3)
+        normalize_affine(x3, mean, inv_std, self.params["weight"], self.params["bias"], y)
+        self._saved = (x3, mean, inv_std, training, x.shape)
+        return y.reshape(x.shape)
+
+    def backward_cpu(self, dy):
+        x3, mean, inv_std, batch_stats, shape = self._saved
+        dx = np.empty_like(x3)
+        normalize_backward(
+            x3, dy.reshape(x3.shape), mean, inv_std, self.params["weight"], batch_stats,
+            dx, self.grads["weight"], self.grads["bias"],
+        )
+        return dx.reshape(shape)
+
+    def output_shape(self, input_shape):
+        if not input_shape or input_shape[0] != self.num_features:
+            raise ConfigError(f"BatchNorm({self.num_features}) expects ({self.num_features}, ...) input, got {tuple(input_shape)}")
+        return tuple(input_shape)
+
+    def flops(self, input_shape):
+        return 2 * math.prod(input_shape)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+@hookimpl
+def rabbit_layers():
+    return {"BatchNorm": BatchNorm}

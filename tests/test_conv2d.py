@@ -1,0 +1,157 @@
+"""Conv2D: forward against scipy.signal.correlate, gradients, chunking, shapes and errors."""
+import numpy as np
+import pytest
+from scipy.signal import correlate
+
+import rabbitkit
+from rabbitkit.errors import ConfigError
+from rabbitkit.layers.conv2d import Conv2D
+from rabbitkit.testing import check_gradients
+
+# (batch, in, height, width, out, kernel, stride, padding): square and rectangular
+# kernels, strides 1-3, padding where the windows do not tile the input exactly.
+CASES = [
+    (2, 3, 7, 5, 4, (3, 2), (2, 1), (1, 0)),
+    (1, 2, 9, 9, 3, 3, 3, 1),
+    (3, 1, 5, 6, 2, 1, 1, 0),
+    (2, 2, 8, 7, 3, (5, 3), (2, 3), (2, 1)),
+    (1, 2, 11, 10, 2, 7, 2, 3),
+    (2, 3, 6, 9, 5, 5, 1, 2),
+    (1, 1, 4, 4, 1, 4, 1, 0),
+]
+
+
+def reference_conv(x, weight, bias, stride, padding):
+    """Direct cross-correlation per (sample, output channel) with scipy, then striding."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    weight = weight.astype(np.float64)
+    return np.array([
+        [correlate(sample, kernel, mode="valid")[0][:: stride[0], :: stride[1]] + b for kernel, b in zip(weight, bias)]
+        for sample in x
+    ])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_scipy_correlate(case, rng):
+    n, c, h, w, o, k, s, p = case
+    layer = Conv2D(c, o, k, stride=s, padding=p)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    y = layer.forward(x)
+    expected = reference_conv(x, layer.params["weight"], layer.params["bias"], layer.stride, layer.padding)
+    assert y.dtype == np.float32 and y.shape == expected.shape
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    assert layer.output_shape(x.shape[1:]) == y.shape[1:]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients(case, bias):
+    n, c, h, w, o, k, s, p = case
+    layer = Conv2D(c, o, k, stride=s, padding=p, bias=bias, dtype=np.float64)
+    report = check_gradients(layer, (n, c, h, w))
+    assert report.checked["input"] == min(n * c * h * w, 150)
+    assert ("bias" in report.checked) == bias
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batch_kernel_matches_one_sample_at_a_time(stride, rng):
+    """The batch-parallel kernel (per-thread scratch and gradient parts) must agree with
+    the serial one a single sample takes, and the BLAS thread counts must be restored."""
+    from rabbitkit.layers.conv2d import SINGLE_THREADED_BLAS
+
+    threads_before = [lib.num_threads for lib in SINGLE_THREADED_BLAS._blas()]
+    layer = Conv2D(3, 4, 3, stride=stride, padding=1)
+    x = rng.standard_normal((5, 3, 7, 6)).astype(np.float32)
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    batch_grads = {name: grad.copy() for name, grad in layer.grads.items()}
+    layer.zero_grad()
+    for n in range(5):
+        np.testing.assert_allclose(layer.forward(x[n : n + 1]), y[n : n + 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.backward(dy[n : n + 1]), dx[n : n + 1], rtol=1e-5, atol=1e-6)
+    for name, grad in layer.grads.items():
+        np.testing.assert_allclose(grad, batch_grads[name], rtol=1e-4, atol=1e-5)
+    assert [lib.num_threads for lib in SINGLE_THREADED_BLAS._blas()] == threads_before
+
+
+def test_backward_matches_loop_reference_and_accumulates(rng):
+    layer = Conv2D(2, 3, (3, 2), stride=(2, 1), padding=(1, 1))
+    x = rng.standard_normal((2, 2, 5, 4)).astype(np.float32)
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    # Direct loops over every (output, tap) pair.
+    weight = layer.params["weight"].astype(np.float64)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    dxp = np.zeros_like(xp)
+    dweight = np.zeros_like(weight)
+    for n in range(2):
+        for o in range(3):
+            for oh in range(y.shape[2]):
+                for ow in range(y.shape[3]):
+                    window = xp[n, :, oh * 2 : oh * 2 + 3, ow : ow + 2]
+                    dweight[o] += dy[n, o, oh, ow] * window
+                    dxp[n, :, oh * 2 : oh * 2 + 3, ow : ow + 2] += dy[n, o, oh, ow] * weight[o]
+    np.testing.assert_allclose(dx, dxp[:, :, 1:-1, 1:-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.grads["weight"], dweight, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.grads["bias"], dy.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    layer.backward(dy)  # gradients add up until zero_grad
+    np.testing.assert_allclose(layer.grads["weight"], 2 * dweight, rtol=1e-4, atol=1e-5)
+
+
+def test_parameters_shapes_flops_and_registry():
+    layer = rabbitkit.layers.Conv2D(3, 8, (5, 3), stride=2, padding=(2, 1))
+    assert type(layer) is Conv2D
+    assert layer.params["weight"].shape == (8, 3, 5, 3)
+    assert layer.params["bias"].shape == (8,)
+    assert layer.param_roles == {"weight": "weight", "bias": "bias"}
+    assert layer.output_shape((3, 32, 31)) == (8, 16, 16)
+    assert layer.flops((3, 32, 31)) == 2 * 8 * 3 * 5 * 3 * 16 * 16
+    assert Conv2D(3, 8, 3, bias=False).num_parameters() == 8 * 3 * 9
+    assert Conv2D(1, 1, 3, dtype="float64").params["weight"].dtype == np.float64
+
+
+def test_float64_input_is_cast_to_layer_dtype():
+    y = Conv2D(1, 2, 3).forward(np.ones((1, 1, 4, 4)))
+    assert y.dtype == np.float32 and y.shape == (1, 2, 2, 2)
+
+
+def test_user_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="3 input channels, got 4"):
+        Conv2D(3, 2, 3).forward(np.zeros((1, 4, 5, 5), np.float32))
+    with pytest.raises(ConfigError, match="does not fit"):
+        Conv2D(1, 2, 5).output_shape((1, 3, 8))
+    with pytest.raises(ConfigError, match="kernel_size"):
+        Conv2D(1, 2, 3, stride=0)
+    with pytest.raises(ConfigError, match="kernel_size must be an int"):
+        Conv2D(1, 2, "3x3")
+    with pytest.raises(ConfigError, match=r"\(N, C, H, W\)"):
+        Conv2D(1, 2, 3).forward(np.zeros((4, 4), np.float32))
+
+
+def test_skipped_input_gradient_leaves_parameter_gradients_unchanged():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 9, 7)).astype(np.float32)
+    full, first = Conv2D(3, 5, 3, padding=1), Conv2D(3, 5, 3, padding=1)
+    first.load_state_dict(full.state_dict())
+    first.skip_input_grad()
+    dy = rng.standard_normal((4, 5, 9, 7)).astype(np.float32)
+    full.forward(x)
+    assert full.backward(dy).shape == x.shape
+    first.forward(x)
+    assert first.backward(dy) is None
+    for key in ("weight", "bias"):
+        np.testing.assert_array_equal(first.grads[key], full.grads[key])
+
+
+def test_single_threaded_blas_nests_and_restores():
+    from rabbitkit.backend.cpu import SINGLE_THREADED_BLAS
+    from threadpoolctl import threadpool_info
+
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    with SINGLE_THREADED_BLAS:
+        with SINGLE_THREADED_BLAS:
+            assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
+        assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
