@@ -1,0 +1,203 @@
+"""Training steps per second of rabbitkit vs PyTorch CPU on two MLPs, in one run.
+
+    python benchmarks/bench_mlp.py            # full run (a few minutes)
+    python benchmarks/bench_mlp.py --quick    # short sanity run
+
+Cases (issue 2):
+  (a) 1-64-64-1 tanh MLP, batch 256, squared error, SGD        goal >= 3x PyTorch
+  (b) 784-256-256-10 ReLU MLP, batch 128, cross-entropy, SGD momentum 0.9   goal >= 1x
+
+One training step is zero_grad, forward, loss, backward, optimizer step on a fixed
+batch (no data loading).  PyTorch runs at the same thread count as Numba
+(torch.set_num_threads(numba.get_num_threads())).  Both are warmed up first (Numba
+compiles or loads its cache), then timed in interleaved repetitions so machine
+noise hits both alike; medians are reported.  Benchmark-only dependency: torch.
+
+BLAS threads: ``--blas-threads 1`` runs numpy's and scipy's OpenBLAS pools on one
+thread.  The tiny products of case (a) gain nothing from a pool, and after each
+call OpenBLAS workers spin for about 2^28 cycles (OPENBLAS_THREAD_TIMEOUT) before
+sleeping: on a machine whose cores are busy they starve the Python thread and
+case (a) drops from thousands of steps per second to tens.  Run both settings.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import numba
+import numpy as np
+
+import rabbitkit
+from rabbitkit.layers.activations import ReLU, Tanh
+from rabbitkit.layers.dense import Dense
+from rabbitkit.losses import SoftmaxCrossEntropy, SquaredError
+from rabbitkit.optim import SGD
+
+CASES = {
+    "a": dict(title="(a) 1-64-64-1 tanh, batch 256, squared error, SGD", sizes=(1, 64, 64, 1), activation="tanh",
+              batch=256, loss="squared_error", momentum=0.0, lr=0.01, goal=3.0),
+    "b": dict(title="(b) 784-256-256-10 ReLU, batch 128, cross-entropy, SGD momentum", sizes=(784, 256, 256, 10),
+              activation="relu", batch=128, loss="cross_entropy", momentum=0.9, lr=0.01, goal=1.0),
+}
+
+
+def make_batch(case, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs, outputs = case["sizes"][0], case["sizes"][-1]
+    if case["loss"] == "squared_error":
+        x = rng.uniform(-1, 1, (case["batch"], inputs)).astype(np.float32)
+        t = np.sin(3 * x[:, :outputs]).astype(np.float32)
+    else:
+        x = rng.standard_normal((case["batch"], inputs)).astype(np.float32)
+        t = rng.integers(0, outputs, case["batch"])
+    return x, t
+
+
+def rabbitkit_step_fn(case, x, t):
+    rabbitkit.manual_seed(0)
+    activation = {"tanh": Tanh, "relu": ReLU}[case["activation"]]
+    sizes = case["sizes"]
+    layers = []
+    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(Dense(n_in, n_out))
+        if index < len(sizes) - 2:
+            layers.append(activation())
+    model = rabbitkit.Sequential(layers)
+    loss = SquaredError() if case["loss"] == "squared_error" else SoftmaxCrossEntropy()
+    opt = SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
+
+    def step():
+        model.zero_grad()
+        value = loss.forward(model.forward(x), t)
+        model.backward(loss.backward())
+        opt.step()
+        return value
+
+    return step
+
+
+def torch_step_fn(case, x, t):
+    import torch
+
+    torch.manual_seed(0)
+    activation = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[case["activation"]]
+    sizes = case["sizes"]
+    layers = []
+    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out))
+        if index < len(sizes) - 2:
+            layers.append(activation())
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
+    tx = torch.from_numpy(x)
+    tt = torch.from_numpy(t)
+    batch = case["batch"]
+    if case["loss"] == "squared_error":
+        def loss_fn(y):
+            return 0.5 * ((y - tt) ** 2).sum() / batch
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+        tt = tt.long()
+
+        def loss_fn(y):
+            return criterion(y, tt)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        value = loss_fn(model(tx))
+        value.backward()
+        opt.step()
+        return value.item()
+
+    return step
+
+
+def time_steps(step, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def describe_environment(torch):
+    lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}, numba {numba.__version__} "
+             f"(threads {numba.get_num_threads()}, layer {numba.config.THREADING_LAYER})"]
+    try:
+        from threadpoolctl import threadpool_info
+
+        for info in threadpool_info():
+            lines.append(f"  pool: {info.get('internal_api')} {info.get('version', '')} {info.get('architecture', '')} "
+                         f"threads={info['num_threads']} ({info['filepath'].rsplit('/', 1)[-1]})")
+    except ImportError:
+        lines.append("  (install threadpoolctl to list the BLAS libraries in use)")
+    if torch is not None:
+        lines.append(f"torch {torch.__version__} threads {torch.get_num_threads()}; "
+                     f"{torch.__config__.parallel_info().splitlines()[0] if hasattr(torch, '__config__') else ''}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short sanity run (numbers not meaningful)")
+    parser.add_argument("--cases", default="ab", help="which cases to run, e.g. 'a' (default 'ab')")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per framework")
+    parser.add_argument("--seconds", type=float, default=None, help="approximate length of one repetition")
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="limit the BLAS pools (numpy/scipy OpenBLAS) to this many threads")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    seconds = args.seconds or (0.2 if args.quick else 1.0)
+
+    try:
+        import torch
+
+        torch.set_num_threads(numba.get_num_threads())
+    except ImportError:
+        torch = None
+    # Load every BLAS library (numpy's, and scipy's used by gemm_accumulate and Numba's
+    # np.dot) before limiting or describing them.
+    import scipy.linalg.blas  # noqa: F401
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.blas_threads, user_api="blas")
+    print(describe_environment(torch))
+    if args.quick:
+        print("quick run: a sanity check, the numbers are not meaningful")
+    for key in args.cases:
+        case = CASES[key]
+        x, t = make_batch(case)
+        steps = {"rabbitkit": rabbitkit_step_fn(case, x, t)}
+        if torch is not None:
+            steps["pytorch"] = torch_step_fn(case, x, t)
+        print(case["title"])
+        # Warm-up: compiles (or loads cached) kernels, primes allocators and caches.
+        counts = {}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            first = step()
+            compile_s = time.perf_counter() - start
+            for _ in range(20):
+                step()
+            rate = time_steps(step, 20)
+            counts[name] = max(10, int(rate * seconds))
+            print(f"  {name:9s} first step {compile_s:6.2f} s, initial loss {first:.4f}")
+        rates = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, step in steps.items():  # interleaved
+                rates[name].append(time_steps(step, counts[name]))
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        for name, values in rates.items():
+            spread = f"{min(values):,.0f}-{max(values):,.0f}"
+            print(f"  {name:9s} {medians[name]:10,.0f} steps/s (median of {repeats}, range {spread}), "
+                  f"loss now {steps[name]():.4f}")
+        if "pytorch" in medians:
+            ratio = medians["rabbitkit"] / medians["pytorch"]
+            verdict = "meets" if ratio >= case["goal"] else "below"
+            print(f"  ratio rabbitkit/pytorch {ratio:.2f}x ({verdict} the goal of {case['goal']:g}x)")
+
+
+if __name__ == "__main__":
+    main()
