@@ -13,25 +13,26 @@ batch (no data loading).  PyTorch runs at the same thread count as Numba
 compiles or loads its cache), then timed in interleaved repetitions so machine
 noise hits both alike; medians are reported.  Benchmark-only dependency: torch.
 
-BLAS threads: ``--blas-threads 1`` runs numpy's and scipy's OpenBLAS pools on one
-thread.  The tiny products of case (a) gain nothing from a pool, and after each
-call OpenBLAS workers spin for about 2^28 cycles (OPENBLAS_THREAD_TIMEOUT) before
-sleeping: on a machine whose cores are busy they starve the Python thread and
-case (a) drops from thousands of steps per second to tens.  Run both settings.
+Two measurements per case: both frameworks interleaved in this process, and each
+framework alone in a fresh process (``--alone``, run automatically one after the
+other).  The "alone" figures are the fair ones: in one process each side's thread
+pools (Numba's and PyTorch's OpenMP, two OpenBLAS libraries) slow the other.
+
+rabbitkit is imported before numpy, so its OpenBLAS settings apply (see
+rabbitkit/__init__.py and rabbitkit/backend/cpu.py); the PyTorch-alone process never
+imports rabbitkit, so none of rabbitkit's thread settings reach PyTorch there.
+``--blas-threads N`` limits every BLAS pool for experiments.
 """
+import sys
+
+if "pytorch" not in sys.argv:
+    import rabbitkit  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT)
 import argparse
 import statistics
-import sys
 import time
 
 import numba
 import numpy as np
-
-import rabbitkit
-from rabbitkit.layers.activations import ReLU, Tanh
-from rabbitkit.layers.dense import Dense
-from rabbitkit.losses import SoftmaxCrossEntropy, SquaredError
-from rabbitkit.optim import SGD
 
 CASES = {
     "a": dict(title="(a) 1-64-64-1 tanh, batch 256, squared error, SGD", sizes=(1, 64, 64, 1), activation="tanh",
@@ -54,6 +55,12 @@ def make_batch(case, seed=0):
 
 
 def rabbitkit_step_fn(case, x, t):
+    import rabbitkit
+    from rabbitkit.layers.activations import ReLU, Tanh
+    from rabbitkit.layers.dense import Dense
+    from rabbitkit.losses import SoftmaxCrossEntropy, SquaredError
+    from rabbitkit.optim import SGD
+
     rabbitkit.manual_seed(0)
     activation = {"tanh": Tanh, "relu": ReLU}[case["activation"]]
     sizes = case["sizes"]
@@ -144,7 +151,26 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=None, help="approximate length of one repetition")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="limit the BLAS pools (numpy/scipy OpenBLAS) to this many threads")
+    parser.add_argument("--alone", choices=("rabbitkit", "pytorch"),
+                        help="time one framework only, in this process (used for the 'alone' runs)")
     args = parser.parse_args(argv)
+    if args.alone is None:
+        main_interleaved(args)
+        for side in ("rabbitkit", "pytorch"):
+            import subprocess
+
+            command = [sys.executable, __file__, "--alone", side, "--cases", args.cases]
+            command += ["--quick"] if args.quick else []
+            command += ["--repeats", str(args.repeats)] if args.repeats else []
+            command += ["--seconds", str(args.seconds)] if args.seconds else []
+            command += ["--blas-threads", str(args.blas_threads)] if args.blas_threads is not None else []
+            print(f"-- {side} alone in its own process --", flush=True)
+            subprocess.run(command, check=True)
+        return
+    main_interleaved(args)
+
+
+def main_interleaved(args):
     repeats = args.repeats or (3 if args.quick else 7)
     seconds = args.seconds or (0.2 if args.quick else 1.0)
 
@@ -154,8 +180,8 @@ def main(argv=None):
         torch.set_num_threads(numba.get_num_threads())
     except ImportError:
         torch = None
-    # Load every BLAS library (numpy's, and scipy's used by gemm_accumulate and Numba's
-    # np.dot) before limiting or describing them.
+    # Load every BLAS library (numpy's, and scipy's used by Numba's np.dot) before
+    # limiting or describing them.
     import scipy.linalg.blas  # noqa: F401
     import scipy.linalg.cython_blas  # noqa: F401
 
@@ -169,8 +195,10 @@ def main(argv=None):
     for key in args.cases:
         case = CASES[key]
         x, t = make_batch(case)
-        steps = {"rabbitkit": rabbitkit_step_fn(case, x, t)}
-        if torch is not None:
+        steps = {}
+        if args.alone in (None, "rabbitkit"):
+            steps["rabbitkit"] = rabbitkit_step_fn(case, x, t)
+        if torch is not None and args.alone in (None, "pytorch"):
             steps["pytorch"] = torch_step_fn(case, x, t)
         print(case["title"])
         # Warm-up: compiles (or loads cached) kernels, primes allocators and caches.
@@ -193,7 +221,7 @@ def main(argv=None):
             spread = f"{min(values):,.0f}-{max(values):,.0f}"
             print(f"  {name:9s} {medians[name]:10,.0f} steps/s (median of {repeats}, range {spread}), "
                   f"loss now {steps[name]():.4f}")
-        if "pytorch" in medians:
+        if "pytorch" in medians and "rabbitkit" in medians:
             ratio = medians["rabbitkit"] / medians["pytorch"]
             verdict = "meets" if ratio >= case["goal"] else "below"
             print(f"  ratio rabbitkit/pytorch {ratio:.2f}x ({verdict} the goal of {case['goal']:g}x)")

@@ -4,6 +4,15 @@ The public face: :class:`Sequential`, :func:`run`, :data:`hookimpl`, :func:`manu
 """
 __version__ = "0.1.0"
 
+import os as _os
+
+# OpenBLAS workers spin for ~2**28 cycles after every call before they sleep; on a
+# 2-core machine they take the core a Numba kernel or the Python thread needs next
+# (a small MLP step then drops from thousands per second to tens).  Read when
+# OpenBLAS loads, so it takes effect when rabbitkit is imported before numpy (as
+# the `rabbit` command does); a user's own setting wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .random import manual_seed  # noqa: E402
 

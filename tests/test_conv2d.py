@@ -145,13 +145,20 @@ def test_skipped_input_gradient_leaves_parameter_gradients_unchanged():
         np.testing.assert_array_equal(first.grads[key], full.grads[key])
 
 
-def test_single_threaded_blas_nests_and_restores():
-    from rabbitkit.backend.cpu import SINGLE_THREADED_BLAS
+def test_kernel_blas_is_single_threaded_inside_kernels_and_nesting_restores():
+    """The BLAS that kernels call (scipy's) runs on one thread; numpy's keeps its pool."""
     from threadpoolctl import threadpool_info
 
-    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    from rabbitkit.backend.cpu import SINGLE_THREADED_BLAS
+
+    def threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = threads()
     with SINGLE_THREADED_BLAS:
         with SINGLE_THREADED_BLAS:
-            assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
-        assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
-    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
+            inside = threads()
+        assert threads() == inside
+    assert threads() == before
+    kernel_side = [path for path in inside if "numpy" not in path]
+    assert kernel_side and all(inside[path] == 1 for path in kernel_side)

@@ -87,6 +87,9 @@ class SingleThreadedBLAS:
         return bool(self._blas())
 
     def __enter__(self):
+        if KERNEL_BLAS_PINNED:  # the BLAS that kernels call is single-threaded for good
+            self._saved.append([])
+            return self
         saved = [(library, library.num_threads) for library in self._blas()]
         self._saved.append(saved)
         for library, _ in saved:
@@ -101,6 +104,34 @@ class SingleThreadedBLAS:
 
 #: The process-wide instance layers share.
 SINGLE_THREADED_BLAS = SingleThreadedBLAS()
+
+
+def pin_kernel_blas():
+    """Make the BLAS that Numba kernels call (scipy's) single-threaded for good.
+
+    rabbitkit gives each BLAS library one role.  Inside Numba kernels ``np.dot``
+    calls scipy's BLAS: the kernels split the work over Numba's threads and each
+    thread multiplies its own block, so that library must never start threads of
+    its own.  numpy's BLAS (a separate library in the PyPI wheels) serves the big
+    products made from Python with all its threads.  Where numpy and scipy share
+    one library (e.g. some conda builds) it stays as it is and kernels fall back to
+    switching it per call.  Returns whether the pin is in place.
+    """
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return False
+    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    kernel_side = [c for c in controllers if "numpy" not in os.path.basename(os.path.dirname(c.filepath))]
+    if not kernel_side or len(kernel_side) == len(controllers):
+        return False
+    for controller in kernel_side:
+        controller.set_num_threads(1)
+    return True
+
+
+KERNEL_BLAS_PINNED = pin_kernel_blas()
 
 
 class SizedKernel:
@@ -164,16 +195,34 @@ class CPUBackend:
 CPU_BACKEND = CPUBackend()
 
 
-def gemm_accumulate(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=1.0):
-    """c = alpha * op(a) @ op(b) + beta * c in place, on C-contiguous arrays, via BLAS.
+# Below this many multiply-adds a product runs in a Numba kernel on the kernel BLAS
+# (one thread, no pool to wake); above it numpy's BLAS uses every core.
+SMALL_PRODUCT = 1 << 21
 
-    numpy has no in-place accumulate, and ``c += a @ b`` costs a temporary plus a
-    pass over ``c``.  BLAS is column-major, so we hand it the transposed problem
-    c.T = op(b).T @ op(a).T, whose operands are the C arrays viewed as Fortran.
+
+@kernel(parallel=False)
+def small_matmul(a, b, out, accumulate):
+    """out (+)= a @ b on the single-threaded kernel BLAS."""
+    if accumulate:
+        out += np.dot(a, b)
+    else:
+        np.dot(a, b, out)
+
+
+def matmul(a, b, out=None, accumulate=False):
+    """``out = a @ b`` or ``out += a @ b`` with the BLAS that suits the size.
+
+    Small products (an MLP on 1-D data, per-step recurrent products) go to the
+    single-threaded kernel BLAS through a Numba kernel; large ones to numpy's
+    multi-threaded BLAS.  ``a`` and ``b`` may be transposed views of C arrays.
     """
-    from scipy.linalg import blas
-
-    gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
-    out = gemm(alpha, b.T, a.T, beta=beta, c=c.T, trans_a=int(trans_b), trans_b=int(trans_a), overwrite_c=1)
-    if not np.shares_memory(out, c):  # BLAS refused to write in place (unexpected layout)
-        c[...] = out.T
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        accumulate = False
+    if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT and KERNEL_BLAS_PINNED:
+        small_matmul(a, b, out, accumulate)
+    elif accumulate:
+        out += np.dot(a, b)
+    else:
+        np.dot(a, b, out)
+    return out

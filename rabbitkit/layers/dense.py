@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ..backend.cpu import gemm_accumulate, kernel, sized_kernel
+from ..backend.cpu import kernel, matmul, sized_kernel
 from ..backend.cuda import cuda_kernel
 from ..hookspecs import hookimpl
 from .base import Layer
@@ -74,8 +74,7 @@ class Dense(Layer):
     def forward_cpu(self, x, training):
         self._x = x
         x2 = self._rows(x)
-        y = np.empty((x2.shape[0], self.out_features), dtype=self.dtype)
-        np.dot(x2, self.params["weight"].T, out=y)
+        y = matmul(x2, self.params["weight"].T)
         if self.has_bias:
             add_row_vector_cpu(y.size, y, self.params["bias"])
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -83,12 +82,12 @@ class Dense(Layer):
     def backward_cpu(self, dy):
         x2 = self._rows(self._x)
         dy2 = dy.reshape(-1, self.out_features)
-        gemm_accumulate(dy2, x2, self.grads["weight"], trans_a=True)
+        matmul(dy2.T, x2, self.grads["weight"], accumulate=True)
         if self.has_bias:
             add_column_sums_cpu(dy2, self.grads["bias"])
         if not self.needs_input_grad:
             return None
-        dx = np.dot(dy2, self.params["weight"])
+        dx = matmul(dy2, self.params["weight"])
         return dx.reshape(self._x.shape)
 
     def forward_cuda(self, x, training):

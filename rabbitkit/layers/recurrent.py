@@ -27,7 +27,7 @@ import math
 import numba
 import numpy as np
 
-from ..backend.cpu import gemm_accumulate
+from ..backend.cpu import matmul
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ._recurrent_kernels import (
@@ -255,14 +255,14 @@ class Recurrent(Layer):
             dgx2 = dgx.reshape(rows, -1)
             dgh2 = dgh.reshape(rows, -1)
             self._input_weight_grad(layer, dgx2, inp2, cache)
-            gemm_accumulate(dgh2, cache["hs"][:steps].reshape(rows, -1), self.grads[f"weight_hh_l{layer}"], trans_a=True)
+            matmul(dgh2.T, cache["hs"][:steps].reshape(rows, -1), self.grads[f"weight_hh_l{layer}"], accumulate=True)
             dbias = dgx2.sum(axis=0)
             self.grads[f"bias_ih_l{layer}"] += dbias
             self.grads[f"bias_hh_l{layer}"] += dbias if dgh is dgx else dgh2.sum(axis=0)
             if layer == 0 and not self.needs_input_grad:
                 dinp = None
                 break
-            dinp = np.dot(dgx2, self._param("weight_ih", layer)).reshape(steps, batch, -1)
+            dinp = matmul(dgx2, self._param("weight_ih", layer)).reshape(steps, batch, -1)
             if layer > 0:
                 below = self._cache["caches"][layer - 1]
                 if "mask" in below:
@@ -289,7 +289,7 @@ class Recurrent(Layer):
                 out = np.empty((rows.shape[0], weight.shape[0]), dtype=self.dtype)
                 gather_rows_cpu(out.size, indices, np.ascontiguousarray(weight.T), out)
                 return out
-        return np.dot(rows, weight.T)
+        return matmul(rows, weight.T)
 
     def _input_weight_grad(self, layer, dgx2, rows, cache):
         """grad W_ih += dgates^T X (a scatter-add of dgates rows for one-hot input)."""
@@ -299,7 +299,7 @@ class Recurrent(Layer):
             scatter_add_rows_cpu(cache["one_hot"], dgx2, grad_t)
             grad += grad_t.T
         else:
-            gemm_accumulate(dgx2, rows, grad, trans_a=True)
+            matmul(dgx2.T, rows, grad, accumulate=True)
 
     # -- per-cell hooks ---------------------------------------------------------------
     def _forward_layer(self, layer, xproj, start, cache):
