@@ -74,6 +74,12 @@ class CudaKernel:
             # Kernel bodies name the module-level global ``cuda``; bind it to the real
             # numba.cuda module now (the simulator recognises it by identity).
             self.pyfunc.__globals__["cuda"] = module
+            # Device functions this kernel calls are compiled first and bound in place
+            # of their lazy wrappers, so the kernel's compiler sees real device functions.
+            for name in self.pyfunc.__code__.co_names:
+                helper = self.pyfunc.__globals__.get(name)
+                if isinstance(helper, CudaKernel) and helper.device:
+                    self.pyfunc.__globals__[name] = helper.compiled()
             options = {} if simulating() else {"cache": True}
             self._compiled = module.jit(device=self.device, **options)(self.pyfunc)
         return self._compiled
@@ -84,6 +90,11 @@ class CudaKernel:
     def launch(self, n, *args):
         blocks, threads = launch_config(n)
         self.compiled()[blocks, threads](*args)
+
+
+def cuda_device(fn):
+    """``@cuda_device``: a CUDA device function kernels may call; compiled with the first kernel using it."""
+    return CudaKernel(fn, device=True)
 
 
 def cuda_kernel(fn):
@@ -142,14 +153,11 @@ def _gemm_kernel(a, b, c, trans_a, trans_b, alpha, beta):
             c[row, col] = alpha * acc + beta * c[row, col]
 
 
-@cuda_kernel
-def _sum_squares_kernel(x, out):
-    """out[0] += sum(x**2) (block partial sums, one atomic per block)."""
-    partial = cuda.shared.array(shape=256, dtype=np.float64)
+@cuda_device
+def block_sum_into(partial, acc, out, index):
+    """Sum every thread's ``acc`` over the block (tree reduction in the shared array
+    ``partial``, one slot per thread) and add the total to ``out[index]`` atomically."""
     tid = cuda.threadIdx.x
-    acc = 0.0
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        acc += x[i] * x[i]
     partial[tid] = acc
     cuda.syncthreads()
     step = cuda.blockDim.x // 2
@@ -159,7 +167,17 @@ def _sum_squares_kernel(x, out):
         cuda.syncthreads()
         step //= 2
     if tid == 0:
-        cuda.atomic.add(out, 0, partial[0])
+        cuda.atomic.add(out, index, partial[0])
+
+
+@cuda_kernel
+def _sum_squares_kernel(x, out):
+    """out[0] += sum(x**2) (block partial sums, one atomic per block)."""
+    partial = cuda.shared.array(shape=256, dtype=np.float64)
+    acc = 0.0
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        acc += x[i] * x[i]
+    block_sum_into(partial, acc, out, 0)
 
 
 @cuda_kernel

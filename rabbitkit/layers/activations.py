@@ -13,7 +13,7 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel, sized_kernel
-from ..backend.cuda import cuda_kernel
+from ..backend.cuda import block_sum_into, cuda_kernel
 from ..hookspecs import hookimpl
 from ..errors import ConfigError
 from .base import Layer
@@ -278,16 +278,7 @@ def prelu_backward_cuda(x, w, dy, dx, dw):
         else:
             dx[n, c, k] = w[c] * dy[n, c, k]
             acc += v * dy[n, c, k]
-    partial[tid] = acc
-    cuda.syncthreads()
-    step = cuda.blockDim.x // 2
-    while step > 0:
-        if tid < step:
-            partial[tid] += partial[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    if tid == 0:
-        cuda.atomic.add(dw, c, partial[0])
+    block_sum_into(partial, acc, dw, c)
 
 
 class PReLU(Layer):
