@@ -77,7 +77,7 @@ def test_main_job_on_generated_gtsrb(tmp_path, env):
     data = tmp_path / "gtsrb"
     write_official_gtsrb(data)
     done = rabbit(["run", EXPERIMENT, "--out", tmp_path / "runs", "--set", f"data.path=\"{data}\"",
-                   "--set", "train.epochs=4", *SMALL], env, tmp_path)
+                   "--set", "train.epochs=8", *SMALL], env, tmp_path)
     assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     for name in ("config.toml", "metrics.csv", "log.txt", "curves.png", "filters.png", "final_metrics.json",
@@ -85,7 +85,7 @@ def test_main_job_on_generated_gtsrb(tmp_path, env):
         assert (run_dir / name).is_file(), name
     rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
     header, values = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
-    assert len(values) == 4
+    assert len(values) == 8
     for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_seconds"):
         assert column in header
     losses = [float(v["train_loss"]) for v in values]
