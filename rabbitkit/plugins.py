@@ -150,7 +150,7 @@ class PluginManager:
         hook = getattr(self.pm.hook, KINDS[kind])
         entries = {}
         # Call each implementation on its own, so every name knows its provider.
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # registration order: the first claimant is named first
             provided = impl.function()
             if provided is None:
                 continue
