@@ -345,7 +345,12 @@ def main():
     for name, r_fwd, r_all, t_fwd, t_all in conv_layer_speed(repeats):
         print(f"| {name} | {r_fwd:.0f} | {r_all:.0f} | {100 * r_all / matmul:.0f}% | {t_fwd:.0f} | {t_all:.0f} |")
 
-    alone = {side: run_child(["--child", f"rss-{side}"] + (["--quick"] if args.quick else []))
+    import rabbitkit
+
+    # PyTorch's process gets the environment without rabbitkit's thread settings (its
+    # OpenMP runtime is much slower with OMP_WAIT_POLICY=PASSIVE).
+    alone = {side: run_child(["--child", f"rss-{side}"] + (["--quick"] if args.quick else []),
+                             rabbitkit.foreign_environment() if side == "torch" else None)
              for side in ("rabbit", "torch")}
     print("\n| training alone, own process | peak RSS MB | images/s |")
     print("|---|---|---|")

@@ -18,13 +18,16 @@ for the same computation.
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+if "pytorch" not in sys.argv:
+    import rabbitkit  # noqa: F401  (before numpy, as the rabbit command does: OpenBLAS settings)
+
+import numpy as np
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 65, 128, 2, 50, 32
 LR, MAX_NORM = 2e-3, 5.0
@@ -140,20 +143,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     parser.add_argument("--blocks", type=int, default=None, help="alternating timing blocks per side")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per block")
+    parser.add_argument("--alone", choices=("rabbitkit", "pytorch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     blocks = args.blocks or (2 if args.quick else 5)
     steps = args.steps or (5 if args.quick else 20)
+    threads = args.threads or os.cpu_count()
+    if args.alone:
+        return time_alone(args, threads, blocks, steps)
 
     import numba
     import torch
 
-    import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba's np.dot calls, so it is limited too)
-    from threadpoolctl import threadpool_limits
-
-    threads = args.threads or os.cpu_count()
+    # rabbitkit manages its BLAS threads itself (see rabbitkit/backend/cpu.py): no limits here.
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
-    threadpool_limits(limits=threads, user_api="blas")  # numpy's and scipy's OpenBLAS
 
     data = batches(max(steps, 8))
     rabbit, torch_side = RabbitSide(), TorchSide()
@@ -181,7 +184,41 @@ def main(argv=None):
         medians[name] = float(np.median(times))
         print(f"| {name} | {medians[name] * 1e3:.2f} | {BATCH / medians[name]:,.0f} |")
     ratio = medians[torch_side.name] / medians[rabbit.name]
-    print(f"\nrabbitkit / PyTorch speed: {ratio:.2f}x (goal >= 1.5x)")
+    print(f"\nsame process, interleaved: rabbitkit / PyTorch speed {ratio:.2f}x (goal >= 1.5x)")
+    # The fair figure: each side alone in a fresh process (PyTorch's without rabbitkit or Numba,
+    # so no second OpenMP runtime and none of rabbitkit's thread settings).
+    alone = {}
+    for side in ("rabbitkit", "pytorch"):
+        command = [sys.executable, os.path.abspath(__file__), "--alone", side, "--threads", str(threads),
+                   "--blocks", str(blocks), "--steps", str(steps)]
+        env = rabbitkit.foreign_environment() if side == "pytorch" else None  # PyTorch's OpenMP as it comes
+        out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+        alone[side] = float(out)
+    print("\n| side, alone in its own process | median step (ms) | sequences/s |")
+    print("|---|---:|---:|")
+    for side, seconds in alone.items():
+        print(f"| {side} | {seconds * 1e3:.2f} | {BATCH / seconds:,.0f} |")
+    print(f"\nalone: rabbitkit / PyTorch speed {alone['pytorch'] / alone['rabbitkit']:.2f}x (goal >= 1.5x)")
+
+
+def time_alone(args, threads, blocks, steps):
+    """Time one side in this process; print its median step time in seconds."""
+    data = batches(max(steps, 8))
+    if args.alone == "pytorch":
+        import torch
+
+        torch.set_num_threads(threads)
+        side = TorchSide()
+    else:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        side = RabbitSide()
+    time_steps(side, data, 5)  # warm-up (compilation or cache load)
+    times = []
+    for _ in range(blocks):
+        times += time_steps(side, data, steps)
+    print(float(np.median(times)))
 
 
 if __name__ == "__main__":

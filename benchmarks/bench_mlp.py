@@ -31,7 +31,6 @@ import argparse
 import statistics
 import time
 
-import numba
 import numpy as np
 
 CASES = {
@@ -126,9 +125,13 @@ def time_steps(step, steps):
     return steps / (time.perf_counter() - start)
 
 
-def describe_environment(torch):
-    lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}, numba {numba.__version__} "
-             f"(threads {numba.get_num_threads()}, layer {numba.config.THREADING_LAYER})"]
+def describe_environment(torch, with_numba=True):
+    lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}"]
+    if with_numba:
+        import numba
+
+        lines[0] += (f", numba {numba.__version__} (threads {numba.get_num_threads()}, "
+                     f"layer {numba.config.THREADING_LAYER})")
     try:
         from threadpoolctl import threadpool_info
 
@@ -153,19 +156,27 @@ def main(argv=None):
                         help="limit the BLAS pools (numpy/scipy OpenBLAS) to this many threads")
     parser.add_argument("--alone", choices=("rabbitkit", "pytorch"),
                         help="time one framework only, in this process (used for the 'alone' runs)")
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is None and args.alone != "pytorch":
+        import numba
+
+        args.threads = numba.get_num_threads()
     if args.alone is None:
         main_interleaved(args)
         for side in ("rabbitkit", "pytorch"):
             import subprocess
 
-            command = [sys.executable, __file__, "--alone", side, "--cases", args.cases]
+            # The PyTorch process imports neither rabbitkit nor Numba: no second OpenMP
+            # runtime and none of rabbitkit's thread settings reach it.
+            command = [sys.executable, __file__, "--alone", side, "--cases", args.cases, "--threads", str(args.threads)]
             command += ["--quick"] if args.quick else []
             command += ["--repeats", str(args.repeats)] if args.repeats else []
             command += ["--seconds", str(args.seconds)] if args.seconds else []
             command += ["--blas-threads", str(args.blas_threads)] if args.blas_threads is not None else []
             print(f"-- {side} alone in its own process --", flush=True)
-            subprocess.run(command, check=True)
+            env = rabbitkit.foreign_environment() if side == "pytorch" else None
+            subprocess.run(command, check=True, env=env)
         return
     main_interleaved(args)
 
@@ -177,19 +188,20 @@ def main_interleaved(args):
     try:
         import torch
 
-        torch.set_num_threads(numba.get_num_threads())
+        torch.set_num_threads(args.threads)
     except ImportError:
         torch = None
-    # Load every BLAS library (numpy's, and scipy's used by Numba's np.dot) before
-    # limiting or describing them.
-    import scipy.linalg.blas  # noqa: F401
-    import scipy.linalg.cython_blas  # noqa: F401
+    if args.alone != "pytorch":
+        # Load every BLAS library (numpy's, and scipy's used by Numba's np.dot) before
+        # limiting or describing them.
+        import scipy.linalg.blas  # noqa: F401
+        import scipy.linalg.cython_blas  # noqa: F401
 
     if args.blas_threads is not None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(args.blas_threads, user_api="blas")
-    print(describe_environment(torch))
+    print(describe_environment(torch, with_numba=args.alone != "pytorch"))
     if args.quick:
         print("quick run: a sanity check, the numbers are not meaningful")
     for key in args.cases:
