@@ -372,6 +372,22 @@ def config_hash(config):
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text):
+    """A TOML basic string: quotes, backslashes and control characters escaped, the rest as is."""
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def dump_toml(config):
     """Write a resolved config as TOML (enough for our value types: no datetimes)."""
     lines = []
@@ -382,11 +398,11 @@ def dump_toml(config):
         if isinstance(value, (int, float)):
             return repr(value)
         if isinstance(value, str):
-            return json.dumps(value)
+            return toml_string(value)
         if isinstance(value, (list, tuple)):
             return "[" + ", ".join(value_text(v) for v in value) + "]"
         if isinstance(value, dict):
-            return "{" + ", ".join(f"{json.dumps(str(k))} = {value_text(v)}" for k, v in value.items() if v is not None) + "}"
+            return "{" + ", ".join(f"{toml_string(str(k))} = {value_text(v)}" for k, v in value.items() if v is not None) + "}"
         raise TypeError(f"cannot write {value!r} as TOML")
 
     for section, table in config.items():
@@ -398,7 +414,7 @@ def dump_toml(config):
         for key, value in flat.items():
             if value is None:
                 continue
-            lines.append(f"{json.dumps(key) if not key.isidentifier() else key} = {value_text(value)}")
+            lines.append(f"{toml_string(key) if not key.isidentifier() else key} = {value_text(value)}")
         lines.append("")
     return "\n".join(lines)
 
