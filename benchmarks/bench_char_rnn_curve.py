@@ -34,7 +34,6 @@ def run_rabbitkit(args):
 
 def run_torch(args):
     import numba
-    import numpy as np
     import torch
 
     from rabbitkit.data.datasets.text import load_text
@@ -105,7 +104,7 @@ def main():
                    "--dropout", str(args.dropout), "--out", args.out]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         curves[side] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"| epoch | rabbitkit s | rabbitkit val nats (bits) | PyTorch s | PyTorch val nats (bits) |")
+    print("| epoch | rabbitkit s | rabbitkit val nats (bits) | PyTorch s | PyTorch val nats (bits) |")
     print("|---|---|---|---|---|")
     for ours, theirs in zip(curves["rabbitkit"], curves["torch"]):
         print(f"| {ours['epoch']} | {ours['train_seconds']:.0f} | {ours['val_loss']:.3f} ({ours['val_loss'] / math.log(2):.2f}) "

@@ -1,5 +1,4 @@
 """The rabbit command: listing, running, and one-line errors with non-zero exit codes."""
-import pathlib
 import subprocess
 import sys
 
