@@ -21,9 +21,9 @@ def test_there_are_experiments():
 def test_experiment_validates(path):
     config = cfg.load(path)
     manager = get_manager()
-    manager.registry("datasets").get(config["data"]["dataset"])
-    if config["model"]["architecture"]:
-        manager.registry("architectures").get(config["model"]["architecture"])
+    assert callable(manager.registry("datasets").get(config["data"]["dataset"]))
+    assert callable(manager.registry("architectures").get(config["model"]["architecture"]))
+    assert config["experiment"]["name"] == path.stem
 
 
 @pytest.mark.parametrize("name", ["sine", "overfitting", "char_rnn", "char_rnn_gru", "char_rnn_vanilla"])
