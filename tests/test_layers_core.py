@@ -113,3 +113,15 @@ def test_skip_input_grad_stops_backward_at_the_first_parametric_layer(rng):
     assert model.backward(dy) is None
     for name, layer, key in model.named_parameters():
         np.testing.assert_array_equal(layer.grads[key], full[name])
+
+
+def test_gradients_accumulate_after_zero_grad_too(rng):
+    layer = Dense(5, 3)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 3)).astype(np.float32)
+    layer.grads["weight"][...] = 7.0
+    layer.zero_grad()  # the first backward may write, the second must add
+    for _ in range(2):
+        layer.forward(x)
+        layer.backward(dy)
+    np.testing.assert_allclose(layer.grads["weight"], 2 * dy.T @ x, rtol=1e-5, atol=1e-5)

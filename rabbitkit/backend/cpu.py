@@ -21,7 +21,7 @@ import numba  # noqa: E402
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 # Below this many elements a parallel region costs more than it saves.
-PARALLEL_THRESHOLD = 1 << 15
+PARALLEL_THRESHOLD = 1 << 17
 
 
 def kernel(fn=None, *, parallel=True, fastmath=True):

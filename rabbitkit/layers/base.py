@@ -61,6 +61,9 @@ class Layer:
     #: trained model): layers that honour it skip that product and return None.
     needs_input_grad = True
 
+    #: True between zero_grad() and the next backward (see zero_grad).
+    grads_zeroed = False
+
     def __init__(self, dtype=np.float32):
         self.dtype = resolve_dtype(dtype)
         self.params = {}
@@ -94,6 +97,9 @@ class Layer:
     def zero_grad(self):
         for grad in self.grads.values():
             self.backend.fill(grad, 0)
+        # Until the next backward, gradients hold zeros: a layer may then write its
+        # weight gradient instead of adding it (one pass over the array saved).
+        self.grads_zeroed = True
         for child in self.children():
             child.zero_grad()
 

@@ -82,7 +82,8 @@ class Dense(Layer):
     def backward_cpu(self, dy):
         x2 = self._rows(self._x)
         dy2 = dy.reshape(-1, self.out_features)
-        matmul(dy2.T, x2, self.grads["weight"], accumulate=True)
+        matmul(dy2.T, x2, self.grads["weight"], accumulate=not self.grads_zeroed)
+        self.grads_zeroed = False
         if self.has_bias:
             add_column_sums_cpu(dy2, self.grads["bias"])
         if not self.needs_input_grad:
