@@ -55,3 +55,21 @@ def test_cifar10_experiment_builds_on_binary_batches(tmp_path, monkeypatch):
     config = cfg.load(ROOT / "experiments" / "cifar10.toml", overrides={"data.path": str(root)})
     text = describe(config, get_manager())
     assert "input (3, 32, 32), 10 outputs" in text
+
+
+def test_overfitting_demo_and_l2_closing_the_gap(tmp_path):
+    """experiments/overfitting.toml: training and validation loss part ways; L2 narrows the gap."""
+    import rabbitkit
+
+    path = ROOT / "experiments" / "overfitting.toml"
+    plain = rabbitkit.run(path, {"output.visualizers": [], "output.checkpoint_every": 1000}, out=tmp_path, quiet=True)
+    decayed = rabbitkit.run(path, {"output.visualizers": [], "output.checkpoint_every": 1000, "train.l2": 0.01},
+                            out=tmp_path, quiet=True)
+    last_plain, last_decayed = plain.history[-1], decayed.history[-1]
+    gap_plain = last_plain["val_loss"] - last_plain["train_loss"]
+    gap_decayed = last_decayed["val_loss"] - last_decayed["train_loss"]
+    best_val_plain = min(h["val_loss"] for h in plain.history)
+    assert last_plain["train_loss"] < 0.1 * last_plain["val_loss"]  # memorised the noise
+    assert last_plain["val_loss"] > 1.2 * best_val_plain  # validation turned up again
+    assert gap_decayed < 0.7 * gap_plain
+    assert last_decayed["val_loss"] < last_plain["val_loss"]
