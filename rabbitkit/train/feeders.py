@@ -17,16 +17,48 @@ def _derived_rng(*parts):
     return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
 
 
-class ArrayFeeder:
-    def __init__(self, dataset, config):
-        from ..data.preprocess import Pipeline
+class Feeder:
+    """What every feeder shares: the dataset, batch sizes, and no learned state by default."""
 
+    has_accuracy = True
+
+    def __init__(self, dataset, config):
         self.dataset = dataset
         self.task = dataset.task
         self.splits = dataset.splits
         self.seed = config["experiment"]["seed"]
         self.batch_size = config["train"]["batch_size"]
         self.eval_batch_size = config["train"]["eval_batch_size"]
+        self.input_shape = tuple(dataset.input_shape)
+        self.num_outputs = int(dataset.num_classes) if dataset.num_classes else None
+
+    def has_split(self, name):
+        return name in self.splits and len(self.splits[name]) > 0
+
+    def fit(self):
+        """Learn preprocessing statistics from the training split (nothing by default)."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def score(self, out, yb):
+        """(correct, count) of a batch; count is what the loss averages over."""
+        if not self.has_accuracy:
+            return 0.0, float(len(yb))
+        from ..backend import to_host
+
+        predicted = np.asarray(to_host(out)).argmax(axis=-1)
+        return float(np.count_nonzero(predicted == yb)), float(yb.size)
+
+
+class ArrayFeeder(Feeder):
+    def __init__(self, dataset, config):
+        from ..data.preprocess import Pipeline
+
+        super().__init__(dataset, config)
         self.pipeline = Pipeline.from_config(config["data"]["preprocess"])
         augment = config["data"]["augment"]
         self.augmenter = None
@@ -35,16 +67,11 @@ class ArrayFeeder:
 
             self.augmenter = Augmenter.from_config(augment)
         self.input_shape = tuple(self.pipeline.output_shape(dataset.input_shape))
-        if self.task == "classification":
-            self.num_outputs = int(dataset.num_classes)
-        else:
+        if self.task != "classification":
             y = self.splits["train"].y
             self.num_outputs = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
         self.has_accuracy = self.task == "classification"
         self._prepared = {}
-
-    def has_split(self, name):
-        return name in self.splits and len(self.splits[name]) > 0
 
     # -- preprocessing ----------------------------------------------------------------
     def fit(self):
@@ -89,40 +116,19 @@ class ArrayFeeder:
         for begin in range(0, len(x), self.eval_batch_size):
             yield x[begin:begin + self.eval_batch_size], y[begin:begin + self.eval_batch_size]
 
-    def score(self, out, yb):
-        """(correct, count) of a batch; count is what the loss averages over."""
-        if not self.has_accuracy:
-            return 0.0, float(len(yb))
-        from ..backend import to_host
 
-        predicted = np.asarray(to_host(out)).argmax(axis=-1)
-        return float(np.count_nonzero(predicted == yb)), float(yb.size)
-
-
-class StreamFeeder:
+class StreamFeeder(Feeder):
     """Stateful (N, T) character batches for truncated BPTT."""
 
+    has_accuracy = False
+
     def __init__(self, dataset, config):
-        self.dataset = dataset
-        self.task = dataset.task
-        self.splits = dataset.splits
-        self.batch_size = config["train"]["batch_size"]
+        super().__init__(dataset, config)
         self.seq_len = config["train"]["seq_len"]
         self.input_shape = (self.seq_len,)
-        self.num_outputs = int(dataset.num_classes)
-        self.has_accuracy = False
 
     def has_split(self, name):
         return name in self.splits and len(self.splits[name]) > self.batch_size * (self.seq_len + 1)
-
-    def fit(self):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
     def num_train_batches(self, limit=None):
         n = len(self.splits["train"].x)
@@ -142,10 +148,10 @@ class StreamFeeder:
         yield from self.dataset.stream_batches(name, self.batch_size, self.seq_len)
 
     def score(self, out, yb):
-        return 0.0, float(yb.size)
+        return 0.0, float(yb.size)  # the loss averages over every (N, T) position
 
 
-class Seq2SeqFeeder:
+class Seq2SeqFeeder(Feeder):
     """Generated (source, decoder input) -> decoder target batches, teacher forcing.
 
     Validation and test report token loss/accuracy under teacher forcing plus the
@@ -153,28 +159,8 @@ class Seq2SeqFeeder:
     """
 
     def __init__(self, dataset, config):
-        self.dataset = dataset
-        self.task = dataset.task
-        self.splits = dataset.splits
+        super().__init__(dataset, config)
         self.generator = dataset.generator
-        self.seed = config["experiment"]["seed"]
-        self.batch_size = config["train"]["batch_size"]
-        self.eval_batch_size = config["train"]["eval_batch_size"]
-        self.input_shape = tuple(dataset.input_shape)
-        self.num_outputs = int(dataset.num_classes)
-        self.has_accuracy = True
-
-    def has_split(self, name):
-        return name in self.splits and len(self.splits[name]) > 0
-
-    def fit(self):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
     def num_train_batches(self, limit=None):
         return min(self.dataset.train_batches, limit) if limit else self.dataset.train_batches
@@ -202,12 +188,6 @@ class Seq2SeqFeeder:
 
         seq2seq = model.layers[0] if hasattr(model, "layers") else model
         return {"sequence_accuracy": sequence_accuracy(seq2seq, self.generator, list(self.splits[name].x))}
-
-    def score(self, out, yb):
-        from ..backend import to_host
-
-        predicted = np.asarray(to_host(out)).argmax(axis=-1)
-        return float(np.count_nonzero(predicted == yb)), float(yb.size)
 
 
 def make_feeder(dataset, config):
