@@ -21,7 +21,7 @@ import numpy as np
 from numba import prange
 
 from .backend.cpu import sized_kernel
-from .backend.cuda import cuda_kernel
+from .backend.cuda import cuda_kernel, device_pair
 from .errors import CheckpointError, ConfigError
 from .hookspecs import hookimpl
 from .regularizers import squared_norm
@@ -31,76 +31,78 @@ cuda = None  # numba.cuda, bound on the first CUDA launch
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "clip_grad_norm"]
 
 
-# -- CPU kernels (flat arrays; hyperparameters are float64 scalars) ---------------
+# -- the update rules, written once for both devices ------------------------------
+# Each updates element i of a flat parameter in place; hyperparameters are scalars.
+def _sgd_update(i, w, g, buf, lr, decay, momentum, dampening, nesterov, first):
+    d = g[i] + decay * w[i]
+    if momentum != 0.0:
+        b = d if first else momentum * buf[i] + (1.0 - dampening) * d
+        buf[i] = b
+        d = d + momentum * b if nesterov else b
+    w[i] -= lr * d
+
+
+def _rmsprop_update(i, w, g, square_avg, buf, lr, decay, alpha, eps, momentum):
+    d = g[i] + decay * w[i]
+    s = alpha * square_avg[i] + (1.0 - alpha) * d * d
+    square_avg[i] = s
+    d = d / (math.sqrt(s) + eps)
+    if momentum > 0.0:
+        d = momentum * buf[i] + d
+        buf[i] = d
+    w[i] -= lr * d
+
+
+def _adam_update(i, w, g, exp_avg, exp_avg_sq, step_size, decay, beta1, beta2, eps, bias_correction2_sqrt):
+    d = g[i] + decay * w[i]
+    m = beta1 * exp_avg[i] + (1.0 - beta1) * d
+    v = beta2 * exp_avg_sq[i] + (1.0 - beta2) * d * d
+    exp_avg[i] = m
+    exp_avg_sq[i] = v
+    w[i] -= step_size * m / (math.sqrt(v) / bias_correction2_sqrt + eps)
+
+
+sgd_update_cpu, sgd_update_cuda = device_pair(_sgd_update)
+rmsprop_update_cpu, rmsprop_update_cuda = device_pair(_rmsprop_update)
+adam_update_cpu, adam_update_cuda = device_pair(_adam_update)
+
+
+# -- CPU kernels (prange over the flat parameter) -----------------------------------
 @sized_kernel
 def sgd_cpu(w, g, buf, lr, decay, momentum, dampening, nesterov, first):
     for i in prange(w.size):
-        d = g[i] + decay * w[i]
-        if momentum != 0.0:
-            b = d if first else momentum * buf[i] + (1.0 - dampening) * d
-            buf[i] = b
-            d = d + momentum * b if nesterov else b
-        w[i] -= lr * d
+        sgd_update_cpu(i, w, g, buf, lr, decay, momentum, dampening, nesterov, first)
 
 
 @sized_kernel
 def rmsprop_cpu(w, g, square_avg, buf, lr, decay, alpha, eps, momentum):
     for i in prange(w.size):
-        d = g[i] + decay * w[i]
-        s = alpha * square_avg[i] + (1.0 - alpha) * d * d
-        square_avg[i] = s
-        d = d / (math.sqrt(s) + eps)
-        if momentum > 0.0:
-            d = momentum * buf[i] + d
-            buf[i] = d
-        w[i] -= lr * d
+        rmsprop_update_cpu(i, w, g, square_avg, buf, lr, decay, alpha, eps, momentum)
 
 
 @sized_kernel
 def adam_cpu(w, g, exp_avg, exp_avg_sq, step_size, decay, beta1, beta2, eps, bias_correction2_sqrt):
     for i in prange(w.size):
-        d = g[i] + decay * w[i]
-        m = beta1 * exp_avg[i] + (1.0 - beta1) * d
-        v = beta2 * exp_avg_sq[i] + (1.0 - beta2) * d * d
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        w[i] -= step_size * m / (math.sqrt(v) / bias_correction2_sqrt + eps)
+        adam_update_cpu(i, w, g, exp_avg, exp_avg_sq, step_size, decay, beta1, beta2, eps, bias_correction2_sqrt)
 
 
-# -- CUDA kernels (the same updates, grid-stride) ---------------------------------
+# -- CUDA kernels (grid-stride over the flat parameter) --------------------------------
 @cuda_kernel
 def sgd_cuda(w, g, buf, lr, decay, momentum, dampening, nesterov, first):
     for i in range(cuda.grid(1), w.size, cuda.gridsize(1)):
-        d = g[i] + decay * w[i]
-        if momentum != 0.0:
-            b = d if first else momentum * buf[i] + (1.0 - dampening) * d
-            buf[i] = b
-            d = d + momentum * b if nesterov else b
-        w[i] -= lr * d
+        sgd_update_cuda(i, w, g, buf, lr, decay, momentum, dampening, nesterov, first)
 
 
 @cuda_kernel
 def rmsprop_cuda(w, g, square_avg, buf, lr, decay, alpha, eps, momentum):
     for i in range(cuda.grid(1), w.size, cuda.gridsize(1)):
-        d = g[i] + decay * w[i]
-        s = alpha * square_avg[i] + (1.0 - alpha) * d * d
-        square_avg[i] = s
-        d = d / (math.sqrt(s) + eps)
-        if momentum > 0.0:
-            d = momentum * buf[i] + d
-            buf[i] = d
-        w[i] -= lr * d
+        rmsprop_update_cuda(i, w, g, square_avg, buf, lr, decay, alpha, eps, momentum)
 
 
 @cuda_kernel
 def adam_cuda(w, g, exp_avg, exp_avg_sq, step_size, decay, beta1, beta2, eps, bias_correction2_sqrt):
     for i in range(cuda.grid(1), w.size, cuda.gridsize(1)):
-        d = g[i] + decay * w[i]
-        m = beta1 * exp_avg[i] + (1.0 - beta1) * d
-        v = beta2 * exp_avg_sq[i] + (1.0 - beta2) * d * d
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        w[i] -= step_size * m / (math.sqrt(v) / bias_correction2_sqrt + eps)
+        adam_update_cuda(i, w, g, exp_avg, exp_avg_sq, step_size, decay, beta1, beta2, eps, bias_correction2_sqrt)
 
 
 def _flat(array):

@@ -16,7 +16,7 @@ import math
 from numba import prange
 
 from .backend.cpu import sized_kernel
-from .backend.cuda import cuda_kernel
+from .backend.cuda import cuda_kernel, device_pair
 from .errors import ConfigError
 from .hookspecs import hookimpl
 
@@ -35,51 +35,54 @@ def penalty_sum_cpu(w, absolute):
     return total
 
 
+# -- the per-element and per-row rules, written once for both devices ----------------
+def _penalty_gradient(i, grad, w, strength, absolute):
+    """grad += strength * sign(w) (L1; sign(0) = 0) or grad += strength * w (L2)."""
+    if absolute:
+        grad[i] += strength * (1.0 if w[i] > 0 else (-1.0 if w[i] < 0 else 0.0))
+    else:
+        grad[i] += strength * w[i]
+
+
+def _max_norm_row(r, w, max_value):
+    """Rescale row r of (units, fan_in) onto the ball of radius max_value if it is outside."""
+    total = 0.0
+    for j in range(w.shape[1]):
+        total += w[r, j] * w[r, j]
+    norm = math.sqrt(total)
+    if norm > max_value:
+        factor = max_value / norm
+        for j in range(w.shape[1]):
+            w[r, j] *= factor
+
+
+penalty_gradient_cpu, penalty_gradient_cuda = device_pair(_penalty_gradient)
+max_norm_row_cpu, max_norm_row_cuda = device_pair(_max_norm_row)
+
+
 @sized_kernel
 def add_penalty_gradient_cpu(grad, w, strength, absolute):
-    """grad += strength * sign(w) (L1; sign(0) = 0) or grad += strength * w (L2)."""
     for i in prange(w.size):
-        if absolute:
-            grad[i] += strength * (1.0 if w[i] > 0 else (-1.0 if w[i] < 0 else 0.0))
-        else:
-            grad[i] += strength * w[i]
+        penalty_gradient_cpu(i, grad, w, strength, absolute)
 
 
 @sized_kernel
 def max_norm_rows_cpu(w, max_value):
-    """Rescale each row of (units, fan_in) whose L2 norm exceeds max_value onto the ball."""
     for r in prange(w.shape[0]):
-        total = 0.0
-        for j in range(w.shape[1]):
-            total += w[r, j] * w[r, j]
-        norm = math.sqrt(total)
-        if norm > max_value:
-            factor = max_value / norm
-            for j in range(w.shape[1]):
-                w[r, j] *= factor
+        max_norm_row_cpu(r, w, max_value)
 
 
 # -- CUDA kernels ---------------------------------------------------------------
 @cuda_kernel
 def add_penalty_gradient_cuda(grad, w, strength, absolute):
     for i in range(cuda.grid(1), w.size, cuda.gridsize(1)):
-        if absolute:
-            grad[i] += strength * (1.0 if w[i] > 0 else (-1.0 if w[i] < 0 else 0.0))
-        else:
-            grad[i] += strength * w[i]
+        penalty_gradient_cuda(i, grad, w, strength, absolute)
 
 
 @cuda_kernel
 def max_norm_rows_cuda(w, max_value):
     for r in range(cuda.grid(1), w.shape[0], cuda.gridsize(1)):
-        total = 0.0
-        for j in range(w.shape[1]):
-            total += w[r, j] * w[r, j]
-        norm = math.sqrt(total)
-        if norm > max_value:
-            factor = max_value / norm
-            for j in range(w.shape[1]):
-                w[r, j] *= factor
+        max_norm_row_cuda(r, w, max_value)
 
 
 _sum_abs_cuda = None

@@ -97,6 +97,22 @@ def cuda_device(fn):
     return CudaKernel(fn, device=True)
 
 
+def device_pair(fn):
+    """(CPU, CUDA) builds of one scalar or per-element function, so a layer's math is
+    written once and its CPU loop (prange) and CUDA loop (grid-stride) both call it.
+
+    The CPU build is inlined into the calling kernel (Numba IR inlining, so the
+    caller's loop still vectorises); the CUDA build is a device function compiled
+    with the first kernel that calls it.
+    """
+    import numba
+
+    from .cpu import FASTMATH
+
+    cpu = numba.njit(inline="always", cache=True, fastmath=set(FASTMATH), error_model="numpy")(fn)
+    return cpu, cuda_device(fn)
+
+
 def cuda_kernel(fn):
     """``@cuda_kernel``: declare a CUDA kernel beside the CPU one; compiled lazily.
 

@@ -10,49 +10,55 @@ from numba import prange
 
 from rabbitkit import hookimpl
 from rabbitkit.backend.cpu import sized_kernel
-from rabbitkit.backend.cuda import cuda_kernel
+from rabbitkit.backend.cuda import cuda_kernel, device_pair
 from rabbitkit.layers import Layer, fans
 
 cuda = None  # numba.cuda, bound by rabbitkit on the first CUDA launch
 
 
+# The math once; rabbitkit builds it for the CPU kernels and the CUDA kernels alike.
+def _softplus(i, x, y, beta):
+    z = beta * x[i]
+    # log(1 + e^z) without overflow: max(z, 0) + log1p(e^-|z|)
+    y[i] = (max(z, 0.0) + math.log1p(math.exp(-abs(z)))) / beta
+
+
+def _softplus_grad(i, x, dy, dx, beta):
+    z = beta * x[i]  # dy/dx = sigmoid(beta x), computed without overflow on either side
+    if z >= 0:
+        s = 1.0 / (1.0 + math.exp(-z))
+    else:
+        e = math.exp(z)
+        s = e / (1.0 + e)
+    dx[i] = dy[i] * s
+
+
+softplus_cpu, softplus_cuda = device_pair(_softplus)
+softplus_grad_cpu, softplus_grad_cuda = device_pair(_softplus_grad)
+
+
 @sized_kernel
 def softplus_forward_cpu(x, y, beta):
     for i in prange(x.size):
-        z = beta * x[i]
-        # log(1 + e^z) without overflow: max(z, 0) + log1p(e^-|z|)
-        y[i] = (max(z, 0.0) + math.log1p(math.exp(-abs(z)))) / beta
+        softplus_cpu(i, x, y, beta)
 
 
 @sized_kernel
 def softplus_backward_cpu(x, dy, dx, beta):
     for i in prange(x.size):
-        z = beta * x[i]
-        if z >= 0:
-            s = 1.0 / (1.0 + math.exp(-z))
-        else:
-            e = math.exp(z)
-            s = e / (1.0 + e)
-        dx[i] = dy[i] * s
+        softplus_grad_cpu(i, x, dy, dx, beta)
 
 
 @cuda_kernel
 def softplus_forward_cuda(x, y, beta):
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        z = beta * x[i]
-        y[i] = (max(z, 0.0) + math.log1p(math.exp(-abs(z)))) / beta
+        softplus_cuda(i, x, y, beta)
 
 
 @cuda_kernel
 def softplus_backward_cuda(x, dy, dx, beta):
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        z = beta * x[i]
-        if z >= 0:
-            s = 1.0 / (1.0 + math.exp(-z))
-        else:
-            e = math.exp(z)
-            s = e / (1.0 + e)
-        dx[i] = dy[i] * s
+        softplus_grad_cuda(i, x, dy, dx, beta)
 
 
 class Softplus(Layer):
