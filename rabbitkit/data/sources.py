@@ -13,7 +13,18 @@ from pathlib import Path
 from ..errors import DataError
 
 
-class FolderSource:
+class _Source:
+    """Membership test shared by the sources: the set of names is built once, on first use."""
+
+    _set = None
+
+    def exists(self, name):
+        if self._set is None:
+            self._set = set(self.names())
+        return name in self._set
+
+
+class FolderSource(_Source):
     """Files under a folder; member names are relative posix paths."""
 
     kind = "folder"
@@ -21,7 +32,6 @@ class FolderSource:
     def __init__(self, root):
         self.root = Path(root)
         self._names = None
-        self._set = None
 
     @property
     def label(self):
@@ -37,11 +47,6 @@ class FolderSource:
                 names.extend(prefix + f for f in sorted(filenames) if not f.startswith("."))
             self._names = names
         return self._names
-
-    def exists(self, name):
-        if self._set is None:
-            self._set = set(self.names())
-        return name in self._set
 
     def read(self, name):
         try:
@@ -61,7 +66,7 @@ class FolderSource:
         return {"folder": str(self.root.resolve()), "files": entries}
 
 
-class ZipSource:
+class ZipSource(_Source):
     """Members of a zip archive (thread-safe reads; directories are skipped)."""
 
     kind = "zip"
@@ -75,7 +80,6 @@ class ZipSource:
             raise DataError(f"{self.path}: not a readable zip archive ({err})") from None
         self._lock = threading.Lock()
         self._names = None
-        self._set = None
 
     @property
     def label(self):
@@ -93,11 +97,6 @@ class ZipSource:
             if self.prefix and not self._names:
                 raise DataError(f"{self.path}: no folder '{self.prefix.rstrip('/')}' inside the archive")
         return self._names
-
-    def exists(self, name):
-        if self._set is None:
-            self._set = set(self.names())
-        return name in self._set
 
     def read(self, name):
         try:
