@@ -13,7 +13,7 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel, sized_kernel
-from ..backend.cuda import block_sum_into, cuda_kernel
+from ..backend.cuda import block_sum_into, cuda_kernel, device_pair
 from ..hookspecs import hookimpl
 from ..errors import ConfigError
 from .base import Layer
@@ -219,6 +219,19 @@ class LeakyReLU(Elementwise):
 
 # -- PReLU --------------------------------------------------------------------------
 # Kernels see the input as (batch, channels, rest); one shared slope is channels = 1.
+def _prelu_grad(x, w, dy, dx, n, c, k):
+    """Write dx[n, c, k]; return this entry's share of the slope gradient dw[c]."""
+    v = x[n, c, k]
+    if v > 0:
+        dx[n, c, k] = dy[n, c, k]
+        return 0.0
+    dx[n, c, k] = w[c] * dy[n, c, k]
+    return v * dy[n, c, k]
+
+
+prelu_grad_cpu, prelu_grad_cuda = device_pair(_prelu_grad)
+
+
 @sized_kernel
 def prelu_forward_cpu(x, w, y):
     outer, channels, inner = x.shape
@@ -237,12 +250,7 @@ def prelu_backward_cpu(x, w, dy, dx, dw):
         acc = 0.0
         for n in prange(outer):
             for k in range(inner):
-                v = x[n, c, k]
-                if v > 0:
-                    dx[n, c, k] = dy[n, c, k]
-                else:
-                    dx[n, c, k] = w[c] * dy[n, c, k]
-                    acc += v * dy[n, c, k]
+                acc += prelu_grad_cpu(x, w, dy, dx, n, c, k)
         dw[c] += acc
 
 
@@ -271,13 +279,7 @@ def prelu_backward_cuda(x, w, dy, dx, dw):
     stride = cuda.gridDim.x * cuda.blockDim.x
     for j in range(start, x.shape[0] * inner, stride):
         n = j // inner
-        k = j - n * inner
-        v = x[n, c, k]
-        if v > 0:
-            dx[n, c, k] = dy[n, c, k]
-        else:
-            dx[n, c, k] = w[c] * dy[n, c, k]
-            acc += v * dy[n, c, k]
+        acc += prelu_grad_cuda(x, w, dy, dx, n, c, j - n * inner)
     block_sum_into(partial, acc, dw, c)
 
 
