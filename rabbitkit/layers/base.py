@@ -159,10 +159,10 @@ class Layer:
     # -- devices --------------------------------------------------------------
     def supports_cuda(self):
         """Whether this layer (and every sub-layer) has CUDA kernels."""
-        own = self.device_agnostic or type(self).forward_cuda is not Layer.forward_cuda
-        return own and all(child.supports_cuda() for child in self.children())
+        return not self._layers_without_cuda()
 
     def _layers_without_cuda(self):
+        """Names of this layer and sub-layers that have no CUDA kernels."""
         own = self.device_agnostic or type(self).forward_cuda is not Layer.forward_cuda
         missing = [] if own else [type(self).__name__]
         for child in self.children():

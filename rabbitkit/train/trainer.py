@@ -14,6 +14,7 @@ import numpy as np
 
 from ..backend import to_host
 from ..errors import RabbitError
+from ..optim import clip_grad_norm
 from ..plugins import get_manager
 from . import builder, checkpoint
 from .config import config_hash, dump_toml
@@ -271,8 +272,6 @@ class Run:
             regularizer.add_gradients(self.params)
         clip = self.config["train"]["clip_grad_norm"]
         if clip:
-            from ..optim import clip_grad_norm
-
             clip_grad_norm(self.params, clip)
         self.optimizer.step()
         for regularizer in self.regularizers:
