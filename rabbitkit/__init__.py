@@ -11,7 +11,7 @@ import os as _os
 # (a small MLP step then drops from thousands per second to tens).  Read when
 # OpenBLAS loads, so it takes effect when rabbitkit is imported before numpy (as
 # the `rabbit` command does); a user's own setting wins.
-_ENVIRONMENT_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+_ENVIRONMENT_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 _SET_BY_RABBITKIT = [name for name in _ENVIRONMENT_DEFAULTS if name not in _os.environ]
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", _ENVIRONMENT_DEFAULTS["OPENBLAS_THREAD_TIMEOUT"])
 
@@ -19,7 +19,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", _ENVIRONMENT_DEFAULTS["OPENBLA
 def foreign_environment():
     """This process's environment without the thread settings rabbitkit added.
 
-    rabbitkit sets ``OPENBLAS_THREAD_TIMEOUT`` and ``OMP_WAIT_POLICY`` for itself
+    rabbitkit sets ``OPENBLAS_THREAD_TIMEOUT``, ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` for itself
     (see rabbitkit.backend.cpu); child processes inherit them.  Pass this as
     ``env=`` when starting another framework (the benchmarks start PyTorch so):
     PyTorch's own OpenMP runtime is about 2.5x slower with passive waiting.

@@ -9,11 +9,18 @@ import types
 
 import numpy as np
 
-# Numba's OpenMP workers spin after each parallel region, which halves the speed of
-# the OpenBLAS call that usually follows (both pools then fight for the 2 cores).
-# Passive waiting makes them sleep instead; this must be set before libgomp loads,
-# hence here, before the first parallel kernel runs.  A user's own setting wins.
+# Numba's OpenMP workers spin after each parallel region (libgomp's default: 300,000
+# spins, about a millisecond), which halves the speed of the OpenBLAS call that
+# usually follows (both pools then fight for the 2 cores).  Passive waiting makes
+# them sleep instead, but a worker put to sleep after every region must be woken
+# for the next one: a training step runs dozens of short regions back to back, and
+# the wake-ups cost an MLP step or a char-rnn step 15-40% (measured; see
+# docs/performance.md).  A short spin of 1,000 rounds (microseconds) before sleeping
+# catches the next region without taking a core from BLAS.  libgomp reads both
+# when it loads, hence here, before the first parallel kernel runs.  A user's own
+# settings win.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numba  # noqa: E402
 
