@@ -102,9 +102,25 @@ def relu_backward_cuda(x, dy, dx):
 
 
 class ReLU(Elementwise):
-    """max(0, x); the gradient at exactly 0 is taken as 0."""
+    """max(0, x); the gradient at exactly 0 is taken as 0.
+
+    ``absorbed`` (set by :class:`Sequential` on the CPU): the layer before this one
+    already applied the ReLU in its output pass and masks the gradient itself, so
+    forward and backward pass their argument through.
+    """
 
     kernels = (relu_forward_cpu, relu_backward_cpu, relu_forward_cuda, relu_backward_cuda)
+    absorbed = False
+
+    def forward_cpu(self, x, training):
+        if self.absorbed:
+            return x
+        return super().forward_cpu(x, training)
+
+    def backward_cpu(self, dy):
+        if self.absorbed:
+            return dy
+        return super().backward_cpu(dy)
 
 
 # -- Tanh ---------------------------------------------------------------------------

@@ -43,36 +43,58 @@ def batch_statistics(x, mean, var):
         var[c] = squares / count
 
 
+@kernel(parallel=False)
+def affine_coefficients(mean, inv_std, weight, bias, c):
+    """(gain, shift) of channel c: y = x * gain + shift.  One place, so that forward and
+    backward compute the fused ReLU's pre-activation with the same operations."""
+    gain = inv_std[c] * weight[c]
+    return gain, bias[c] - mean[c] * gain
+
+
 @kernel
-def normalize_affine(x, mean, inv_std, weight, bias, y):
-    """y = (x - mean) * inv_std * weight + bias, per channel of (N, C, S)."""
+def normalize_affine(x, mean, inv_std, weight, bias, relu, y):
+    """y = (x - mean) * inv_std * weight + bias, per channel of (N, C, S); rectified
+    (max(0, .)) when ``relu`` (a fused ReLU)."""
     n, channels, size = x.shape
     for c in prange(channels):
-        gain = inv_std[c] * weight[c]
-        shift = bias[c] - mean[c] * gain
+        gain, shift = affine_coefficients(mean, inv_std, weight, bias, c)
         for b in range(n):
-            for k in range(size):
-                y[b, c, k] = x[b, c, k] * gain + shift
+            if relu:
+                for k in range(size):
+                    v = x[b, c, k] * gain + shift
+                    y[b, c, k] = v if v > 0 else 0.0
+            else:
+                for k in range(size):
+                    y[b, c, k] = x[b, c, k] * gain + shift
 
 
 @kernel
-def normalize_backward(x, dy, mean, inv_std, weight, batch_stats, dx, dweight, dbias):
+def normalize_backward(x, dy, mean, inv_std, weight, bias, relu, batch_stats, dx, dweight, dbias):
     """dx, and dweight += sum(dy * xhat), dbias += sum(dy), per channel of (N, C, S).
 
     With batch statistics the mean and variance depend on x, giving
     dx = weight * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat));
     with running statistics (evaluation) they are constants: dx = weight * inv_std * dy.
+    With a fused ``relu``, dy is 0 where the pre-activation x * gain + shift is not
+    positive (recomputed from x, so no mask is stored); the masked dy is written
+    over ``dx`` in the first pass and read back in the second.
     """
     n, channels, size = x.shape
     count = n * size
     for c in prange(channels):
+        gain_relu, shift_relu = affine_coefficients(mean, inv_std, weight, bias, c)
         sum_dy = 0.0
         sum_dy_xhat = 0.0
         for b in range(n):
             for k in range(size):
+                g = dy[b, c, k]
+                if relu:
+                    if not x[b, c, k] * gain_relu + shift_relu > 0:
+                        g = 0.0
+                    dx[b, c, k] = g
                 xhat = (x[b, c, k] - mean[c]) * inv_std[c]
-                sum_dy += dy[b, c, k]
-                sum_dy_xhat += dy[b, c, k] * xhat
+                sum_dy += g
+                sum_dy_xhat += g * xhat
         dweight[c] += sum_dy_xhat
         dbias[c] += sum_dy
         gain = weight[c] * inv_std[c]
@@ -85,7 +107,8 @@ def normalize_backward(x, dy, mean, inv_std, weight, batch_stats, dx, dweight, d
         for b in range(n):
             for k in range(size):
                 xhat = (x[b, c, k] - mean[c]) * inv_std[c]
-                dx[b, c, k] = gain * (dy[b, c, k] - mean_dy - xhat * mean_dy_xhat)
+                g = dx[b, c, k] if relu else dy[b, c, k]
+                dx[b, c, k] = gain * (g - mean_dy - xhat * mean_dy_xhat)
 
 
 class BatchNorm(Layer):
@@ -94,6 +117,8 @@ class BatchNorm(Layer):
     ``weight`` (role "scale", init 1) and ``bias`` (init 0) are the learnable
     affine map; ``running_mean`` / ``running_var`` are buffers.
     """
+
+    absorbs_relu = True  # normalize_affine rectifies, normalize_backward masks (see Sequential)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
         super().__init__(dtype)
@@ -131,15 +156,16 @@ class BatchNorm(Layer):
             var = self.buffers["running_var"]
         inv_std = (1.0 / np.sqrt(var + self.eps)).astype(self.dtype)
         y = np.empty_like(x3)
-        normalize_affine(x3, mean, inv_std, self.params["weight"], self.params["bias"], y)
-        self._saved = (x3, mean, inv_std, training, x.shape)
+        relu = self.fused_relu
+        normalize_affine(x3, mean, inv_std, self.params["weight"], self.params["bias"], relu, y)
+        self._saved = (x3, mean, inv_std, training, x.shape, relu)
         return y.reshape(x.shape)
 
     def backward_cpu(self, dy):
-        x3, mean, inv_std, batch_stats, shape = self._saved
+        x3, mean, inv_std, batch_stats, shape, relu = self._saved
         dx = np.empty_like(x3)
         normalize_backward(
-            x3, dy.reshape(x3.shape), mean, inv_std, self.params["weight"], batch_stats,
+            x3, dy.reshape(x3.shape), mean, inv_std, self.params["weight"], self.params["bias"], relu, batch_stats,
             dx, self.grads["weight"], self.grads["bias"],
         )
         return dx.reshape(shape)

@@ -209,8 +209,9 @@ def raise_sample(dcols, dxpad, dx, kh, kw, sh, sw, ph, pw, ho, wo, wide):
 
 
 @kernel(parallel=False)
-def store_output(product, bias, y):
-    """y (O, Ho, Wo) = product (O, Ho*pitch) without the garbage columns, plus bias."""
+def store_output(product, bias, y, relu):
+    """y (O, Ho, Wo) = product (O, Ho*pitch) without the garbage columns, plus bias;
+    rectified (max(0, .)) when ``relu`` (a fused ReLU)."""
     outputs, ho, wo = y.shape
     pitch = product.shape[1] // ho
     for o in range(outputs):
@@ -218,14 +219,20 @@ def store_output(product, bias, y):
         for oh in range(ho):
             src = product[o, oh * pitch : oh * pitch + wo]
             dst = y[o, oh]
-            for ow in range(wo):
-                dst[ow] = src[ow] + shift
+            if relu:
+                for ow in range(wo):
+                    v = src[ow] + shift
+                    dst[ow] = v if v > 0 else 0.0
+            else:
+                for ow in range(wo):
+                    dst[ow] = src[ow] + shift
 
 
 @kernel(parallel=False)
-def load_output_grad(dy, rows, rows_t, dbias):
+def load_output_grad(dy, y, relu, rows, rows_t, dbias):
     """rows (O, Ho*pitch) = dy (O, Ho, Wo) with zero garbage columns, rows_t (Ho*pitch, O)
-    its transpose; dbias += the sums of dy."""
+    its transpose; dbias += the sums of dy.  With a fused ``relu``, dy is first masked
+    where the (rectified) output y is 0, as the ReLU's backward would have done."""
     outputs, ho, wo = dy.shape
     pitch = rows.shape[1] // ho
     for o in range(outputs):
@@ -233,9 +240,16 @@ def load_output_grad(dy, rows, rows_t, dbias):
         for oh in range(ho):
             dst = rows[o, oh * pitch : (oh + 1) * pitch]
             src = dy[o, oh]
-            for ow in range(wo):
-                dst[ow] = src[ow]
-                total += src[ow]
+            if relu:
+                alive = y[o, oh]
+                for ow in range(wo):
+                    g = src[ow] if alive[ow] > 0 else 0.0
+                    dst[ow] = g
+                    total += g
+            else:
+                for ow in range(wo):
+                    dst[ow] = src[ow]
+                    total += src[ow]
             for ow in range(wo, pitch):
                 dst[ow] = 0.0
         dbias[o] += total
@@ -256,16 +270,16 @@ def add_into(dst, src):
 
 
 # -- batch kernels -----------------------------------------------------------------
-def conv_forward(x, weight, bias, y, xpad, cols, product, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    """y[b] = weight @ im2col(x[b]) + bias for every sample; scratch indexed by thread."""
+def conv_forward(x, weight, bias, relu, y, xpad, cols, product, kh, kw, sh, sw, ph, pw, ho, wo, wide):
+    """y[b] = weight @ im2col(x[b]) + bias (rectified if ``relu``) for every sample; scratch indexed by thread."""
     for b in prange(x.shape[0]):
         slot = numba.get_thread_id()
         lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
         np.dot(weight, cols[slot], product[slot])
-        store_output(product[slot], bias, y[b])
+        store_output(product[slot], bias, y[b], relu)
 
 
-def conv_backward(x, dy, weight_t, dx, xpad, cols, rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
+def conv_backward(x, dy, y, relu, weight_t, dx, xpad, cols, rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
                   kh, kw, sh, sw, ph, pw, ho, wo, wide, input_grad):
     """dx[b] = col2im(weight.T @ dy[b]) if ``input_grad``; per-thread parts of dweight.T += cols @ dy[b].T and dbias.
 
@@ -276,7 +290,7 @@ def conv_backward(x, dy, weight_t, dx, xpad, cols, rows, rows_t, dweight_t_parts
     """
     for b in prange(x.shape[0]):
         slot = numba.get_thread_id()
-        load_output_grad(dy[b], rows[slot], rows_t[slot], dbias_parts[slot])
+        load_output_grad(dy[b], y[b], relu, rows[slot], rows_t[slot], dbias_parts[slot])
         lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
         np.dot(cols[slot], rows_t[slot], dweight_product[slot])
         add_into(dweight_t_parts[slot], dweight_product[slot])
@@ -295,6 +309,8 @@ class Conv2D(Layer):
     ``kernel_size``, ``stride`` and ``padding`` take an int or an (h, w) pair;
     padding is zeros.  Output size per axis: ``(size + 2*padding - kernel) // stride + 1``.
     """
+
+    absorbs_relu = True  # store_output rectifies, load_output_grad masks (see Sequential)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float32):
         super().__init__(dtype)
@@ -371,7 +387,9 @@ class Conv2D(Layer):
         y = np.empty((x.shape[0], self.out_channels, ho, wo), dtype=self.dtype)
         weight = self.params["weight"].reshape(self.out_channels, -1)
         bias = self.params["bias"] if self.has_bias else np.zeros(self.out_channels, dtype=self.dtype)
-        arguments = (x, weight, bias, y, buffers["xpad"], buffers["cols"], buffers["rows"], *geometry)
+        relu = self.fused_relu
+        self._y = y if relu else None  # the fused ReLU's gradient mask
+        arguments = (x, weight, bias, relu, y, buffers["xpad"], buffers["cols"], buffers["rows"], *geometry)
         if parallel:
             with SINGLE_THREADED_BLAS:
                 conv_forward_parallel(*arguments)
@@ -392,7 +410,9 @@ class Conv2D(Layer):
         dbias_parts.fill(0)
         # The first layer's input gradient is nobody's business (see Layer.skip_input_grad).
         dx = np.empty_like(x) if self.needs_input_grad else np.empty((x.shape[0], 0, 0, 0), dtype=self.dtype)
-        arguments = (x, dy.reshape(x.shape[0], self.out_channels, geometry[6], geometry[7]), weight_t, dx,
+        dy = dy.reshape(x.shape[0], self.out_channels, geometry[6], geometry[7])
+        relu = self._y is not None
+        arguments = (x, dy, self._y if relu else dy, relu, weight_t, dx,
                      buffers["xpad"], buffers["cols"], rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
                      *geometry, self.needs_input_grad)
         if parallel:

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..hookspecs import hookimpl
+from .activations import ReLU
 from .base import Layer
 
 
@@ -14,10 +15,14 @@ class Sequential(Layer):
 
     device_agnostic = True
 
-    def __init__(self, layers, dtype=None):
+    def __init__(self, layers, dtype=None, fuse_relu=True):
         layers = list(layers)
         super().__init__(dtype if dtype is not None else (layers[0].dtype if layers else np.float32))
         self.layers = layers
+        #: Let a layer that can (``absorbs_relu``: Conv2D, BatchNorm) apply the ReLU
+        #: after it in its own kernels on the CPU.  Results are identical; only the
+        #: producing layer's own output is then already rectified.
+        self.fuse_relu = bool(fuse_relu)
 
     def __iter__(self):
         return iter(self.layers)
@@ -29,9 +34,23 @@ class Sequential(Layer):
         return self.layers[index]
 
     def forward(self, x, training=True):
+        self._plan_relu_fusion()
         for layer in self.layers:
             x = layer.forward(x, training)
         return x
+
+    def _plan_relu_fusion(self):
+        """Mark (producer, ReLU) pairs for fusion.  Decided at every forward (a loop
+        over the layers), so a change of device or of ``fuse_relu`` takes effect at once."""
+        for index, producer in enumerate(self.layers):
+            consumer = self.layers[index + 1] if index + 1 < len(self.layers) else None
+            relu_next = type(consumer) is ReLU
+            fuse = (self.fuse_relu and relu_next and producer.absorbs_relu
+                    and producer.device == "cpu" and consumer.device == "cpu")
+            if producer.absorbs_relu:
+                producer.fused_relu = fuse
+            if relu_next:
+                consumer.absorbed = fuse
 
     def backward(self, dy):
         for layer in reversed(self.layers):
