@@ -34,14 +34,19 @@ class Sequential(Layer):
         return self.layers[index]
 
     def forward(self, x, training=True):
-        self._plan_relu_fusion()
+        plan_key = (self.fuse_relu, self.device, len(self.layers))
+        if plan_key != self._fusion_planned_for:  # re-plan only when something changed (MLPs count microseconds)
+            self._plan_relu_fusion()
+            self._fusion_planned_for = plan_key
         for layer in self.layers:
             x = layer.forward(x, training)
         return x
 
+    _fusion_planned_for = None
+
     def _plan_relu_fusion(self):
-        """Mark (producer, ReLU) pairs for fusion.  Decided at every forward (a loop
-        over the layers), so a change of device or of ``fuse_relu`` takes effect at once."""
+        """Mark (producer, ReLU) pairs for fusion.  Re-run by the next forward after a
+        change of device, of ``fuse_relu`` or of the number of layers."""
         for index, producer in enumerate(self.layers):
             consumer = self.layers[index + 1] if index + 1 < len(self.layers) else None
             relu_next = type(consumer) is ReLU
