@@ -13,12 +13,14 @@ import numpy as np
 # spins, about a millisecond), which halves the speed of the OpenBLAS call that
 # usually follows (both pools then fight for the 2 cores).  Passive waiting makes
 # them sleep instead, but a worker put to sleep after every region must be woken
-# for the next one: a training step runs dozens of short regions back to back, and
-# the wake-ups cost an MLP step or a char-rnn step 15-40% (measured; see
-# docs/performance.md).  A short spin of 1,000 rounds (microseconds) before sleeping
-# catches the next region without taking a core from BLAS.  libgomp reads both
-# when it loads, hence here, before the first parallel kernel runs.  A user's own
-# settings win.
+# for the next one, and a training step runs dozens of short regions back to back.
+# A short spin of 1,000 rounds (microseconds) before sleeping catches the next
+# region without taking a core from BLAS for long.  Measured here: in one session
+# the wake-ups cost MLP (b) and char-rnn steps 20-60% (paired runs, every round);
+# in a later, quieter one the two settings were level within the machine's +-30%
+# noise.  The spin bounds the cost at a few microseconds per region either way.
+# libgomp reads both when it loads, hence here, before the first parallel kernel
+# runs.  A user's own settings win.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
