@@ -12,7 +12,9 @@ Reports, as a markdown table:
 * training images/s (forward + backward + update) of both sides, run in
   alternating blocks in one process, medians of the timed steps, and the ratio;
 * each conv layer's GFLOP/s (forward; forward + backward = 3x the forward FLOPs)
-  for both sides, against numpy float32 matrix-multiply GFLOP/s of the same run;
+  for both sides, against numpy float32 matrix-multiply GFLOP/s of the same run,
+  once in this process and once with each side alone in its own subprocess (the
+  fair figures: with PyTorch loaded, rabbitkit's kernels run 30-40% slower here);
 * peak RSS (VmHWM) and images/s of each side training alone in its own
   subprocess (no second OpenMP runtime in the process);
 * rabbitkit's first-step time with an empty Numba cache (compilation) and in a
@@ -200,10 +202,8 @@ def training_speed(blocks, steps, warmup):
     return BATCH / float(np.median(r_times)), BATCH / float(np.median(t_times)), kind
 
 
-def conv_layer_speed(repeats):
-    """Per conv layer: GFLOP/s forward and forward+backward, both sides."""
-    import torch
-
+def rabbit_conv_layers(repeats):
+    """Per conv layer: rabbitkit's GFLOP/s forward and forward+backward."""
     from rabbitkit.layers.conv2d import Conv2D
 
     rows = []
@@ -216,9 +216,22 @@ def conv_layer_speed(repeats):
         layer.forward(x), layer.backward(dy)
         r_fwd = median_time(lambda: layer.forward(x), repeats)
         r_all = median_time(lambda: (layer.forward(x), layer.backward(dy)), repeats)
+        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / r_fwd / 1e9, 3 * flops / r_all / 1e9))
+    return rows
+
+
+def torch_conv_layers(repeats):
+    """Per conv layer: PyTorch's GFLOP/s forward and forward+backward."""
+    import torch
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for c_in, c_out, side in CONVS:
+        flops = 2 * BATCH * c_out * c_in * 9 * side * side
+        x = rng.standard_normal((BATCH, c_in, side, side)).astype(np.float32)
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
         xt = torch.from_numpy(x).requires_grad_(True)
-        dyt = torch.from_numpy(dy)
+        dyt = torch.ones((BATCH, c_out, side, side))
 
         def torch_forward():
             with torch.no_grad():
@@ -228,11 +241,27 @@ def conv_layer_speed(repeats):
             conv(xt).backward(dyt)
 
         torch_forward(), torch_both()
-        t_fwd = median_time(torch_forward, repeats)
-        t_all = median_time(torch_both, repeats)
-        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / r_fwd / 1e9, 3 * flops / r_all / 1e9,
-                     flops / t_fwd / 1e9, 3 * flops / t_all / 1e9))
+        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / median_time(torch_forward, repeats) / 1e9,
+                     3 * flops / median_time(torch_both, repeats) / 1e9))
     return rows
+
+
+def child_layers(side, repeats):
+    """Per-layer speeds of one side alone (rabbitkit's process also measures numpy's matmul)."""
+    if side == "torch":
+        import torch
+
+        torch.set_num_threads(numba_threads())
+        print(json.dumps({"rows": torch_conv_layers(repeats)}))
+    else:
+        print(json.dumps({"matmul": matmul_gflops(repeats), "rows": rabbit_conv_layers(repeats)}))
+
+
+def print_layer_table(matmul, rabbit_rows, torch_rows):
+    print("| conv layer | rabbitkit fwd GFLOP/s | rabbitkit fwd+bwd | % of matmul (fwd+bwd) | PyTorch fwd | PyTorch fwd+bwd |")
+    print("|---|---|---|---|---|---|")
+    for (name, r_fwd, r_all), (_, t_fwd, t_all) in zip(rabbit_rows, torch_rows):
+        print(f"| {name} | {r_fwd:.0f} | {r_all:.0f} | {100 * r_all / matmul:.0f}% | {t_fwd:.0f} | {t_all:.0f} |")
 
 
 def blas_report():
@@ -303,7 +332,8 @@ def numba_threads():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short sanity run")
-    parser.add_argument("--child", choices=["rss-rabbit", "rss-torch", "startup"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["rss-rabbit", "rss-torch", "layers-rabbit", "layers-torch", "startup"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     removed = clean_environment()
 
@@ -312,6 +342,8 @@ def main():
 
     if args.child == "startup":
         return child_startup()
+    if args.child and args.child.startswith("layers-"):
+        return child_layers(args.child.split("-")[1], 3 if args.quick else 10)
     if args.child:
         return child_rss(args.child.split("-")[1], 3 if args.quick else 10)
 
@@ -340,17 +372,21 @@ def main():
     print(f"| ratio rabbitkit / PyTorch | {rabbit_ips / torch_ips:.2f}x |")
 
     print(f"\nnumpy float32 matmul (2048^3): {matmul:.0f} GFLOP/s\n")
-    print("| conv layer | rabbitkit fwd GFLOP/s | rabbitkit fwd+bwd | % of matmul (fwd+bwd) | PyTorch fwd | PyTorch fwd+bwd |")
-    print("|---|---|---|---|---|---|")
-    for name, r_fwd, r_all, t_fwd, t_all in conv_layer_speed(repeats):
-        print(f"| {name} | {r_fwd:.0f} | {r_all:.0f} | {100 * r_all / matmul:.0f}% | {t_fwd:.0f} | {t_all:.0f} |")
+    print_layer_table(matmul, rabbit_conv_layers(repeats), torch_conv_layers(repeats))
 
     import rabbitkit
 
-    # PyTorch's process gets the environment without rabbitkit's thread settings (its
-    # OpenMP runtime is much slower with OMP_WAIT_POLICY=PASSIVE).
-    alone = {side: run_child(["--child", f"rss-{side}"] + (["--quick"] if args.quick else []),
-                             rabbitkit.foreign_environment() if side == "torch" else None)
+    # Each side alone in its own process: in this one, the two OpenMP runtimes and
+    # BLAS pools slow each other down.  PyTorch's process gets the environment without
+    # rabbitkit's thread settings (its OpenMP runtime is much slower with
+    # OMP_WAIT_POLICY=PASSIVE).
+    quick = ["--quick"] if args.quick else []
+    layers = {side: run_child(["--child", f"layers-{side}"] + quick,
+                              rabbitkit.foreign_environment() if side == "torch" else None)
+              for side in ("rabbit", "torch")}
+    print(f"\nthe same, each side alone in its own process; numpy matmul there: {layers['rabbit']['matmul']:.0f} GFLOP/s\n")
+    print_layer_table(layers["rabbit"]["matmul"], layers["rabbit"]["rows"], layers["torch"]["rows"])
+    alone = {side: run_child(["--child", f"rss-{side}"] + quick, rabbitkit.foreign_environment() if side == "torch" else None)
              for side in ("rabbit", "torch")}
     print("\n| training alone, own process | peak RSS MB | images/s |")
     print("|---|---|---|")
