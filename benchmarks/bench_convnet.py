@@ -202,48 +202,51 @@ def training_speed(blocks, steps, warmup):
     return BATCH / float(np.median(r_times)), BATCH / float(np.median(t_times)), kind
 
 
-def rabbit_conv_layers(repeats):
-    """Per conv layer: rabbitkit's GFLOP/s forward and forward+backward."""
-    from rabbitkit.layers.conv2d import Conv2D
+def conv_layer_speeds(make_passes, repeats):
+    """Per conv layer of the reference net: (name, forward GFLOP/s, forward+backward GFLOP/s).
 
+    ``make_passes(c_in, c_out, x, dy)`` builds one side's layer and returns its
+    (forward, forward + backward) callables; forward + backward counts 3x the
+    forward FLOPs.
+    """
     rows = []
     rng = np.random.default_rng(0)
     for c_in, c_out, side in CONVS:
         flops = 2 * BATCH * c_out * c_in * 9 * side * side
         x = rng.standard_normal((BATCH, c_in, side, side)).astype(np.float32)
-        layer = Conv2D(c_in, c_out, 3, padding=1)
         dy = np.ones((BATCH, c_out, side, side), np.float32)
-        layer.forward(x), layer.backward(dy)
-        r_fwd = median_time(lambda: layer.forward(x), repeats)
-        r_all = median_time(lambda: (layer.forward(x), layer.backward(dy)), repeats)
-        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / r_fwd / 1e9, 3 * flops / r_all / 1e9))
+        forward, both = make_passes(c_in, c_out, x, dy)
+        forward(), both()  # warm-up (compilation)
+        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / median_time(forward, repeats) / 1e9,
+                     3 * flops / median_time(both, repeats) / 1e9))
     return rows
+
+
+def rabbit_conv_layers(repeats):
+    from rabbitkit.layers.conv2d import Conv2D
+
+    def passes(c_in, c_out, x, dy):
+        layer = Conv2D(c_in, c_out, 3, padding=1)
+        return (lambda: layer.forward(x)), (lambda: (layer.forward(x), layer.backward(dy)))
+
+    return conv_layer_speeds(passes, repeats)
 
 
 def torch_conv_layers(repeats):
-    """Per conv layer: PyTorch's GFLOP/s forward and forward+backward."""
     import torch
 
-    rows = []
-    rng = np.random.default_rng(0)
-    for c_in, c_out, side in CONVS:
-        flops = 2 * BATCH * c_out * c_in * 9 * side * side
-        x = rng.standard_normal((BATCH, c_in, side, side)).astype(np.float32)
+    def passes(c_in, c_out, x, dy):
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
         xt = torch.from_numpy(x).requires_grad_(True)
-        dyt = torch.ones((BATCH, c_out, side, side))
+        dyt = torch.from_numpy(dy)
 
-        def torch_forward():
+        def forward():
             with torch.no_grad():
                 conv(xt)
 
-        def torch_both():
-            conv(xt).backward(dyt)
+        return forward, (lambda: conv(xt).backward(dyt))
 
-        torch_forward(), torch_both()
-        rows.append((f"{c_in}->{c_out} @ {side}x{side}", flops / median_time(torch_forward, repeats) / 1e9,
-                     3 * flops / median_time(torch_both, repeats) / 1e9))
-    return rows
+    return conv_layer_speeds(passes, repeats)
 
 
 def child_layers(side, repeats):
