@@ -4,10 +4,10 @@ The CPU path lowers each sample to a matrix product (im2col):
 ``Y (O, P) = W (O, K) @ cols (K, P)`` with ``K = C*kh*kw`` and ``P`` output
 positions, so the product lands directly in the sample's NCHW output, and the
 backward pass is ``dW += dY @ cols.T`` (formed as ``(cols @ dY.T).T``, see
-:func:`conv_backward`) and ``dcols = W.T @ dY`` followed by col2im.  One Numba kernel per pass runs the whole batch: parallel over samples,
-each thread lowers its sample into its own scratch (sized for the core's L2
-cache) and calls single-threaded BLAS on it, so the column matrix never leaves
-the core that wrote it and Numba's and OpenBLAS's thread pools never compete.
+:func:`conv_backward`) and ``dcols = W.T @ dY`` followed by col2im.  One Numba
+kernel per pass runs the whole batch: parallel over samples, each thread lowers
+its sample into its own scratch and calls single-threaded BLAS on it, so the
+column matrix never leaves the core that wrote it and Numba's and OpenBLAS's thread pools never compete.
 A batch smaller than the thread count runs the same kernel serially with
 multi-threaded BLAS instead.
 
@@ -412,7 +412,8 @@ class Conv2D(Layer):
         dx = np.empty_like(x) if self.needs_input_grad else np.empty((x.shape[0], 0, 0, 0), dtype=self.dtype)
         dy = dy.reshape(x.shape[0], self.out_channels, geometry[6], geometry[7])
         relu = self._y is not None
-        arguments = (x, dy, self._y if relu else dy, relu, weight_t, dx,
+        mask_source = self._y if relu else dy  # unread without a fused ReLU; any array of dy's type will do
+        arguments = (x, dy, mask_source, relu, weight_t, dx,
                      buffers["xpad"], buffers["cols"], rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
                      *geometry, self.needs_input_grad)
         if parallel:
