@@ -1,8 +1,12 @@
-"""rabbitkit's thread-pool settings: set for itself, overridable, never passed on to other frameworks."""
+"""rabbitkit's process settings: thread pools (set for itself, overridable, never passed on to other
+frameworks) and glibc's reuse of freed memory."""
 import json
 import os
+import platform
 import subprocess
 import sys
+
+import pytest
 
 SETTINGS = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -34,3 +38,41 @@ def test_users_own_settings_win_and_are_passed_on():
     assert seen["GOMP_SPINCOUNT"] == ["50", "50"]
     assert seen["OMP_WAIT_POLICY"] == ["ACTIVE", "ACTIVE"]
     assert seen["OPENBLAS_THREAD_TIMEOUT"] == ["4", None]
+
+
+FAULT_PROBE = """
+import resource
+import numpy as np
+import rabbitkit.backend.cpu as cpu
+
+def faults_of_one_allocation():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    array = np.empty(16 << 20, dtype=np.uint8)
+    array.fill(1)  # touch every page
+    del array
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_of_one_allocation()
+print(cpu.FREED_MEMORY_KEPT, max(faults_of_one_allocation() for _ in range(3)))
+"""
+
+
+def run_fault_probe(**env_settings):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(env_settings)
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], env=env, capture_output=True, text=True, check=True)
+    kept, faults = out.stdout.split()
+    return kept == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_memory_is_reused_without_page_faults():
+    # A fresh 16 MiB buffer costs at least 8 page faults (2 MiB huge pages; 4,096 with
+    # 4 KiB pages); a reused one none.
+    kept, faults = run_fault_probe()
+    assert kept
+    assert faults < 8
+    # The user's own glibc setting wins, and then the buffer is faulted in again.
+    kept, faults = run_fault_probe(MALLOC_MMAP_THRESHOLD_="131072")
+    assert not kept
+    assert faults >= 8
