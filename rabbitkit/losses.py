@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from .backend import device_of, get_backend
-from .backend.cpu import sized_kernel
+from .backend.cpu import TRANSCENDENTAL_WORK, sized_kernel
 from .backend.cuda import cuda_kernel
 from .errors import DataError
 from .hookspecs import hookimpl
@@ -177,7 +177,8 @@ class SoftmaxCrossEntropy(Loss):
         count = rows[0] if self.ignore_index is None else int(np.count_nonzero(targets != ignore))
         dy = self._gradient_buffer(y, get_backend("cpu"))
         scale = 1.0 / count if count else 0.0
-        total, invalid = softmax_cross_entropy_cpu(y.size, y.reshape(rows), targets, dy.reshape(rows), scale, ignore)
+        total, invalid = softmax_cross_entropy_cpu(y.size * TRANSCENDENTAL_WORK, y.reshape(rows), targets,
+                                                   dy.reshape(rows), scale, ignore)
         self._dy = dy
         if invalid:
             self._dy = None

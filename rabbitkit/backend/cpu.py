@@ -33,6 +33,11 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # Below this many elements a parallel region costs more than it saves.
 PARALLEL_THRESHOLD = 1 << 17
 
+# Work units of one element whose loop calls exp or log: the scalar libm call costs
+# about as much as 8 plain multiply-adds (Numba has no vector libm here), so such
+# loops go parallel at an eighth of the size.
+TRANSCENDENTAL_WORK = 8
+
 
 def kernel(fn=None, *, parallel=True, fastmath=True):
     """``@kernel``: the one decorator for CPU kernels (``njit`` + cache).

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ..backend.cpu import kernel, sized_kernel
+from ..backend.cpu import TRANSCENDENTAL_WORK, kernel, sized_kernel
 from ..backend.cuda import block_sum_into, cuda_kernel, device_pair
 from ..hookspecs import hookimpl
 from ..errors import ConfigError
@@ -539,7 +539,7 @@ class Softmax(Layer):
     def forward_cpu(self, x, training):
         y = np.empty_like(x)
         rows = self._rows(x.shape)
-        softmax_forward_cpu(x.size, x.reshape(rows), y.reshape(rows))
+        softmax_forward_cpu(x.size * TRANSCENDENTAL_WORK, x.reshape(rows), y.reshape(rows))
         self._y = y
         return y
 
