@@ -6,7 +6,6 @@ darken (the usual zero padding would bias LCN's local mean toward zero there).
 """
 import math
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -25,7 +24,18 @@ def gaussian_weights(sigma, radius=None):
     return w / w.sum()
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+@kernel(parallel=False)
+def inside_taps_inverse(weights, position, size):
+    """1 / (sum of the taps that land inside [0, size) for an output at ``position``):
+    the border normalisation of one row or column."""
+    r = weights.size // 2
+    norm = 0.0
+    for k in range(max(0, r - position), min(weights.size, size - position + r)):
+        norm += weights[k]
+    return 1.0 / norm
+
+
+@kernel(parallel=False)
 def blur_plane(src, dst, weights, tmp):
     """dst = normalised separable convolution of the 2-D plane ``src`` with ``weights``.
 
@@ -47,10 +57,7 @@ def blur_plane(src, dst, weights, tmp):
             for j in range(max(0, -shift), min(w, w - shift)):
                 tmp_row[j] += wk * src_row[j + shift]
     for j in range(w):
-        norm = 0.0
-        for k in range(max(0, r - j), min(taps, w - j + r)):
-            norm += weights[k]
-        inv = 1.0 / norm
+        inv = inside_taps_inverse(weights, j, w)
         for i in range(h):
             tmp[i, j] *= inv
     # Vertical pass, row by row (contiguous), then the same normalisation per row.
@@ -62,10 +69,7 @@ def blur_plane(src, dst, weights, tmp):
             tmp_row = tmp[i + k - r]
             for j in range(w):
                 dst_row[j] += wk * tmp_row[j]
-        norm = 0.0
-        for k in range(max(0, r - i), min(taps, h - i + r)):
-            norm += weights[k]
-        inv = 1.0 / norm
+        inv = inside_taps_inverse(weights, i, h)
         for j in range(w):
             dst[i, j] *= inv
 
