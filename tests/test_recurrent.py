@@ -115,7 +115,22 @@ def test_initial_state_and_last_step_output(cls, options, rng):
 def test_batch_split_over_threads_matches_reference(cls, options, rng):
     """Batches of >= 8 rows run as row blocks on separate threads (uneven split here)."""
     layer = cls(3, 6, num_layers=2, dtype=np.float64, **options)
-    assert layer._chunks(9) == min(2, numba.get_num_threads())
+    assert layer._split(9)[0] == min(2, numba.get_num_threads())
+    x = rng.uniform(-1, 1, (9, 4, 3))
+    np.testing.assert_allclose(layer.forward(x), reference_forward(layer, x)[0], atol=1e-12)
+    report = check_gradients(layer, (9, 4, 3), max_checks=60)
+    assert set(report.checked) == {"input"} | set(layer.params)
+
+
+@pytest.mark.parametrize("cls,options", CELLS, ids=CELL_IDS)
+def test_recurrent_products_in_small_row_blocks_match_reference(cls, options, rng, monkeypatch):
+    """Each thread's per-step product may go to BLAS a few rows at a time (OpenBLAS's
+    unpacked small-product path); 2 rows per call on uneven blocks of 9 rows."""
+    import rabbitkit.layers.recurrent as recurrent
+
+    monkeypatch.setattr(recurrent, "rows_per_product", lambda inner, columns, rows: 2)
+    layer = cls(3, 6, num_layers=2, dtype=np.float64, **options)
+    assert layer._split(9)[1] == 2
     x = rng.uniform(-1, 1, (9, 4, 3))
     np.testing.assert_allclose(layer.forward(x), reference_forward(layer, x)[0], atol=1e-12)
     report = check_gradients(layer, (9, 4, 3), max_checks=60)

@@ -1,5 +1,5 @@
 """rabbitkit's process settings: thread pools (set for itself, overridable, never passed on to other
-frameworks) and glibc's reuse of freed memory."""
+frameworks), glibc's reuse of freed memory, and the unpacked small-product path of the kernels' BLAS."""
 import json
 import os
 import platform
@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+import rabbitkit.backend.cpu as cpu
 
 SETTINGS = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -76,3 +78,37 @@ def test_freed_memory_is_reused_without_page_faults():
     kept, faults = run_fault_probe(MALLOC_MMAP_THRESHOLD_="131072")
     assert not kept
     assert faults >= 8
+
+
+class FakeBlas:
+    """What threadpoolctl reports of a loaded BLAS library."""
+
+    def __init__(self, architecture, version="0.3.30", internal_api="openblas"):
+        self.architecture, self.version, self.internal_api = architecture, version, internal_api
+
+
+@pytest.mark.parametrize("blas,expected", [
+    (FakeBlas("SkylakeX"), True),
+    (FakeBlas("SapphireRapids", "0.3.31.188.0"), True),
+    (FakeBlas("Cooperlake"), True),
+    (FakeBlas("Haswell"), False),  # no unpacked small-product kernels on AVX2 cores
+    (FakeBlas("Zen"), False),
+    (FakeBlas("SkylakeX", "0.3.15"), False),  # before OpenBLAS had them
+    (FakeBlas(None, "2024.0", "mkl"), False),
+])
+def test_unpacked_small_products_are_detected_from_the_kernels_blas(monkeypatch, blas, expected):
+    monkeypatch.setattr(cpu, "_kernel_blas_controllers", lambda: ([blas], [blas, FakeBlas("Haswell")]))
+    assert cpu.kernel_blas_unpacked_products() is expected
+
+
+def test_rows_per_product_keeps_each_call_under_the_unpacked_limit(monkeypatch):
+    monkeypatch.setattr(cpu, "KERNEL_BLAS_UNPACKED_PRODUCTS", True)
+    assert cpu.rows_per_product(128, 512, 16) == 8  # 16 rows would be 1,048,576 > 1e6 multiply-adds
+    assert cpu.rows_per_product(256, 1024, 16) == 3
+    assert cpu.rows_per_product(64, 256, 5) == 5
+    assert cpu.rows_per_product(512, 2048, 16) == 16  # even one row is over: one call, packed
+    for inner, columns in ((128, 512), (256, 1024), (100, 300)):
+        rows = cpu.rows_per_product(inner, columns, 64)
+        assert rows * inner * columns <= cpu.UNPACKED_PRODUCT_LIMIT
+    monkeypatch.setattr(cpu, "KERNEL_BLAS_UNPACKED_PRODUCTS", False)
+    assert cpu.rows_per_product(128, 512, 16) == 16  # packed BLAS: splitting only packs more often

@@ -6,6 +6,7 @@ still produce NaN so the trainer can stop it.
 """
 import ctypes
 import os
+import re
 import types
 
 import numpy as np
@@ -121,32 +122,81 @@ class SingleThreadedBLAS:
 SINGLE_THREADED_BLAS = SingleThreadedBLAS()
 
 
-def pin_kernel_blas():
-    """Make the BLAS that Numba kernels call (scipy's) single-threaded for good.
+def _kernel_blas_controllers():
+    """(threadpoolctl controllers of the BLAS that Numba kernels call, of every BLAS).
 
-    rabbitkit gives each BLAS library one role.  Inside Numba kernels ``np.dot``
-    calls scipy's BLAS: the kernels split the work over Numba's threads and each
-    thread multiplies its own block, so that library must never start threads of
-    its own.  numpy's BLAS (a separate library in the PyPI wheels) serves the big
-    products made from Python with all its threads.  Where numpy and scipy share
-    one library (e.g. some conda builds) it stays as it is and kernels fall back to
-    switching it per call.  Returns whether the pin is in place.
+    Inside Numba kernels ``np.dot`` calls scipy's BLAS; numpy's (a separate library
+    in the PyPI wheels) serves products made from Python.  Where the two are one
+    library, the first list is empty.  Both are empty without threadpoolctl.
     """
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return False
+        return [], []
     controllers = ThreadpoolController().select(user_api="blas").lib_controllers
     kernel_side = [c for c in controllers if "numpy" not in os.path.basename(os.path.dirname(c.filepath))]
-    if not kernel_side or len(kernel_side) == len(controllers):
-        return False
+    if len(kernel_side) == len(controllers):
+        kernel_side = []
+    return kernel_side, controllers
+
+
+def pin_kernel_blas():
+    """Make the BLAS that Numba kernels call (scipy's) single-threaded for good.
+
+    rabbitkit gives each BLAS library one role.  Kernels split the work over Numba's
+    threads and each thread multiplies its own block, so the kernels' library must
+    never start threads of its own; numpy's BLAS serves the big products made from
+    Python with all its threads.  Where numpy and scipy share one library (e.g. some
+    conda builds) it stays as it is and kernels fall back to switching it per call.
+    Returns whether the pin is in place.
+    """
+    kernel_side, _ = _kernel_blas_controllers()
     for controller in kernel_side:
         controller.set_num_threads(1)
-    return True
+    return bool(kernel_side)
 
 
 KERNEL_BLAS_PINNED = pin_kernel_blas()
+
+
+# OpenBLAS's AVX-512 kernels (cores SkylakeX, Cooperlake, SapphireRapids; 0.3.16 and
+# later) multiply a product with M * N * K <= 1e6 straight from its operands, with no
+# packing of them into aligned panels first (``gemm_small_kernel_permit``).  Above the
+# limit every call packs the whole right-hand matrix, which for a recurrent step's
+# product dominates: 16 x 128 x 512 (just over) took 29-37 us, 8 x 128 x 512 (under)
+# 10 us on this machine's SkylakeX kernels.  Other cores (Haswell, Zen) have no such
+# path, and there splitting a product only packs the same matrix more often
+# (8 rows: 21 us, 16 rows: 30 us).
+UNPACKED_PRODUCT_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+UNPACKED_PRODUCT_LIMIT = 1_000_000
+# Below the limit, blocks of 8 rows ran fastest (the 2-thread recurrent products at
+# batch 32-128, hidden 64-128: 186-230 GFLOP/s at 8 rows, 148-195 at 15).
+UNPACKED_PRODUCT_ROWS = 8
+
+
+def kernel_blas_unpacked_products():
+    """Whether the kernels' BLAS multiplies small products without packing them."""
+    kernel_side, controllers = _kernel_blas_controllers()
+    for controller in kernel_side or controllers:
+        version = tuple(int(part) for part in re.findall(r"\d+", controller.version or "")[:3])
+        if (controller.internal_api == "openblas" and version >= (0, 3, 16)
+                and (controller.architecture or "").lower() in UNPACKED_PRODUCT_CORES):
+            return True
+    return False
+
+
+KERNEL_BLAS_UNPACKED_PRODUCTS = kernel_blas_unpacked_products()
+
+
+def rows_per_product(inner, columns, rows):
+    """Rows of the left operand per ``np.dot`` call inside a kernel that multiplies
+    ``rows`` x ``inner`` by ``inner`` x ``columns`` (e.g. a recurrent step's block):
+    small enough for the BLAS's unpacked path where it has one, else all of them."""
+    rows = max(int(rows), 1)
+    if not KERNEL_BLAS_UNPACKED_PRODUCTS or inner * columns > UNPACKED_PRODUCT_LIMIT:
+        return rows
+    return max(1, min(rows, UNPACKED_PRODUCT_ROWS, UNPACKED_PRODUCT_LIMIT // (inner * columns)))
 
 
 def keep_freed_memory():

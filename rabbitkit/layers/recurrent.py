@@ -40,7 +40,7 @@ from ._recurrent_kernels import (
     rnn_forward_sequence,
 )
 from .base import Layer
-from ..backend.cpu import SINGLE_THREADED_BLAS
+from ..backend.cpu import SINGLE_THREADED_BLAS, rows_per_product
 from .embedding import gather_rows_cpu, scatter_add_rows_cpu
 
 # Each thread of a time-loop kernel takes a block of at least this many batch rows;
@@ -170,11 +170,18 @@ class Recurrent(Layer):
     def _param(self, name, layer):
         return self.params[f"{name}_l{layer}"]
 
-    def _chunks(self, batch):
-        """Row blocks the time-loop kernels run in parallel (1 without a BLAS thread limit)."""
-        if not SINGLE_THREADED_BLAS.available:
-            return 1
-        return max(1, min(numba.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
+    def _split(self, batch):
+        """(row blocks the time-loop kernels run in parallel, rows per BLAS call in a block).
+
+        One block without a BLAS thread limit; rows per call from
+        :func:`~rabbitkit.backend.cpu.rows_per_product` (the recurrent product is
+        rows x hidden by hidden x gates*hidden, forward and backward alike).
+        """
+        chunks = 1
+        if SINGLE_THREADED_BLAS.available:
+            chunks = max(1, min(numba.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
+        block = -(-batch // chunks)
+        return chunks, rows_per_product(self.hidden_size, self.gates * self.hidden_size, block)
 
     def _bias(self, layer):
         """b_ih + b_hh: where the cell adds both, the kernel adds them once."""
@@ -350,7 +357,7 @@ class RNN(Recurrent):
         w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
         scratch = np.empty((batch, self.hidden_size), dtype=self.dtype)
         with SINGLE_THREADED_BLAS:
-            rnn_forward_sequence(xproj, w_hh_t, self._bias(layer), hs, scratch, self._chunks(batch))
+            rnn_forward_sequence(xproj, w_hh_t, self._bias(layer), hs, scratch, *self._split(batch))
         cache["hs"] = hs
         cache["final"] = [hs[-1]]
         return hs[1:]
@@ -359,7 +366,7 @@ class RNN(Recurrent):
         dpre = np.empty_like(dout)
         with SINGLE_THREADED_BLAS:
             rnn_backward_sequence(dout, self._param("weight_hh", layer), cache["hs"], dcarry[0], dpre,
-                                  self._chunks(dout.shape[1]))
+                                  *self._split(dout.shape[1]))
         return dpre, dpre
 
 
@@ -403,18 +410,18 @@ class LSTM(Recurrent):
         scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
         peep = self._peepholes(layer)
         with SINGLE_THREADED_BLAS:
-            lstm_forward_sequence(gates, w_hh_t, self._bias(layer), peep, hs, cs, tanh_cs, scratch, self._chunks(batch))
+            lstm_forward_sequence(gates, w_hh_t, self._bias(layer), peep, hs, cs, tanh_cs, scratch, *self._split(batch))
         cache.update(gates=gates, hs=hs, cs=cs, tanh_cs=tanh_cs, peep=peep, final=[hs[-1], cs[-1]])
         return hs[1:]
 
     def _backward_layer(self, layer, dout, dcarry, cache):
         dgates = np.empty_like(cache["gates"])
-        chunks = self._chunks(dout.shape[1])
+        chunks, rows = self._split(dout.shape[1])
         dpeep = np.zeros((chunks, 3, self.hidden_size), dtype=self.dtype)
         with SINGLE_THREADED_BLAS:
             lstm_backward_sequence(
                 dout, cache["gates"], self._param("weight_hh", layer), cache["peep"], cache["cs"], cache["tanh_cs"],
-                dcarry[0], dcarry[1], dgates, dpeep, chunks,
+                dcarry[0], dcarry[1], dgates, dpeep, chunks, rows,
             )
         if self.peephole:
             dpeep = dpeep.sum(axis=0)
@@ -442,7 +449,7 @@ class GRU(Recurrent):
         scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
         with SINGLE_THREADED_BLAS:
             gru_forward_sequence(gates, w_hh_t, self._param("bias_ih", layer), self._param("bias_hh", layer), hs, hn,
-                                 scratch, self._chunks(batch))
+                                 scratch, *self._split(batch))
         cache.update(gates=gates, hs=hs, hn=hn, final=[hs[-1]])
         return hs[1:]
 
@@ -453,7 +460,7 @@ class GRU(Recurrent):
         with SINGLE_THREADED_BLAS:
             gru_backward_sequence(
                 dout, cache["gates"], self._param("weight_hh", layer), cache["hs"], cache["hn"], dcarry[0], dgx, dgh,
-                scratch, self._chunks(dout.shape[1]),
+                scratch, *self._split(dout.shape[1]),
             )
         return dgx, dgh
 
