@@ -2,7 +2,7 @@
 model in PyTorch CPU, in one session, same data, same thread count.
 
     python benchmarks/bench_char_rnn_curve.py --epochs 15 [--corpus PATH] [--dropout 0.0]
-    python benchmarks/bench_char_rnn_curve.py --epochs 12 --experiment char_rnn_annealed
+    python benchmarks/bench_char_rnn_curve.py --epochs 14 --experiment char_rnn_annealed
 
 The rabbitkit side runs ``experiments/<experiment>.toml`` (its optimizer, learning
 rate and schedule); the PyTorch side always runs the issue's calibration recipe
