@@ -97,7 +97,7 @@ class TorchSide:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, MAX_NORM)
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def compare_numerics(rabbit, torch_side, x, y):
