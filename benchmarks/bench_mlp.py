@@ -185,12 +185,15 @@ def main_interleaved(args):
     repeats = args.repeats or (3 if args.quick else 7)
     seconds = args.seconds or (0.2 if args.quick else 1.0)
 
-    try:
-        import torch
+    torch = None
+    if args.alone != "rabbitkit":
+        # Alone means alone: rabbitkit's process does not even load PyTorch.
+        try:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    except ImportError:
-        torch = None
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
     if args.alone != "pytorch":
         # Load every BLAS library (numpy's, and scipy's used by Numba's np.dot) before
         # limiting or describing them.

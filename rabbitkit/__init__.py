@@ -6,21 +6,54 @@ __version__ = "0.1.0"
 
 import os as _os
 
-# OpenBLAS workers spin for ~2**28 cycles after every call before they sleep; on a
-# 2-core machine they take the core a Numba kernel or the Python thread needs next
-# (a small MLP step then drops from thousands per second to tens).  Read when
-# OpenBLAS loads, so it takes effect when rabbitkit is imported before numpy (as
-# the `rabbit` command does); a user's own setting wins.
+# Thread-pool settings, read by OpenBLAS and libgomp when they load, so they are set
+# here, at package import, before any kernel can start a pool (the `rabbit` command
+# imports rabbitkit before numpy and Numba); a user's own settings win.
+# * OpenBLAS workers spin for ~2**28 cycles after every call before they sleep; on a
+#   2-core machine they take the core a Numba kernel or the Python thread needs next
+#   (a small MLP step then drops from thousands per second to tens).
+# * Numba's OpenMP workers (libgomp) spin too: see rabbitkit.backend.cpu for the
+#   passive wait with a short spin.
 _ENVIRONMENT_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 _SET_BY_RABBITKIT = [name for name in _ENVIRONMENT_DEFAULTS if name not in _os.environ]
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", _ENVIRONMENT_DEFAULTS["OPENBLAS_THREAD_TIMEOUT"])
+for _name, _value in _ENVIRONMENT_DEFAULTS.items():
+    _os.environ.setdefault(_name, _value)
 
+
+def _warn_if_openmp_started_first():
+    """Warn when Numba's OpenMP pool was already running, without rabbitkit's settings.
+
+    libgomp reads its wait policy once, when Numba first starts its threads (e.g. on
+    ``numba.set_num_threads`` or the first parallel kernel): started before
+    ``import rabbitkit``, its workers spin after every kernel and take the cores from
+    BLAS.  Measured: the 784-256-256-10 MLP step ran at 280-310 steps/s instead of
+    480-520.  Nothing can change that pool afterwards, so say how to avoid it.
+    """
+    import sys
+
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    if parallel is None or not getattr(parallel, "_is_initialized", False):
+        return
+    if getattr(parallel, "_threading_layer", None) != "omp" or "OMP_WAIT_POLICY" not in _SET_BY_RABBITKIT:
+        return
+    import warnings
+
+    warnings.warn(
+        "rabbitkit: Numba's OpenMP threads were started before rabbitkit was imported, so they spin after every "
+        "kernel and slow BLAS down (up to 2x here). Import rabbitkit before using Numba's threads, or set "
+        "OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=1000 in the environment.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+_warn_if_openmp_started_first()
 
 def foreign_environment():
     """This process's environment without the thread settings rabbitkit added.
 
     rabbitkit sets ``OPENBLAS_THREAD_TIMEOUT``, ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` for itself
-    (see rabbitkit.backend.cpu); child processes inherit them.  Pass this as
+    (see above and rabbitkit.backend.cpu); child processes inherit them.  Pass this as
     ``env=`` when starting another framework (the benchmarks start PyTorch so):
     PyTorch's own OpenMP runtime is about 2.5x slower with passive waiting.
     """

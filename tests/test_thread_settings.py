@@ -112,3 +112,36 @@ def test_rows_per_product_keeps_each_call_under_the_unpacked_limit(monkeypatch):
         assert rows * inner * columns <= cpu.UNPACKED_PRODUCT_LIMIT
     monkeypatch.setattr(cpu, "KERNEL_BLAS_UNPACKED_PRODUCTS", False)
     assert cpu.rows_per_product(128, 512, 16) == 16  # packed BLAS: splitting only packs more often
+
+
+def run_python(code, **env_settings):
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(env_settings)
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+
+
+def test_importing_the_package_alone_sets_the_thread_settings_before_any_pool_starts():
+    # Numba's threads may be started right after `import rabbitkit` (numba.set_num_threads in a
+    # script), before any rabbitkit module that runs kernels is imported: libgomp must find
+    # its wait policy in place then.
+    out = run_python("import os, rabbitkit; print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])")
+    assert out.stdout.split() == ["PASSIVE", "1000"]
+    assert "RuntimeWarning" not in out.stderr
+
+
+STARTED_FIRST = (
+    "import numba, numba.np.ufunc.parallel as parallel; numba.set_num_threads(1); "
+    "print(parallel._threading_layer); import rabbitkit"
+)
+
+
+def test_a_numba_pool_started_before_rabbitkit_is_reported():
+    out = run_python(STARTED_FIRST)
+    if out.stdout.strip() != "omp":
+        pytest.skip(f"Numba runs the {out.stdout.strip()} threading layer here, not OpenMP")
+    assert "Numba's OpenMP threads were started before rabbitkit was imported" in out.stderr
+    assert "OMP_WAIT_POLICY=PASSIVE" in out.stderr
+    # With the user's own wait policy in place the pool was started as they chose: no warning.
+    quiet = run_python(STARTED_FIRST, OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="1000")
+    assert "RuntimeWarning" not in quiet.stderr

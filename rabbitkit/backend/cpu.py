@@ -21,10 +21,10 @@ import numpy as np
 # the wake-ups cost MLP (b) and char-rnn steps 20-60% (paired runs, every round);
 # in a later, quieter one the two settings were level within the machine's +-30%
 # noise.  The spin bounds the cost at a few microseconds per region either way.
-# libgomp reads both when it loads, hence here, before the first parallel kernel
-# runs.  A user's own settings win.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# libgomp reads both once, when Numba starts its threads, so rabbitkit/__init__.py
+# sets them at package import (a user's own settings win).  Setting them here, at
+# the first import of this module, was too late where anything had started Numba's
+# threads before (a benchmark calling numba.set_num_threads first).
 
 import numba  # noqa: E402
 
