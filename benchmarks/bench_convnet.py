@@ -339,6 +339,11 @@ def main():
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     removed = clean_environment()
+    if args.child not in ("rss-torch", "layers-torch"):
+        # Before numpy and before anything starts Numba's threads (numba_threads() below):
+        # rabbitkit's OpenBLAS and OpenMP settings are read when those pools start.
+        sys.path.insert(0, ROOT)
+        import rabbitkit  # noqa: F401
 
     global np
     import numpy as np
