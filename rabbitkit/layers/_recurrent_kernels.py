@@ -46,7 +46,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ..backend.cpu import FASTMATH, kernel
+from ..backend.cpu import FASTMATH, kernel, product_rows
 from .activations import tanh_approx
 
 # Not cached on its own: LLVM inlines it into the (cached) kernels below.  (Numba-level
@@ -104,14 +104,6 @@ def one_hot_rows_cpu(rows, indices):
             return False
         indices[k] = hot
     return True
-
-
-@kernel(parallel=False)
-def product_rows(a, b, out, first, stop, rows):
-    """out[first:stop] = a[first:stop] @ b, at most ``rows`` rows of ``a`` per BLAS call."""
-    for start in range(first, stop, rows):
-        end = min(start + rows, stop)
-        np.dot(a[start:end], b, out[start:end])
 
 
 # -- vanilla RNN: h_t = tanh(x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) ----------------
