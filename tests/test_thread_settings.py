@@ -6,7 +6,6 @@ import platform
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import rabbitkit.backend.cpu as cpu
@@ -146,28 +145,3 @@ def test_a_numba_pool_started_before_rabbitkit_is_reported():
     # With the user's own wait policy in place the pool was started as they chose: no warning.
     quiet = run_python(STARTED_FIRST, OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="1000")
     assert "RuntimeWarning" not in quiet.stderr
-
-
-def test_small_products_split_into_row_blocks_under_the_unpacked_limit(monkeypatch):
-    monkeypatch.setattr(cpu, "KERNEL_BLAS_UNPACKED_PRODUCTS", True)
-    a, b = np.ones((256, 64), np.float32), np.ones((64, 64), np.float32)
-    assert cpu.unpacked_rows(a, b) == 128  # 1,048,576 multiply-adds: two blocks of 524,288
-    assert cpu.unpacked_rows(a[:200], b) == 0  # under the limit already: one call
-    assert cpu.unpacked_rows(np.ones((64, 1024)), np.ones((1024, 600))) == 0  # a block of 2 rows is over it
-    monkeypatch.setattr(cpu, "KERNEL_BLAS_UNPACKED_PRODUCTS", False)
-    assert cpu.unpacked_rows(a, b) == 0
-
-
-@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_matmul_in_row_blocks_matches_numpy(monkeypatch, transpose_a, transpose_b, accumulate):
-    """Row blocks (forced here, 3 uneven blocks) on plain and transposed operands, as Dense passes them."""
-    monkeypatch.setattr(cpu, "KERNEL_BLAS_PINNED", True)
-    monkeypatch.setattr(cpu, "unpacked_rows", lambda a, b: 70)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((64, 200) if transpose_a else (200, 64))
-    b = rng.standard_normal((48, 64) if transpose_b else (64, 48))
-    a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
-    out = rng.standard_normal((200, 48))
-    expected = out + a @ b if accumulate else a @ b
-    np.testing.assert_allclose(cpu.matmul(a, b, out, accumulate=accumulate), expected, rtol=1e-12, atol=1e-12)

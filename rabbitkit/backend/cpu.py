@@ -305,47 +305,24 @@ def small_matmul(a, b, out, accumulate):
 @kernel(parallel=False)
 def product_rows(a, b, out, first, stop, rows):
     """out[first:stop] = a[first:stop] @ b on the kernel BLAS, at most ``rows`` rows of
-    ``a`` per call (a and b row-major)."""
+    ``a`` per call (a and b row-major; ``rows`` from :func:`rows_per_product`)."""
     for start in range(first, stop, rows):
         end = min(start + rows, stop)
         np.dot(a[start:end], b, out[start:end])
 
 
-def unpacked_rows(a, b):
-    """Rows of ``a`` per BLAS call for a small product on the kernel BLAS: equal blocks
-    under the BLAS's unpacked-product limit where it has that path and the product is
-    over it, else 0 (one call).
-
-    A product just over the limit (an MLP's 256 x 64 by 64 x 64) ran 20% faster as two
-    blocks of 128 rows (24 -> 19 us).  The blocks need row-major operands: a transposed
-    view is copied first, one pass over a or b against rows x inner x columns
-    multiply-adds.
-    """
-    rows, inner, columns = a.shape[0], a.shape[1], b.shape[1]
-    if (not KERNEL_BLAS_UNPACKED_PRODUCTS or rows * inner * columns <= UNPACKED_PRODUCT_LIMIT
-            or 2 * inner * columns > UNPACKED_PRODUCT_LIMIT):
-        return 0
-    blocks = -(-rows * inner * columns // UNPACKED_PRODUCT_LIMIT)
-    return -(-rows // blocks)
-
-
 def matmul(a, b, out=None, accumulate=False):
     """``out = a @ b`` or ``out += a @ b`` with the BLAS that suits the size.
 
-    Small products (an MLP on 1-D data, per-step recurrent products) go to the
-    single-threaded kernel BLAS through a Numba kernel (in row blocks, see
-    :func:`unpacked_rows`); large ones to numpy's multi-threaded BLAS.
-    ``a`` and ``b`` may be transposed views of C arrays.
+    Small products (an MLP on 1-D data) go to the single-threaded kernel BLAS
+    through a Numba kernel; large ones to numpy's multi-threaded BLAS.  ``a`` and
+    ``b`` may be transposed views of C arrays.
     """
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
         accumulate = False
     if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT and KERNEL_BLAS_PINNED:
-        rows = 0 if accumulate else unpacked_rows(a, b)
-        if rows:
-            product_rows(np.ascontiguousarray(a), np.ascontiguousarray(b), out, 0, a.shape[0], rows)
-        else:
-            small_matmul(a, b, out, accumulate)
+        small_matmul(a, b, out, accumulate)
     elif accumulate:
         out += np.dot(a, b)
     else:
