@@ -141,7 +141,7 @@ def _kernel_blas_controllers():
     return kernel_side, controllers
 
 
-def pin_kernel_blas():
+def pin_kernel_blas(blas=None):
     """Make the BLAS that Numba kernels call (scipy's) single-threaded for good.
 
     rabbitkit gives each BLAS library one role.  Kernels split the work over Numba's
@@ -149,15 +149,17 @@ def pin_kernel_blas():
     never start threads of its own; numpy's BLAS serves the big products made from
     Python with all its threads.  Where numpy and scipy share one library (e.g. some
     conda builds) it stays as it is and kernels fall back to switching it per call.
-    Returns whether the pin is in place.
+    Returns whether the pin is in place.  ``blas``: :func:`_kernel_blas_controllers`'
+    result, when the caller has it already.
     """
-    kernel_side, _ = _kernel_blas_controllers()
+    kernel_side, _ = blas or _kernel_blas_controllers()
     for controller in kernel_side:
         controller.set_num_threads(1)
     return bool(kernel_side)
 
 
-KERNEL_BLAS_PINNED = pin_kernel_blas()
+_LOADED_BLAS = _kernel_blas_controllers()  # one scan of the loaded libraries at import
+KERNEL_BLAS_PINNED = pin_kernel_blas(_LOADED_BLAS)
 
 
 # OpenBLAS's AVX-512 kernels (cores SkylakeX, Cooperlake, SapphireRapids; 0.3.16 and
@@ -175,9 +177,10 @@ UNPACKED_PRODUCT_LIMIT = 1_000_000
 UNPACKED_PRODUCT_ROWS = 8
 
 
-def kernel_blas_unpacked_products():
-    """Whether the kernels' BLAS multiplies small products without packing them."""
-    kernel_side, controllers = _kernel_blas_controllers()
+def kernel_blas_unpacked_products(blas=None):
+    """Whether the kernels' BLAS multiplies small products without packing them
+    (``blas`` as for :func:`pin_kernel_blas`)."""
+    kernel_side, controllers = blas or _kernel_blas_controllers()
     for controller in kernel_side or controllers:
         version = tuple(int(part) for part in re.findall(r"\d+", controller.version or "")[:3])
         if (controller.internal_api == "openblas" and version >= (0, 3, 16)
@@ -186,7 +189,7 @@ def kernel_blas_unpacked_products():
     return False
 
 
-KERNEL_BLAS_UNPACKED_PRODUCTS = kernel_blas_unpacked_products()
+KERNEL_BLAS_UNPACKED_PRODUCTS = kernel_blas_unpacked_products(_LOADED_BLAS)
 
 
 def rows_per_product(inner, columns, rows):
