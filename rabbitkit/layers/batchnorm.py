@@ -82,14 +82,14 @@ def normalize_backward(x, dy, mean, inv_std, weight, bias, relu, batch_stats, dx
     n, channels, size = x.shape
     count = n * size
     for c in prange(channels):
-        gain_relu, shift_relu = affine_coefficients(mean, inv_std, weight, bias, c)
+        gain, shift = affine_coefficients(mean, inv_std, weight, bias, c)
         sum_dy = 0.0
         sum_dy_xhat = 0.0
         for b in range(n):
             for k in range(size):
                 g = dy[b, c, k]
                 if relu:
-                    if not x[b, c, k] * gain_relu + shift_relu > 0:
+                    if not x[b, c, k] * gain + shift > 0:
                         g = 0.0
                     dx[b, c, k] = g
                 xhat = (x[b, c, k] - mean[c]) * inv_std[c]
@@ -97,7 +97,6 @@ def normalize_backward(x, dy, mean, inv_std, weight, bias, relu, batch_stats, dx
                 sum_dy_xhat += g * xhat
         dweight[c] += sum_dy_xhat
         dbias[c] += sum_dy
-        gain = weight[c] * inv_std[c]
         if batch_stats:
             mean_dy = sum_dy / count
             mean_dy_xhat = sum_dy_xhat / count
