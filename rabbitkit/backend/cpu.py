@@ -89,13 +89,7 @@ class SingleThreadedBLAS:
 
     def _blas(self):
         if self._libraries is None:
-            try:
-                import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls scipy's BLAS)
-                from threadpoolctl import ThreadpoolController
-            except ImportError:
-                self._libraries = []
-            else:
-                self._libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+            self._libraries = _kernel_blas_controllers()[1]  # every loaded BLAS
         return self._libraries
 
     @property
