@@ -1,8 +1,8 @@
 """Layers.  ``rabbitkit.layers.NAME`` resolves any registered layer by name, built-in
 or from a plugin, e.g. ``from rabbitkit.layers import Dense, Conv2D``."""
-from .base import Layer, Param, fans, resolve_dtype
+from .base import Layer, Param, fans, freeze, resolve_dtype
 
-__all__ = ["Layer", "Param", "fans", "resolve_dtype"]
+__all__ = ["Layer", "Param", "fans", "freeze", "resolve_dtype"]
 
 
 def __getattr__(name):

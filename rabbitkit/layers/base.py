@@ -10,6 +10,8 @@ A concrete layer implements ``forward_cpu``/``backward_cpu`` and, where it has
 CUDA kernels, ``forward_cuda``/``backward_cuda``, all in its one file.  A layer
 without CUDA kernels is refused on ``device="cuda"`` with a message naming it.
 """
+import difflib
+import fnmatch
 import math
 from typing import NamedTuple
 
@@ -71,6 +73,24 @@ class Layer:
     absorbs_relu = False
     fused_relu = False
 
+    #: A frozen layer keeps its parameters: its backward still returns the input
+    #: gradient but leaves ``grads`` untouched, and ``parameters()`` (what
+    #: optimizers and regularizers see) skips it.  Set through :func:`freeze`.
+    frozen = False
+
+    #: True where ``backward_cpu``/``backward_cuda`` themselves skip the weight
+    #: gradients of a frozen layer (saving that work); for other layers
+    #: :meth:`backward` points ``grads`` at scratch arrays while they run.
+    skips_frozen_grads = False
+
+    #: Names of the children in parameter names and layer paths; ``None`` means
+    #: their positions ("0", "1", ...), as PyTorch's ``nn.Sequential`` names them.
+    child_names = None
+
+    #: Other names a model answers to in :meth:`get_layer` (``{alias: dotted name}``),
+    #: such as the layer names of the framework the model's weights come from.
+    layer_aliases = {}
+
     def __init__(self, dtype=np.float32):
         self.dtype = resolve_dtype(dtype)
         self.params = {}
@@ -98,8 +118,50 @@ class Layer:
         return self.buffers[name]
 
     def children(self):
-        """Sub-layers of a container (named by their position); none for a plain layer."""
+        """Sub-layers of a container (named by :attr:`child_names` or their position); none for a plain layer."""
         return []
+
+    def named_children(self):
+        """``[(name, child)]``: the children under their own names (see :attr:`child_names`)."""
+        children = self.children()
+        names = self.child_names if self.child_names is not None else [str(i) for i in range(len(children))]
+        return list(zip(names, children))
+
+    def set_child_names(self, names):
+        """Name the children (``"features"``, ``"inception_4c"``) instead of numbering them."""
+        names = [str(name) for name in names]
+        if len(names) != len(self.children()):
+            raise ConfigError(f"{type(self).__name__} has {len(self.children())} children, got {len(names)} names")
+        for name in names:
+            if not name or "." in name:
+                raise ConfigError(f"layer name {name!r} must be non-empty and hold no '.'")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{type(self).__name__} child names repeat: {names}")
+        self.child_names = names
+        return self
+
+    def named_layers(self, prefix=""):
+        """Yield ``(dotted name, layer)`` for every layer below this one, parents before children.
+
+        Names are the paths of parameter names without the parameter
+        (``"features.10"``, ``"inception3a.branch2.0"``), so a layer and its
+        weights are found under one name.
+        """
+        for name, child in self.named_children():
+            path = f"{prefix}{name}"
+            yield path, child
+            yield from child.named_layers(path + ".")
+
+    def get_layer(self, name):
+        """The layer at dotted ``name``; an unknown name lists the nearest names in one line."""
+        layers = dict(self.named_layers())
+        if name in layers:
+            return layers[name]
+        if name in self.layer_aliases:  # e.g. Caffe's "inception_4c/output" for the module's concat
+            return layers[self.layer_aliases[name]]
+        close = difflib.get_close_matches(str(name), list(layers), n=5, cutoff=0.5)
+        hint = f"nearest: {', '.join(close)}" if close else f"names look like: {', '.join(list(layers)[:5])}"
+        raise ConfigError(f"no layer named '{name}' in {type(self).__name__}; {hint}")
 
     def zero_grad(self):
         for grad in self.grads.values():
@@ -114,21 +176,22 @@ class Layer:
         """Yield ``(name, layer, key)`` for every parameter, recursively."""
         for key in self.params:
             yield prefix + key, self, key
-        for index, child in enumerate(self.children()):
-            yield from child.named_parameters(f"{prefix}{index}.")
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
 
     def parameters(self):
-        """Every trainable tensor as a :class:`Param` (name, value, grad, role, backend)."""
+        """Every trainable tensor as a :class:`Param` (name, value, grad, role, backend); frozen layers' are left out."""
         return [
             Param(name, layer.params[key], layer.grads[key], layer.param_roles[key], layer.backend)
             for name, layer, key in self.named_parameters()
+            if not layer.frozen
         ]
 
     def named_buffers(self, prefix=""):
         for key in self.buffers:
             yield prefix + key, self, key
-        for index, child in enumerate(self.children()):
-            yield from child.named_buffers(f"{prefix}{index}.")
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
 
     def state_dict(self):
         """Parameters and buffers as host numpy arrays by name (``"0.weight"``)."""
@@ -221,9 +284,28 @@ class Layer:
         return self.forward_cpu(np.ascontiguousarray(x, dtype=self.dtype), training)
 
     def backward(self, dy):
+        if self.frozen and self.grads and not self.skips_frozen_grads:
+            return self._backward_into_scratch(dy)
         if self.device == "cuda":
             return self.backward_cuda(self.backend.asarray(dy, self.dtype))
         return self.backward_cpu(np.ascontiguousarray(dy, dtype=self.dtype))
+
+    def _backward_into_scratch(self, dy):
+        """Backward of a frozen layer that cannot skip its weight gradients: they go to
+        scratch arrays, so the real ``grads`` stay untouched."""
+        real = self.grads
+        self.grads = {key: self.backend.zeros(grad.shape, self.dtype) for key, grad in real.items()}
+        try:
+            if self.device == "cuda":
+                return self.backward_cuda(self.backend.asarray(dy, self.dtype))
+            return self.backward_cpu(np.ascontiguousarray(dy, dtype=self.dtype))
+        finally:
+            self.grads = real
+
+    @property
+    def weight_grads_wanted(self):
+        """Whether backward should form parameter gradients (False for a frozen layer)."""
+        return not self.frozen
 
     def forward_cpu(self, x, training):
         raise NotImplementedError(f"{type(self).__name__}.forward_cpu")
@@ -257,3 +339,36 @@ class Layer:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def freeze(model, patterns, frozen=True):
+    """Freeze (or, with ``frozen=False``, thaw) the layers whose dotted names match a pattern.
+
+    Patterns are shell-style (``"features.*"``, ``"conv1"``); a matching
+    container freezes everything inside it; ``"*"`` freezes the whole model.
+    Returns the names of the layers that matched.  A pattern that matches no
+    layer is a :class:`ConfigError` naming it (a typo would otherwise train the
+    layers the user meant to keep).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    layers = list(model.named_layers())
+    matched = []
+    for pattern in patterns:
+        hits = [(name, layer) for name, layer in layers if fnmatch.fnmatchcase(name, pattern)]
+        if pattern == "*":
+            hits = [("", model)] + hits
+        if not hits:
+            close = difflib.get_close_matches(pattern, [name for name, _ in layers], n=3, cutoff=0.5)
+            hint = f"; nearest layer names: {', '.join(close)}" if close else ""
+            raise ConfigError(f"freeze pattern '{pattern}' matches no layer{hint}")
+        for name, layer in hits:
+            _set_frozen(layer, frozen)
+            matched.append(name)
+    return matched
+
+
+def _set_frozen(layer, frozen):
+    layer.frozen = frozen
+    for child in layer.children():
+        _set_frozen(child, frozen)

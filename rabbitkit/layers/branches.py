@@ -73,12 +73,16 @@ class Branches(Layer):
 
     device_agnostic = True  # joins have kernels for both devices; branches decide
 
-    def __init__(self, branches, dtype=None):
+    def __init__(self, branches, dtype=None, names=None):
+        if isinstance(branches, dict):
+            names, branches = list(branches), list(branches.values())
         branches = list(branches)
         if not branches:
             raise ConfigError(f"{type(self).__name__} needs at least one branch")
         super().__init__(dtype if dtype is not None else branches[0].dtype)
         self.branches = branches
+        if names is not None:
+            self.set_child_names(names)
 
     def children(self):
         return self.branches
@@ -120,8 +124,8 @@ class Concat(Branches):
     branch outputs must agree on every other axis.
     """
 
-    def __init__(self, branches, axis=1, dtype=None):
-        super().__init__(branches, dtype)
+    def __init__(self, branches, axis=1, dtype=None, names=None):
+        super().__init__(branches, dtype, names)
         self.axis = int(axis)
         if self.axis == 0:
             raise ConfigError("Concat cannot join along the batch axis (axis=0)")

@@ -280,8 +280,9 @@ def conv_forward(x, weight, bias, relu, y, xpad, cols, product, kh, kw, sh, sw, 
 
 
 def conv_backward(x, dy, y, relu, weight_t, dx, xpad, cols, rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
-                  kh, kw, sh, sw, ph, pw, ho, wo, wide, input_grad):
-    """dx[b] = col2im(weight.T @ dy[b]) if ``input_grad``; per-thread parts of dweight.T += cols @ dy[b].T and dbias.
+                  kh, kw, sh, sw, ph, pw, ho, wo, wide, input_grad, weight_grad):
+    """dx[b] = col2im(weight.T @ dy[b]) if ``input_grad``; per-thread parts of dweight.T += cols @ dy[b].T
+    and dbias if ``weight_grad`` (a frozen layer, as in Deep Dream, skips that product and the lowering).
 
     The weight gradient is formed transposed, ``cols (K, P) @ rows_t (P, O)``, from a
     transposed copy of dy: OpenBLAS runs that plain product 20-40% faster than
@@ -291,9 +292,10 @@ def conv_backward(x, dy, y, relu, weight_t, dx, xpad, cols, rows, rows_t, dweigh
     for b in prange(x.shape[0]):
         slot = numba.get_thread_id()
         load_output_grad(dy[b], y[b], relu, rows[slot], rows_t[slot], dbias_parts[slot])
-        lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
-        np.dot(cols[slot], rows_t[slot], dweight_product[slot])
-        add_into(dweight_t_parts[slot], dweight_product[slot])
+        if weight_grad:
+            lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
+            np.dot(cols[slot], rows_t[slot], dweight_product[slot])
+            add_into(dweight_t_parts[slot], dweight_product[slot])
         if input_grad:
             np.dot(weight_t, rows[slot], cols[slot])  # the column gradient reuses the column buffer
             raise_sample(cols[slot], xpad[slot], dx[b], kh, kw, sh, sw, ph, pw, ho, wo, wide)
@@ -311,6 +313,12 @@ class Conv2D(Layer):
     """
 
     absorbs_relu = True  # store_output rectifies, load_output_grad masks (see Sequential)
+
+    @property
+    def skips_frozen_grads(self):
+        # The CPU kernels skip a frozen layer's weight product; elsewhere the base
+        # class points grads at scratch arrays.
+        return self.device == "cpu"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float32):
         super().__init__(dtype)
@@ -415,15 +423,16 @@ class Conv2D(Layer):
         mask_source = self._y if relu else dy  # unread without a fused ReLU; any array of dy's type will do
         arguments = (x, dy, mask_source, relu, weight_t, dx,
                      buffers["xpad"], buffers["cols"], rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
-                     *geometry, self.needs_input_grad)
+                     *geometry, self.needs_input_grad, self.weight_grads_wanted)
         if parallel:
             with SINGLE_THREADED_BLAS:
                 conv_backward_parallel(*arguments)
         else:
             conv_backward_serial(*arguments)
-        self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight_t_parts.sum(axis=0).T
-        if self.has_bias:
-            self.grads["bias"] += dbias_parts.sum(axis=0)
+        if self.weight_grads_wanted:
+            self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight_t_parts.sum(axis=0).T
+            if self.has_bias:
+                self.grads["bias"] += dbias_parts.sum(axis=0)
         return dx if self.needs_input_grad else None
 
     def extra_repr(self):

@@ -58,6 +58,8 @@ def add_column_sums_cuda(dy, db):
 class Dense(Layer):
     """Fully connected layer; ``weight`` is (out_features, in_features) as in PyTorch."""
 
+    skips_frozen_grads = True  # both backward paths skip the weight product of a frozen layer
+
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         super().__init__(dtype)
         self.in_features = int(in_features)
@@ -82,10 +84,11 @@ class Dense(Layer):
     def backward_cpu(self, dy):
         x2 = self._rows(self._x)
         dy2 = dy.reshape(-1, self.out_features)
-        matmul(dy2.T, x2, self.grads["weight"], accumulate=not self.grads_zeroed)
-        self.grads_zeroed = False
-        if self.has_bias:
-            add_column_sums_cpu(dy2, self.grads["bias"])
+        if self.weight_grads_wanted:
+            matmul(dy2.T, x2, self.grads["weight"], accumulate=not self.grads_zeroed)
+            self.grads_zeroed = False
+            if self.has_bias:
+                add_column_sums_cpu(dy2, self.grads["bias"])
         if not self.needs_input_grad:
             return None
         dx = matmul(dy2, self.params["weight"])
@@ -103,9 +106,10 @@ class Dense(Layer):
     def backward_cuda(self, dy):
         x2 = self._rows(self._x)
         dy2 = dy.reshape(-1, self.out_features)
-        self.backend.gemm(dy2, x2, self.grads["weight"], trans_a=True, beta=1.0)
-        if self.has_bias:
-            add_column_sums_cuda.launch(self.out_features, dy2, self.grads["bias"])
+        if self.weight_grads_wanted:
+            self.backend.gemm(dy2, x2, self.grads["weight"], trans_a=True, beta=1.0)
+            if self.has_bias:
+                add_column_sums_cuda.launch(self.out_features, dy2, self.grads["bias"])
         if not self.needs_input_grad:
             return None
         dx = self.backend.empty((dy2.shape[0], self.in_features), self.dtype)

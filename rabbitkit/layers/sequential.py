@@ -10,15 +10,22 @@ class Sequential(Layer):
     """Layers applied in order; backward runs them in reverse.
 
     Parameters are named by position, ``"0.weight"``, nested ``"3.1.bias"``,
-    as in PyTorch, so state dicts exchange.
+    as in PyTorch, so state dicts exchange.  ``names`` names the layers instead
+    (``Sequential([...], names=["conv1", "relu1"])`` gives ``"conv1.weight"``),
+    as a PyTorch module's attributes name its parts; ``layers`` may also be a
+    dict ``{name: layer}``.
     """
 
     device_agnostic = True
 
-    def __init__(self, layers, dtype=None, fuse_relu=True):
+    def __init__(self, layers, dtype=None, fuse_relu=True, names=None):
+        if isinstance(layers, dict):
+            names, layers = list(layers), list(layers.values())
         layers = list(layers)
         super().__init__(dtype if dtype is not None else (layers[0].dtype if layers else np.float32))
         self.layers = layers
+        if names is not None:
+            self.set_child_names(names)
         #: Let a layer that can (``absorbs_relu``: Conv2D, BatchNorm) apply the ReLU
         #: after it in its own kernels on the CPU.  Results are identical; only the
         #: producing layer's own output is then already rectified.
@@ -31,6 +38,9 @@ class Sequential(Layer):
         return len(self.layers)
 
     def __getitem__(self, index):
+        """A layer by position, or by name (``model["features"]``)."""
+        if isinstance(index, str):
+            return self.get_layer(index)
         return self.layers[index]
 
     def forward(self, x, training=True):
@@ -94,10 +104,10 @@ class Sequential(Layer):
         """[(index, layer repr, output shape, parameter count, flops)] per layer."""
         rows = []
         shape = tuple(input_shape)
-        for index, layer in enumerate(self.layers):
+        for name, layer in self.named_children():
             flops = layer.flops(shape)
             shape = layer.output_shape(shape)
-            rows.append((str(index), repr(layer), shape, layer.num_parameters(), flops))
+            rows.append((name, repr(layer), shape, layer.num_parameters(), flops))
         return rows
 
     def summary(self, input_shape):

@@ -1,0 +1,203 @@
+"""Input gradients of named layers' outputs: the machinery under Deep Dream,
+activation maximisation, style transfer and saliency.
+
+A :class:`FeatureProbe` runs a model forward only as far as the deepest layer
+any objective needs, keeps the outputs of the named layers, and runs backward
+with a gradient injected at each of them (summed where the paths meet), all
+with frozen weights: no ``grads`` buffer is touched, and layers that can
+(Conv2D, Dense) skip their weight products.  Dropout and batch norm run in
+inference mode.  ::
+
+    with FeatureProbe(model, ["features.10", "features.20"]) as probe:
+        features = probe.forward(x)                       # {name: array}
+        dx = probe.backward({"features.10": g10, "features.20": g20})
+
+The name ``""`` stands for the model's own output (a class logit objective).
+Layers are found by their dotted names (:meth:`Layer.named_layers`); the probe
+wraps the named layers' own ``forward``/``backward`` for as long as it is open,
+so it reaches into branches and other containers without copying them.
+"""
+import numpy as np
+
+from .layers.branches import add_into_cpu, add_into_cuda
+from .layers.sequential import Sequential
+
+MODEL_OUTPUT = ""
+
+
+class FeatureProbe:
+    """Forward to the deepest named layer; backward from gradients at named layers.
+
+    ``names`` are dotted layer names (aliases allowed, see ``Layer.layer_aliases``)
+    or ``""`` for the model output.  Use as a context manager, or call
+    :meth:`close` to give the model back as it was.
+    """
+
+    def __init__(self, model, names):
+        self.model = model
+        self.names = list(dict.fromkeys(names))
+        if not self.names:
+            raise ValueError("FeatureProbe needs at least one layer name")
+        self._order = [name for name, _ in model.named_layers()]
+        self.layers = {}
+        self._paths = {}
+        for name in self.names:
+            if name == MODEL_OUTPUT:
+                continue
+            layer = model.get_layer(name)
+            canonical = next(n for n, l in model.named_layers() if l is layer)
+            self.layers[name] = layer
+            self._paths[name] = canonical.split(".")
+        self.outputs = {}
+        self._injected = {}
+        self._saved = []
+        self._open = False
+        self._open_model()
+        self.view = self._truncated_view()  # after _open_model: the cut Sequentials copy its fusion settings
+
+    # -- context ------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _open_model(self):
+        everything = [self.model] + [layer for _, layer in self.model.named_layers()]
+        for layer in everything:
+            self._saved.append((layer, layer.frozen, layer.needs_input_grad))
+            layer.frozen = True
+            layer.needs_input_grad = True
+        # A ReLU fused into the layer before it would hide that layer's own output
+        # (and skip the ReLU's): no fusion in a Sequential that holds a probed layer.
+        self._fusion = [(seq, seq.fuse_relu) for seq in self._sequentials_holding_targets()]
+        for seq, _ in self._fusion:
+            seq.fuse_relu = False
+        for name, layer in self.layers.items():
+            self._wrap(name, layer)
+        self._open = True
+
+    def close(self):
+        """Unwrap the layers and restore freezing, input-gradient and fusion settings."""
+        if not self._open:
+            return
+        for layer in self.layers.values():
+            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("backward", None)
+        for layer, frozen, needs_input_grad in self._saved:
+            layer.frozen = frozen
+            layer.needs_input_grad = needs_input_grad
+        for seq, fuse in self._fusion:
+            seq.fuse_relu = fuse
+        # The views planned fusion on shared layers: every Sequential plans again.
+        for layer in [self.model] + [layer for _, layer in self.model.named_layers()]:
+            if isinstance(layer, Sequential):
+                layer._fusion_planned_for = None
+        self._open = False
+
+    def _sequentials_holding_targets(self):
+        holders = []
+        for container in [self.model] + [layer for _, layer in self.model.named_layers()]:
+            if isinstance(container, Sequential) and any(child in self.layers.values() for child in container.layers):
+                holders.append(container)
+        return holders
+
+    def _wrap(self, name, layer):
+        forward, backward = layer.forward, layer.backward  # the class's bound methods
+        probe = self
+
+        def probed_forward(x, training=True):
+            y = forward(x, training)
+            probe.outputs[name] = y
+            return y
+
+        def probed_backward(dy):
+            injected = probe._injected.pop(name, None)
+            if injected is not None:
+                dy = injected if dy is None else probe._sum(dy, injected, layer)
+            return backward(dy)
+
+        layer.forward = probed_forward
+        layer.backward = probed_backward
+
+    # -- truncation ---------------------------------------------------------------
+    def _truncated_view(self):
+        """The model cut after the deepest probed layer (Sequentials on the way are cut too)."""
+        if MODEL_OUTPUT in self.names:
+            return self.model
+        return _truncate(self.model, list(self._paths.values()))
+
+    # -- computation --------------------------------------------------------------
+    def forward(self, x):
+        """Run the (cut) model in inference mode; return ``{name: output}`` of the probed layers."""
+        self.outputs = {}
+        self._injected = {}
+        out = self.view.forward(x, training=False)
+        if MODEL_OUTPUT in self.names:
+            self.outputs[MODEL_OUTPUT] = out
+        self._top = out
+        return {name: self.outputs[name] for name in self.names}
+
+    def backward(self, gradients):
+        """Input gradient of sum_k <gradients[k], output_k> for the last :meth:`forward`.
+
+        ``gradients`` maps probed names to arrays of their outputs' shapes; a name
+        left out contributes nothing.
+        """
+        unknown = set(gradients) - set(self.names)
+        if unknown:
+            raise KeyError(f"not probed: {sorted(unknown)}; probed: {self.names}")
+        backend = self.model.backend
+        self._injected = {}
+        for name, grad in gradients.items():
+            expected = tuple(self.outputs[name].shape)
+            if tuple(np.shape(grad)) != expected:
+                raise ValueError(f"gradient for '{name}' has shape {tuple(np.shape(grad))}, its output {expected}")
+            if name != MODEL_OUTPUT:
+                self._injected[name] = backend.asarray(grad, self.model.dtype)
+        if MODEL_OUTPUT in gradients:
+            dy = backend.asarray(np.array(gradients[MODEL_OUTPUT], dtype=self.model.dtype), self.model.dtype)
+        else:
+            dy = backend.zeros(tuple(self._top.shape), self.model.dtype)
+        dx = self.view.backward(dy)
+        leftover = sorted(self._injected)
+        self._injected = {}
+        if leftover:  # a probed layer the backward pass never reached
+            raise RuntimeError(f"gradients injected at {leftover} never reached the input")
+        return dx
+
+    @staticmethod
+    def _sum(dy, injected, layer):
+        out = layer.backend.empty(tuple(dy.shape), layer.dtype)
+        layer.backend.copy_into(out, dy)  # dy may be another layer's saved array
+        flat, add = out.reshape(out.size), injected.reshape(injected.size)
+        if layer.device == "cuda":
+            add_into_cuda.launch(out.size, flat, add)
+        else:
+            add_into_cpu(out.size, flat, add)
+        return out
+
+
+def _truncate(layer, paths):
+    """A view of ``layer`` that stops after the deepest of ``paths`` (name lists).
+
+    Only Sequentials are cut; any other container on the way runs whole, and
+    its probed layers inside still see their gradients.  The view shares the
+    layers (and so the weights) with the model.
+    """
+    if not isinstance(layer, Sequential) or not paths:
+        return layer
+    names = [name for name, _ in layer.named_children()]
+    positions = [names.index(path[0]) for path in paths]
+    last = max(positions)
+    ends_here = [path[1:] for path, position in zip(paths, positions) if position == last]
+    children = list(layer.named_children())[: last + 1]
+    tail_name, tail = children[-1]
+    if all(ends_here):  # every deepest path goes on inside the last child
+        tail = _truncate(tail, ends_here)
+    if last == len(names) - 1 and tail is children[-1][1]:
+        return layer
+    view = Sequential([child for _, child in children[:-1]] + [tail], dtype=layer.dtype,
+                      fuse_relu=layer.fuse_relu, names=[name for name, _ in children])
+    view.device, view.backend = layer.device, layer.backend
+    return view
