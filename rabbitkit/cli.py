@@ -113,17 +113,28 @@ def resume(ctx, run_dir, epochs):
 
 
 @main.command(name="eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Evaluate on this device (default: the run's).")
+@click.option("--tta", metavar="PRESET", help="Test-time augmentation: none, shifts or standard (averaged softmax).")
+@click.option("--committee", is_flag=True, help="Average the runs' probabilities (a multi-column committee).")
+@click.option("--worst", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Draw this many worst-classified images (worst_<split>.png; 0: none).")
 @click.pass_context
-def evaluate(ctx, run_dir, split, which, device):
-    """Accuracy, per-class accuracy and confusion matrix (CSV and PNG) of a trained run."""
-    from .train.evaluate import evaluate_run
+def evaluate(ctx, run_dirs, split, which, device, tta, committee, worst):
+    """Accuracy, per-class accuracy, confusion matrix (CSV and PNG) and worst-classified
+    images of a trained run; with --committee, of several runs together."""
+    from .errors import ConfigError
+    from .train.evaluate import evaluate_committee, evaluate_run
 
     _manager(ctx)
-    report = evaluate_run(run_dir, split=split, which=which, device=device)
+    if committee:
+        click.echo(evaluate_committee(list(run_dirs), split=split, which=which, device=device, tta=tta).text)
+        return
+    if len(run_dirs) > 1:
+        raise ConfigError(f"{len(run_dirs)} runs given: pass --committee to evaluate them together")
+    report = evaluate_run(run_dirs[0], split=split, which=which, device=device, tta=tta, worst=worst)
     click.echo(report.text)
 
 
@@ -174,6 +185,24 @@ def sweep(ctx, experiment, grids, sets, out, scheduler):
         results = run_sweep(path, grid, base_overrides=base, out=out, client=client)
 
     click.echo(format_table(results))
+
+
+@main.command()
+@click.argument("committee_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the members' run directories.")
+@click.option("--dask", "scheduler", metavar="ADDRESS",
+              help="Train the members on a dask.distributed cluster (scheduler address, or 'local').")
+@click.pass_context
+def committee(ctx, committee_file, out, scheduler):
+    """Train the members a COMMITTEE_FILE lists and report each one's and the committee's accuracy."""
+    from .train.committee import train_committee
+    from .train.sweeps import dask_client
+
+    path = _experiment_path(committee_file)
+    _manager(ctx)
+    with dask_client(scheduler) as client:
+        run_dirs, report = train_committee(path, client=client, out=out)
+    click.echo(report.text)
 
 
 def _mount_data_commands():

@@ -170,3 +170,21 @@ def test_config_errors():
 def test_output_shape():
     assert Pipeline.from_config(["scale", "lab", "lcn", "zca"]).output_shape((3, 48, 48)) == (3, 48, 48)
     assert Pipeline.from_config(["grayscale", "standardize"]).output_shape((3, 32, 32)) == (1, 32, 32)
+
+
+def test_equalize_flattens_the_histogram_and_keeps_the_order():
+    from rabbitkit.data.preprocess import Pipeline
+
+    rng = np.random.default_rng(5)
+    # a dark, low-contrast image: values crowd into 20..60 of 255
+    x = rng.integers(20, 61, (2, 1, 16, 16)).astype(np.uint8)
+    y = Pipeline.from_config(["equalize"]).apply(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert y.min() == 0.0 and y.max() == 1.0
+    for s in range(2):
+        flat_x, flat_y = x[s, 0].ravel(), y[s, 0].ravel()
+        order = np.argsort(flat_x, kind="stable")
+        assert np.all(np.diff(flat_y[order]) >= 0)  # monotone map
+        # the value at rank r maps to about r / N: a flat (uniform) output histogram
+        ranks = np.searchsorted(np.sort(flat_x), flat_x, side="right") / flat_x.size
+        assert np.abs(flat_y - ranks).max() < 0.05

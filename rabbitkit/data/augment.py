@@ -122,6 +122,23 @@ def jitter_colour(x, brightness, contrast, saturation):
                     x[s, ch, i, j] = mean + contrast[s] * (x[s, ch, i, j] - mean) + brightness[s]
 
 
+def similarity_maps(theta, factor):
+    """(N, 2, 2) rotations by ``theta`` (radians) scaled by ``factor``, per image."""
+    cos, sin = np.cos(theta) * factor, np.sin(theta) * factor
+    return np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1)
+
+
+def source_matrices(forward, shift, shape):
+    """(N, 2, 3) output->source matrices for :func:`warp_bilinear` from the images'
+    forward maps ``forward`` (N, 2, 2, about the centre) and pixel shifts (N, 2) (dx, dy)."""
+    h, w = shape
+    inverse = np.linalg.inv(forward)
+    centre = np.array([(w - 1) / 2, (h - 1) / 2])
+    # source = inverse @ (output - centre - shift) + centre
+    offset = centre - np.einsum("nij,nj->ni", inverse, shift)
+    return np.concatenate([inverse, offset[:, :, None]], axis=2).astype(np.float32)
+
+
 def _class_table(mapping, owner):
     """(flippable mask, target class) lookup arrays from a {class: class} map (TOML keys are strings)."""
     pairs = {}
@@ -241,24 +258,17 @@ class Augmenter:
             if h != w:
                 raise ConfigError(f"augment: rot90 needs square images, got {h}x{w}")
             k = rng.integers(0, 4, n)
-            cos, sin = np.cos(k * np.pi / 2).round(), np.sin(k * np.pi / 2).round()
-            forward = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1) @ forward
+            forward = similarity_maps(k * np.pi / 2, np.ones(n)).round() @ forward
         if self.rotate or self.scale:
             theta = np.deg2rad(rng.uniform(-self.rotate, self.rotate, n)) if self.rotate else np.zeros(n)
             factor = rng.uniform(1 - self.scale, 1 + self.scale, n) if self.scale else np.ones(n)
-            cos, sin = np.cos(theta) * factor, np.sin(theta) * factor
-            forward = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1) @ forward
+            forward = similarity_maps(theta, factor) @ forward
         shift = np.zeros((n, 2))
         if self.translate:
             shift += rng.uniform(-self.translate, self.translate, (n, 2))
         if self.crop_padding:
             shift += rng.integers(-self.crop_padding, self.crop_padding + 1, (n, 2))
-        inverse = np.linalg.inv(forward)
-        centre = np.array([(w - 1) / 2, (h - 1) / 2])
-        # source = inverse @ (output - centre - shift) + centre
-        offset = centre - np.einsum("nij,nj->ni", inverse, shift)
-        mats = np.concatenate([inverse, offset[:, :, None]], axis=2)
-        return mats.astype(np.float32), y
+        return source_matrices(forward, shift, (h, w)), y
 
     def __call__(self, x, y, rng):
         """Augment one batch: x float32 (N, C, H, W), y (N,) labels, rng a numpy Generator."""

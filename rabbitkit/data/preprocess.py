@@ -23,6 +23,8 @@ Steps (options in parentheses):
   local mean across channels, divide by the local standard deviation where it
   exceeds the image's mean local standard deviation (and ``eps``, which keeps
   flat images from amplifying rounding noise).  Per image, nothing to fit.
+* ``equalize`` (``levels``): histogram equalisation of each image, channel by
+  channel, to [0, 1] (the "Histeq" column of Ciresan et al.'s committee).
 * ``yuv`` (BT.601, Y in [0, 1], U in [-0.436, 0.436], V in [-0.615, 0.615]),
   ``lab`` (CIE L*a*b*, D65 sRGB; L in [0, 100], a/b about [-128, 127]),
   ``hsv`` and ``hsl`` (channels H, S, V / H, S, L, all in [0, 1]; H is the
@@ -155,6 +157,36 @@ def lcn_images(x, weights, eps, y):
                     y[s, ch, i, j] /= d
 
 
+@kernel
+def equalize_planes(x, levels, y):
+    """y[s, c] = histogram equalisation of the plane x[s, c] (values in [0, 1]) over ``levels`` bins.
+
+    Each value maps to the fraction of the plane's pixels at or below its bin,
+    rescaled so the darkest occupied bin maps to 0 (as skimage's equalize_hist).
+    """
+    n, c, h, w = x.shape
+    size = h * w
+    for plane in prange(n * c):
+        s = plane // c
+        ch = plane - s * c
+        counts = np.zeros(levels, np.int64)
+        for i in range(h):
+            for j in range(w):
+                b = int(min(max(x[s, ch, i, j], 0.0), 1.0) * (levels - 1) + 0.5)
+                counts[b] += 1
+        cdf = np.cumsum(counts)
+        lowest = 0
+        for b in range(levels):
+            if counts[b] > 0:
+                lowest = cdf[b]
+                break
+        span = size - lowest
+        for i in range(h):
+            for j in range(w):
+                b = int(min(max(x[s, ch, i, j], 0.0), 1.0) * (levels - 1) + 0.5)
+                y[s, ch, i, j] = (cdf[b] - lowest) / span if span > 0 else 0.5
+
+
 # -- steps --------------------------------------------------------------------------
 class Step:
     """One preprocessing step.  Subclasses set ``name`` and, if they learn from
@@ -278,6 +310,25 @@ class LCN(Step):
         return y
 
 
+class Equalize(Step):
+    """Histogram equalisation of every image, channel by channel (Ciresan et al. 2012's
+    "Histeq" committee column); output in [0, 1]."""
+
+    name = "equalize"
+
+    def __init__(self, levels: int = 256):
+        super().__init__()
+        if not 2 <= levels <= 65536:
+            raise ConfigError(f"preprocessing 'equalize': levels must be 2..65536, got {levels}")
+        self.levels = int(levels)
+
+    def apply(self, x):
+        x = to_float_images(x)
+        y = np.empty_like(x)
+        equalize_planes(x, self.levels, y)
+        return y
+
+
 class Colour(Step):
     mode = YUV
     channels_out = 3
@@ -324,7 +375,7 @@ class Grayscale(Colour):
         return super().output_shape(input_shape)
 
 
-STEPS = {cls.name: cls for cls in (Scale, Standardize, ZCA, LCN, YUVStep, LabStep, HSVStep, HSLStep, Grayscale)}
+STEPS = {cls.name: cls for cls in (Scale, Standardize, ZCA, LCN, Equalize, YUVStep, LabStep, HSVStep, HSLStep, Grayscale)}
 
 
 def make_step(spec):

@@ -104,8 +104,17 @@ def sweep(config_or_path, grid, *, base_overrides=None, client=None, **run_optio
     (use a shared file system, or an absolute ``out``).
     """
     config = _resolve(config_or_path, base_overrides or {})
-    points = grid_points(grid)
-    for point in points:  # validate every point before any work starts
+    return run_points(config, grid_points(grid), client=client, **run_options)
+
+
+def run_points(config_or_path, points, *, client=None, **run_options):
+    """Run the experiment once per override dict in ``points``; ``[(point, Result)]`` in order.
+
+    Every point is validated before any work starts; with a dask ``client`` the
+    runs are submitted to the cluster (see :func:`sweep`).
+    """
+    config = _resolve(config_or_path, {})
+    for point in points:
         _resolve(config, point)
     if client is None:
         return [(point, _sweep_point(config, point, run_options)) for point in points]

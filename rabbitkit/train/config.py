@@ -102,6 +102,9 @@ SCHEMA = {
         "max_steps_per_epoch": Key(int, 0, minimum=0, help="Cap on steps per epoch (0 = whole training set)."),
         "monitor": Key(str, None, help="Metric that picks the best checkpoint (default: val_accuracy or val_loss)."),
     },
+    "eval": {
+        "tta": Key((str, list), "none", help="Test-time augmentation at the end of a run: \"none\", \"shifts\", \"standard\" or a list of {shift=[dx, dy], scale, rotate} views (averaged softmax)."),
+    },
     "output": {
         "dir": Key(str, "runs", help="Folder that receives run directories (relative to the working directory)."),
         "checkpoint_every": Key(int, 1, minimum=1, help="Write a checkpoint every N epochs (the last and best are kept)."),

@@ -47,10 +47,19 @@ def confusion_matrix(predicted, targets, num_classes):
     return matrix
 
 
-def evaluate_run(run_dir, split="test", which="best", device=None):
-    live = load_run(run_dir, which, device=device)
+def _check_split(live, run_dir, split):
     if not live.feeder.has_split(split):
         raise ConfigError(f"{run_dir}: split '{split}' not available; available: {', '.join(live.feeder.splits)}")
+
+
+def evaluate_run(run_dir, split="test", which="best", device=None, tta=None, worst=20):
+    """Metrics, per-class accuracy, the confusion matrix (CSV + PNG) and the ``worst``
+    worst-classified images (PNG) of a run; ``tta`` a preset or view list (see :mod:`.tta`)."""
+    from .tta import parse_views, predict, softmax
+
+    views = parse_views(tta, where="--tta")
+    live = load_run(run_dir, which, device=device)
+    _check_split(live, run_dir, split)
     result = live.evaluate(split, collect=live.task == "classification")
     metrics = {k: v for k, v in result.items() if k in ("loss", "accuracy")}
     lines = [f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())]
@@ -58,7 +67,16 @@ def evaluate_run(run_dir, split="test", which="best", device=None):
     matrix = None
     if live.task == "classification":
         num_classes = live.feeder.num_outputs
-        predicted = result["outputs"].argmax(axis=-1)
+        probabilities = softmax(np.asarray(result["outputs"], dtype=np.float64))
+        if len(views) > 1 or not views[0].identity:
+            prediction = predict(live, split, views)
+            probabilities = prediction.probabilities
+            metrics.update(tta_accuracy=prediction.accuracy, tta_loss=prediction.loss)
+            lines.append(f"{split} with test-time augmentation ({len(views)} views: "
+                         f"{', '.join(v.describe() for v in views)}): accuracy {prediction.accuracy:.4f}  "
+                         f"loss {prediction.loss:.4f}  ({prediction.seconds:.1f}s, "
+                         f"{len(views)}x the forward passes)")
+        predicted = probabilities.argmax(axis=-1)
         matrix = confusion_matrix(predicted, result["targets"], num_classes)
         support = matrix.sum(axis=1)
         per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
@@ -75,6 +93,40 @@ def evaluate_run(run_dir, split="test", which="best", device=None):
         from ..viz.confusion import plot_confusion
 
         files.append(plot_confusion(matrix, out / f"confusion_{split}.png", title=f"{split} confusion matrix"))
+        if worst:
+            from ..viz.worst import plot_worst
+
+            files.append(plot_worst(live.dataset.splits[split].x, probabilities, result["targets"], names,
+                                    out / f"worst_{split}.png", count=worst,
+                                    title=f"the {worst} worst-classified {split} images"))
         lines.append("wrote " + ", ".join(str(f) for f in files))
         metrics["per_class_accuracy"] = per_class
     return EvalReport(metrics, matrix, files, "\n".join(lines))
+
+
+def evaluate_committee(run_dirs, split="test", which="best", device=None, tta=None):
+    """Average the members' class probabilities (IDSIA's multi-column net); each member
+    keeps its own preprocessing, input size and architecture.  Returns an :class:`EvalReport`."""
+    from .tta import parse_views, predict
+
+    if len(run_dirs) < 2:
+        raise ConfigError(f"a committee needs at least two runs, got {len(run_dirs)}")
+    views = parse_views(tta, where="--tta")
+    lines, members, targets = [], [], None
+    for run_dir in run_dirs:
+        live = load_run(run_dir, which, device=device)
+        _check_split(live, run_dir, split)
+        prediction = predict(live, split, views)
+        if targets is None:
+            targets, first = prediction.targets, run_dir
+        elif len(prediction.targets) != len(targets) or not np.array_equal(prediction.targets, targets):
+            raise ConfigError(f"{run_dir}: its {split} split differs from {first}'s (committee members must be "
+                              f"evaluated on the same samples in the same order)")
+        members.append(prediction)
+        lines.append(f"member {run_dir}: {split} accuracy {prediction.accuracy:.4f}  ({prediction.seconds:.1f}s)")
+    probabilities = np.mean([m.probabilities for m in members], axis=0)
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == targets))
+    tta_text = f", test-time augmentation {len(views)} views" if len(views) > 1 else ""
+    lines.append(f"committee of {len(members)}{tta_text}: {split} accuracy {accuracy:.4f}")
+    metrics = {"accuracy": accuracy, "member_accuracy": [m.accuracy for m in members]}
+    return EvalReport(metrics, None, [], "\n".join(lines))

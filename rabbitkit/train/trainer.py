@@ -345,6 +345,19 @@ class Run:
         return "  ".join(parts)
 
     # -- the end ---------------------------------------------------------------------
+    def _test_time_augmentation(self):
+        """Test metrics with the views of ``[eval] tta`` (none unless configured), and their cost."""
+        from .tta import parse_views, predict
+
+        views = parse_views(self.config["eval"]["tta"])
+        if len(views) == 1 and views[0].identity or self.task != "classification":
+            return {}
+        prediction = predict(self, "test", views)
+        self.log(f"test with test-time augmentation ({len(views)} views): accuracy {prediction.accuracy:.4f}  "
+                 f"loss {prediction.loss:.4f}  ({prediction.seconds:.1f}s)")
+        return {"test_tta_accuracy": prediction.accuracy, "test_tta_loss": prediction.loss,
+                "test_tta_seconds": prediction.seconds}
+
     def finish(self):
         """Test with the best checkpoint, write final metrics, run visualizers."""
         final = dict(self.history[-1]) if self.history else {}
@@ -360,6 +373,7 @@ class Run:
             if self.task == "language_model":
                 final["test_bpc"] = final["test_loss"] / math.log(2)
             self.log("test: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("test_")))
+            final.update(self._test_time_augmentation())
         self.directory.write_json("final_metrics.json", final)
         for name, visualizer in self.visualizers:
             try:

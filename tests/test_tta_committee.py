@@ -1,0 +1,163 @@
+"""Test-time augmentation, committees and the worst-classified picture (issue 16)."""
+import json
+
+import numpy as np
+import pytest
+
+import rabbitkit
+from rabbitkit.errors import ConfigError
+from rabbitkit.train.evaluate import evaluate_committee, evaluate_run, load_run
+from rabbitkit.train.tta import PRESETS, View, parse_views, predict, softmax, warp_view
+from rabbitkit.viz.worst import worst_indices
+from test_main_job import EXPERIMENT, SMALL, rabbit, write_official_gtsrb
+
+
+def test_presets_and_bad_view_lists():
+    assert parse_views("none") == [View()]
+    assert len(parse_views("standard")) == 9 and parse_views("standard")[0].identity
+    assert parse_views([{}, {"shift": [1, -1]}, {"scale": 1.1, "rotate": 5}])[1] == View((1.0, -1.0))
+    with pytest.raises(ConfigError, match="unknown preset 'strong'; known: none, shifts, standard"):
+        parse_views("strong")
+    with pytest.raises(ConfigError, match=r"eval.tta\[0\].shift: expected \[dx, dy\]"):
+        parse_views([{"shift": 2}])
+    with pytest.raises(ConfigError, match="scale: expected a positive number"):
+        parse_views([{"scale": 0}])
+    with pytest.raises(ConfigError, match="expected a table with shift, scale, rotate"):
+        parse_views([{"shear": 3}])
+
+
+def test_views_move_the_image_as_named():
+    x = np.zeros((1, 1, 11, 11), np.float32)
+    x[0, 0, 5, 5] = 1.0
+    right = warp_view(x, View((2.0, 0.0)))
+    assert right[0, 0, 5, 7] == pytest.approx(1.0) and right.sum() == pytest.approx(1.0)
+    down = warp_view(x, View((0.0, -3.0)))
+    assert down[0, 0, 2, 5] == pytest.approx(1.0)
+    turned = warp_view(x, View(rotate=90.0))  # the centre stays where it is
+    assert turned[0, 0, 5, 5] == pytest.approx(1.0)
+    assert warp_view(x, View()) is x
+
+
+def test_worst_indices_rank_by_true_class_probability():
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    assert list(worst_indices(p, np.array([0, 0, 0, 1]), count=3)) == [1, 3, 2]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny GTSRB-format runs (different seeds) with test-time augmentation at the end."""
+    root = tmp_path_factory.mktemp("committee")
+    data = root / "gtsrb"
+    write_official_gtsrb(data)
+    overrides = {"data.path": str(data), "train.epochs": 3, "output.dir": str(root / "runs"), "eval.tta": "shifts",
+                 "output.visualizers": []}
+    for text in SMALL[1::2]:
+        key, value = text.split("=", 1)
+        overrides[key] = json.loads(value)
+    runs = [rabbitkit.run(EXPERIMENT, dict(overrides, **{"experiment.seed": seed})).run_dir for seed in (0, 1)]
+    return data, runs
+
+
+def test_run_end_reports_tta_accuracy_and_cost(two_runs):
+    _, runs = two_runs
+    final = json.loads((runs[0] / "final_metrics.json").read_text())
+    assert 0.0 <= final["test_tta_accuracy"] <= 1.0 and final["test_tta_seconds"] > 0
+    assert "test with test-time augmentation (5 views)" in (runs[0] / "log.txt").read_text()
+
+
+def test_predict_without_views_is_the_plain_evaluation(two_runs):
+    _, runs = two_runs
+    live = load_run(runs[0])
+    plain = live.evaluate("test", collect=True)
+    prediction = predict(live, "test", PRESETS["none"])
+    np.testing.assert_allclose(prediction.probabilities, softmax(plain["outputs"].astype(np.float64)), rtol=1e-6)
+    assert prediction.accuracy == pytest.approx(plain["accuracy"])
+    shifted = predict(live, "test", PRESETS["shifts"])
+    assert not np.allclose(shifted.probabilities, prediction.probabilities)
+
+
+def test_eval_with_tta_draws_the_worst_images(two_runs):
+    _, runs = two_runs
+    report = evaluate_run(runs[0], tta="shifts", worst=6)
+    assert "with test-time augmentation (5 views" in report.text
+    assert (runs[0] / "worst_test.png").is_file()
+    assert 0.0 <= report.metrics["tta_accuracy"] <= 1.0
+
+
+def test_committee_averages_member_probabilities(two_runs):
+    _, runs = two_runs
+    report = evaluate_committee(runs)
+    members = [predict(load_run(r), "test") for r in runs]
+    average = (members[0].probabilities + members[1].probabilities) / 2
+    expected = float(np.mean(average.argmax(axis=1) == members[0].targets))
+    assert report.metrics["accuracy"] == pytest.approx(expected)
+    assert report.metrics["member_accuracy"] == pytest.approx([m.accuracy for m in members])
+    assert "committee of 2: test accuracy" in report.text
+
+
+def test_committee_cli_and_its_errors(two_runs, tmp_path):
+    import os
+
+    _, runs = two_runs
+    env = dict(os.environ, RABBIT_OFFLINE="1")
+    done = rabbit(["eval", *runs, "--committee"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "committee of 2" in done.stdout
+    refused = rabbit(["eval", *runs], env, tmp_path)
+    assert refused.returncode == 2 and "pass --committee" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="at least two runs"):
+        evaluate_committee(runs[:1])
+
+
+def _committee_file(tmp_path, body):
+    path = tmp_path / "committee.toml"
+    path.write_text(body)
+    return path
+
+
+def test_committee_file_errors(tmp_path):
+    from rabbitkit.train.committee import load_committee
+
+    cases = [
+        ("[other]\nx = 1\n", "expected a \\[committee\\] table"),
+        ("[committee]\nexperiment = \"missing.toml\"\n", "committee.experiment 'missing.toml' not found"),
+        (f"[committee]\nexperiment = \"{EXPERIMENT}\"\nmembers = [{{ name = \"a\" }}]\n", "at least two"),
+        (f"[committee]\nexperiment = \"{EXPERIMENT}\"\nmembers = [{{ name = \"a\" }}, {{ name = \"a\" }}]\n",
+         "names repeat"),
+        (f"[committee]\nexperiment = \"{EXPERIMENT}\"\nmembers = [{{ nam = \"a\" }}, {{ name = \"b\" }}]\n",
+         r"members\[0\]: expected a table with 'name'"),
+        (f"[committee]\nexperiment = \"{EXPERIMENT}\"\ncolumns = 3\n", "unknown keys \\['columns'\\]"),
+    ]
+    for body, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_committee(_committee_file(tmp_path, body))
+
+
+def test_shipped_committee_file_is_valid():
+    from rabbitkit.train import config as config_module
+    from rabbitkit.train.committee import load_committee
+
+    spec = load_committee(EXPERIMENT.parent / "gtsrb_committee.toml")
+    assert len(spec.members) == 5
+    for _, overrides in spec.members:  # every member resolves against the base experiment
+        config_module.load(spec.experiment, overrides=overrides)
+
+
+def test_rabbit_committee_trains_members_and_reports(tmp_path):
+    import os
+
+    data = tmp_path / "gtsrb"
+    write_official_gtsrb(data, tracks=3, per_track=4, tests_per_class=3)
+    small = "".join(f", \"{t.split('=', 1)[0]}\" = {t.split('=', 1)[1]}" for t in SMALL[1::2])
+    body = (f"[committee]\nexperiment = \"{EXPERIMENT}\"\n"
+            f"[[committee.members]]\nname = \"gray\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2{small} }}\n"
+            f"[[committee.members]]\nname = \"colour\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2, "
+            f"\"data.grayscale\" = false, \"data.preprocess\" = [\"equalize\", \"standardize\"]{small} }}\n")
+    path = _committee_file(tmp_path, body)
+    env = dict(os.environ, RABBIT_OFFLINE="1")
+    done = rabbit(["committee", path, "--out", tmp_path / "runs"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("member ") == 2 and "committee of 2: test accuracy" in done.stdout
+    names = sorted(p.name.split("-2")[0] for p in (tmp_path / "runs").iterdir())
+    assert names == ["committee-colour", "committee-gray"]
