@@ -307,3 +307,96 @@ def test_max_pool_cuda_routes_ties_and_nan_as_the_cpu(stride):
 def test_global_avg_pool_cuda_matches_cpu():
     check_cuda_parity(GlobalAvgPool2D, (1, 3, 3, 5))
     check_cuda_parity(GlobalAvgPool2D, (2, 1, 1, 1))
+
+
+# -- swap_max_to_avg -------------------------------------------------------------------
+def _pools(model, prefix=""):
+    """{dotted name: layer} of every pooling layer, recursively (names as the parameters')."""
+    found = {}
+    for index, child in enumerate(model.children()):
+        name = f"{prefix}{index}"
+        if isinstance(child, (MaxPool2D, AvgPool2D)):
+            found[name] = child
+        found.update(_pools(child, name + "."))
+    return found
+
+
+def _nested(pool, dtype=np.float64):
+    import rabbitkit
+    from rabbitkit.layers.activations import Tanh
+    from rabbitkit.layers.branches import Concat, Identity
+    from rabbitkit.layers.conv2d import Conv2D
+
+    return rabbitkit.Sequential([
+        Conv2D(2, 3, 3, padding=1, dtype=dtype),
+        pool(3, 2, 1, ceil_mode=True, dtype=dtype),
+        Concat([rabbitkit.Sequential([pool(3, 1, 1, dtype=dtype), Conv2D(3, 2, 1, dtype=dtype)]),
+                Identity(dtype=dtype), pool((3, 1), 1, (1, 0), dtype=dtype)]),
+        Tanh(dtype=dtype),
+    ])
+
+
+def test_swap_max_to_avg_in_nested_containers(rng):
+    from rabbitkit.layers.pooling import swap_max_to_avg
+
+    model = _nested(MaxPool2D)
+    reference = _nested(AvgPool2D)
+    reference.load_state_dict(model.state_dict())
+    names = list(model.state_dict())
+    containers = [model, model[2], model[2].branches[0]]
+    before = {name: (p.kernel_size, p.stride, p.padding, p.ceil_mode) for name, p in _pools(model).items()}
+    assert swap_max_to_avg(model) is model
+    after = _pools(model)
+    assert set(after) == {"1", "2.0.0", "2.2"} == set(before)
+    assert all(type(p) is AvgPool2D for p in after.values())
+    assert {name: (p.kernel_size, p.stride, p.padding, p.ceil_mode) for name, p in after.items()} == before
+    assert list(model.state_dict()) == names  # same dotted names
+    assert [model, model[2], model[2].branches[0]] == containers  # containers changed in place
+    x = rng.standard_normal((1, 2, 7, 6))
+    np.testing.assert_array_equal(model.forward(x), reference.forward(x))
+    check_gradients(model, (1, 2, 5, 4), max_checks=40)
+
+
+def test_swap_max_to_avg_on_a_pool_and_an_attribute_container():
+    from rabbitkit.layers.base import Layer
+    from rabbitkit.layers.pooling import swap_max_to_avg
+
+    avg = swap_max_to_avg(MaxPool2D((3, 2), (1, 2), (1, 0), ceil_mode=True, dtype=np.float64))
+    assert type(avg) is AvgPool2D and avg.dtype == np.float64
+    assert (avg.kernel_size, avg.stride, avg.padding, avg.ceil_mode) == ((3, 2), (1, 2), (1, 0), True)
+
+    class Pair(Layer):  # children() builds a fresh list from attributes, as SpatialTransformer does
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = MaxPool2D(2), GlobalAvgPool2D()
+
+        def children(self):
+            return [self.first, self.second]
+
+    pair = Pair()
+    swap_max_to_avg(pair)
+    assert type(pair.first) is AvgPool2D and type(pair.second) is GlobalAvgPool2D
+
+
+def test_swap_max_to_avg_keeps_the_device():
+    from rabbitkit.layers.pooling import swap_max_to_avg
+    import rabbitkit
+
+    model = rabbitkit.Sequential([MaxPool2D(2), GlobalAvgPool2D()]).to("cuda")
+    swap_max_to_avg(model)
+    assert type(model[0]) is AvgPool2D and model[0].device == "cuda"
+    check_cuda_parity(lambda: swap_max_to_avg(rabbitkit.Sequential([MaxPool2D(2, ceil_mode=True)])), (1, 1, 3, 3))
+
+
+def test_swap_max_to_avg_on_googlenet_small():
+    from rabbitkit.layers.pooling import swap_max_to_avg
+    from rabbitkit.models.inception import googlenet_small
+
+    model = googlenet_small((3, 16, 16), 4, width=0.05, batch_norm=False, dropout=0)
+    before = {name: type(p).__name__ for name, p in _pools(model).items()}
+    assert "MaxPool2D" in before.values()
+    names = list(model.state_dict())
+    swap_max_to_avg(model)
+    assert {name: type(p).__name__ for name, p in _pools(model).items()} == {name: "AvgPool2D" for name in before}
+    assert list(model.state_dict()) == names
+    assert model.forward(np.zeros((1, 3, 16, 16), np.float32)).shape == (1, 4)

@@ -499,6 +499,48 @@ class GlobalAvgPool2D(Layer):
         return math.prod(input_shape)
 
 
+# -- max to average -------------------------------------------------------------
+def _as_average(pool):
+    """An AvgPool2D with ``pool``'s geometry, dtype and device."""
+    avg = AvgPool2D(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode, dtype=pool.dtype)
+    avg.needs_input_grad = pool.needs_input_grad
+    return avg.to(pool.device) if pool.device != "cpu" else avg
+
+
+def _replace_child(container, index, old, new):
+    """Put ``new`` where ``old`` sits among the container's children, in the container's own storage."""
+    children = container.children()
+    children[index] = new
+    if container.children()[index] is new:  # children() is the container's list (Sequential, branches)
+        return
+    for name, value in vars(container).items():  # a container that builds its list from attributes
+        if value is old:
+            setattr(container, name, new)
+            return
+        if isinstance(value, list) and any(item is old for item in value):
+            value[[i for i, item in enumerate(value) if item is old][0]] = new
+            return
+    raise ConfigError(f"swap_max_to_avg cannot replace child {index} of {type(container).__name__}")
+
+
+def swap_max_to_avg(model):
+    """Turn every MaxPool2D of ``model`` into an AvgPool2D of the same geometry.
+
+    Average pooling gives smoother gradients to the image in neural style transfer
+    (Gatys, Ecker & Bethge 2016).  Containers are changed in place (each pool keeps its
+    position, so every dotted layer and parameter name stays); the model is returned,
+    or the new layer where ``model`` is itself a MaxPool2D.  Padding then counts as
+    zeros in the average (see :class:`AvgPool2D`) where it was ignored by the max.
+    """
+    if isinstance(model, MaxPool2D):
+        return _as_average(model)
+    for index, child in enumerate(list(model.children())):
+        swapped = swap_max_to_avg(child)
+        if swapped is not child:
+            _replace_child(model, index, child, swapped)
+    return model
+
+
 @hookimpl
 def rabbit_layers():
     return {"MaxPool2D": MaxPool2D, "AvgPool2D": AvgPool2D, "GlobalAvgPool2D": GlobalAvgPool2D}
