@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rabbitkit.errors import ConfigError
 from rabbitkit.layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
@@ -400,3 +402,24 @@ def test_swap_max_to_avg_on_googlenet_small():
     assert {name: type(p).__name__ for name, p in _pools(model).items()} == {name: "AvgPool2D" for name in before}
     assert list(model.state_dict()) == names
     assert model.forward(np.zeros((1, 3, 16, 16), np.float32)).shape == (1, 4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 8), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3),
+       st.integers(1, 3), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2**16))
+def test_ceil_mode_forward_and_gradient_sums_on_any_geometry(h, w, kh, kw, sh, sw, ph, pw, seed):
+    ph, pw = min(ph, kh // 2), min(pw, kw // 2)
+    if ceil_size(h, kh, sh, ph) < 1 or ceil_size(w, kw, sw, pw) < 1:
+        return  # refused with "does not fit" (tested above)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 2, h, w))
+    for pool, kind in ((MaxPool2D, "max"), (AvgPool2D, "avg")):
+        layer = pool((kh, kw), (sh, sw), (ph, pw), ceil_mode=True, dtype=np.float64)
+        y = layer.forward(x)
+        np.testing.assert_allclose(y, reference_pool_ceil(x, (kh, kw), (sh, sw), (ph, pw), kind), rtol=1e-12, atol=1e-12)
+        dy = rng.standard_normal(y.shape)
+        dx = layer.backward(dy)
+        if kind == "max":  # every output's gradient lands on exactly one input entry
+            np.testing.assert_allclose(dx.sum(), dy.sum(), rtol=1e-9, atol=1e-9)
+        else:  # adjoint identity: <avg(x), dy> = <x, dx>
+            np.testing.assert_allclose(np.sum(y * dy), np.sum(x * dx), rtol=1e-9, atol=1e-9)
