@@ -49,6 +49,38 @@ def _warn_if_openmp_started_first():
 
 _warn_if_openmp_started_first()
 
+# PyTorch loaded before rabbitkit started its OpenMP runtime with active waiting;
+# remembered here, warned about once when rabbitkit's kernels are first put to work.
+_TORCH_LOADED_FIRST = "torch" in __import__("sys").modules
+_torch_warned = False
+
+
+def warn_if_sharing_cores_with_torch():
+    """Warn once when PyTorch shares this process: two OpenMP runtimes then spin against each other.
+
+    Measured on a 2-core Intel Xeon: rabbitkit's training steps ran at 0.45-0.58x their
+    speed alone with PyTorch imported first (its workers spin after every op and hold
+    the cores Numba's kernels and BLAS want next).  Nothing can change a running pool,
+    so the warning says what helps.  Called by the trainer and the visualisations.
+    """
+    global _torch_warned
+    import sys
+
+    if _torch_warned or "torch" not in sys.modules:
+        return
+    _torch_warned = True
+    import warnings
+
+    how = ("it was imported before rabbitkit, so its threads spin after every op; import rabbitkit first "
+           "(or set OMP_WAIT_POLICY=PASSIVE before Python starts)") if _TORCH_LOADED_FIRST else (
+           "its threads compete with rabbitkit's kernels for the cores")
+    warnings.warn(
+        f"rabbitkit: PyTorch is loaded in this process and {how}; for full speed run rabbitkit and PyTorch "
+        "in separate processes, or call torch.set_num_threads(1) while rabbitkit works.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 def foreign_environment():
     """This process's environment without the thread settings rabbitkit added.
 
@@ -62,7 +94,8 @@ def foreign_environment():
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .random import manual_seed  # noqa: E402
 
-__all__ = ["__version__", "hookimpl", "hookspec", "manual_seed", "Sequential", "run", "foreign_environment"]
+__all__ = ["__version__", "hookimpl", "hookspec", "manual_seed", "Sequential", "run", "foreign_environment",
+           "warn_if_sharing_cores_with_torch"]
 
 
 def __getattr__(name):

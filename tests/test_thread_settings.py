@@ -145,3 +145,31 @@ def test_a_numba_pool_started_before_rabbitkit_is_reported():
     # With the user's own wait policy in place the pool was started as they chose: no warning.
     quiet = run_python(STARTED_FIRST, OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="1000")
     assert "RuntimeWarning" not in quiet.stderr
+
+
+TORCH_PROBE = (
+    "import sys, types, warnings\n"
+    "{first}\n"
+    "import rabbitkit\n"
+    "{after}\n"
+    "with warnings.catch_warnings(record=True) as seen:\n"
+    "    warnings.simplefilter('always')\n"
+    "    rabbitkit.warn_if_sharing_cores_with_torch()\n"
+    "    rabbitkit.warn_if_sharing_cores_with_torch()\n"
+    "print(len(seen)); [print(w.message) for w in seen]\n"
+)
+FAKE_TORCH = "sys.modules['torch'] = types.ModuleType('torch')"  # what the check looks at; no real torch needed
+
+
+@pytest.mark.parametrize("first, after, expected", [
+    (FAKE_TORCH, "", "imported before rabbitkit"),
+    ("", FAKE_TORCH, "compete with rabbitkit's kernels"),
+    ("", "", None),
+])
+def test_pytorch_in_the_same_process_is_warned_about_once(first, after, expected):
+    out = subprocess.run([sys.executable, "-c", TORCH_PROBE.format(first=first, after=after)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    if expected is None:
+        assert out == ["0"]
+    else:
+        assert out[0] == "1" and expected in out[1] and "separate processes" in out[1]

@@ -159,6 +159,9 @@ class Run:
             self.directory.write_config(dump_toml(config))
             self.log(f"run {self.run_dir}: {config['data']['dataset']} ({self.task}), "
                      f"{self.model.num_parameters():,} parameters, device {self.device}")
+        from .. import warn_if_sharing_cores_with_torch
+
+        warn_if_sharing_cores_with_torch()
         self.manager.hook.rabbit_train_start(run=self)
         stopped = "completed"
         previous = signal.getsignal(signal.SIGINT)
