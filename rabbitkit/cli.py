@@ -188,6 +188,22 @@ def sweep(ctx, experiment, grids, sets, out, scheduler):
 
 
 @main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a dotted key, e.g. train.batch_size=128.")
+@click.option("--again", is_flag=True, help="Measure every shape afresh instead of keeping stored choices.")
+@click.pass_context
+def tune(ctx, experiment, sets, again):
+    """Time the kernel variants of EXPERIMENT's shapes on this machine and print the choices."""
+    from .train import config as config_module
+    from .train.tune import format_choices, tune_experiment
+
+    path = _experiment_path(experiment)
+    overrides = {".".join(k): v for k, v in (config_module.parse_override(s) for s in sets)}
+    _manager(ctx)
+    click.echo(format_choices(*tune_experiment(path, overrides, measure_again=again)))
+
+
+@main.command()
 @click.argument("committee_file", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the members' run directories.")
 @click.option("--dask", "scheduler", metavar="ADDRESS",

@@ -7,6 +7,9 @@ import pathlib
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 # Tests never download: a dataset without a local copy fails fast with its message.
 os.environ.setdefault("RABBIT_OFFLINE", "1")
+# Kernel variants are not timed in tests (a choice may differ from run to run and the
+# tests compare runs bit for bit); tests/test_tuning.py turns it on where it is tested.
+os.environ.setdefault("RABBIT_TUNE", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

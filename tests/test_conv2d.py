@@ -45,9 +45,11 @@ def test_forward_matches_scipy_correlate(case, rng):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients(case, bias):
+@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch"])
+def test_gradients(case, bias, algorithm):
     n, c, h, w, o, k, s, p = case
     layer = Conv2D(c, o, k, stride=s, padding=p, bias=bias, dtype=np.float64)
+    layer.algorithm = algorithm
     report = check_gradients(layer, (n, c, h, w))
     assert report.checked["input"] == min(n * c * h * w, 150)
     assert ("bias" in report.checked) == bias
@@ -162,3 +164,40 @@ def test_kernel_blas_is_single_threaded_inside_kernels_and_nesting_restores():
     assert threads() == before
     kernel_side = [path for path in inside if "numpy" not in path]
     assert kernel_side and all(inside[path] == 1 for path in kernel_side)
+
+
+@pytest.mark.parametrize("stride, relu", [(1, False), (2, False), (1, True)])
+def test_cpu_variants_agree_to_float32_rounding(stride, relu, rng):
+    """Per-sample and whole-batch lowering compute the same thing (sums in another order)."""
+    from rabbitkit.layers.activations import ReLU
+    from rabbitkit.layers.sequential import Sequential
+
+    results = []
+    for algorithm in ("per-sample", "whole-batch"):
+        conv = Conv2D(3, 5, 3, stride=stride, padding=1)
+        conv.load_state_dict({"weight": np.linspace(-1, 1, 135).reshape(5, 3, 3, 3), "bias": np.arange(5) / 10})
+        conv.algorithm = algorithm
+        model = Sequential([conv, ReLU()] if relu else [conv])
+        x = np.random.default_rng(7).standard_normal((4, 3, 9, 8)).astype(np.float32)
+        y = model.forward(x)
+        assert conv.fused_relu == relu
+        dx = model.backward(np.random.default_rng(8).standard_normal(y.shape).astype(np.float32))
+        results.append((y, dx, conv.grads["weight"].copy(), conv.grads["bias"].copy()))
+    for first, second in zip(*results):
+        np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_whole_batch_conv_skips_weight_gradients(rng):
+    from rabbitkit.layers import freeze
+
+    conv = Conv2D(2, 3, 3, padding=1)
+    conv.algorithm = "whole-batch"
+    reference = Conv2D(2, 3, 3, padding=1)
+    reference.load_state_dict(conv.state_dict())
+    freeze(conv, "*")
+    x = rng.standard_normal((1, 2, 6, 5)).astype(np.float32)
+    dy = rng.standard_normal((1, 3, 6, 5)).astype(np.float32)
+    conv.forward(x)
+    reference.forward(x)
+    np.testing.assert_allclose(conv.backward(dy), reference.backward(dy), rtol=1e-5, atol=1e-6)
+    assert not conv.grads["weight"].any() and not conv.grads["bias"].any()

@@ -8,8 +8,10 @@ backward pass is ``dW += dY @ cols.T`` (formed as ``(cols @ dY.T).T``, see
 kernel per pass runs the whole batch: parallel over samples, each thread lowers
 its sample into its own scratch and calls single-threaded BLAS on it, so the
 column matrix never leaves the core that wrote it and Numba's and OpenBLAS's thread pools never compete.
-A batch smaller than the thread count runs the same kernel serially with
-multi-threaded BLAS instead.
+The other variant lowers the whole batch into one column matrix and makes each
+product one multi-threaded numpy call: a batch smaller than the thread count
+(batch 1 in Deep Dream and style transfer) always runs so, and for larger
+batches :mod:`rabbitkit.backend.tuning` measures both once per machine and shape.
 
 Stride-1 convolutions use a "wide" lowering: the sample is zero-padded once,
 and each row of ``cols`` is then one contiguous slice of the padded planes,
@@ -28,7 +30,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..backend.cpu import SINGLE_THREADED_BLAS, kernel, kernel_pair
+from ..backend.cpu import SINGLE_THREADED_BLAS, kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
@@ -229,10 +231,10 @@ def store_output(product, bias, y, relu):
 
 
 @kernel(parallel=False)
-def load_output_grad(dy, y, relu, rows, rows_t, dbias):
+def load_output_grad(dy, y, relu, rows, rows_t, dbias, transpose):
     """rows (O, Ho*pitch) = dy (O, Ho, Wo) with zero garbage columns, rows_t (Ho*pitch, O)
-    its transpose; dbias += the sums of dy.  With a fused ``relu``, dy is first masked
-    where the (rectified) output y is 0, as the ReLU's backward would have done."""
+    its transpose (when ``transpose``); dbias += the sums of dy.  With a fused ``relu``, dy
+    is first masked where the (rectified) output y is 0, as the ReLU's backward would have done."""
     outputs, ho, wo = dy.shape
     pitch = rows.shape[1] // ho
     for o in range(outputs):
@@ -253,10 +255,11 @@ def load_output_grad(dy, y, relu, rows, rows_t, dbias):
             for ow in range(wo, pitch):
                 dst[ow] = 0.0
         dbias[o] += total
-    for p in range(rows.shape[1]):
-        dst = rows_t[p]
-        for o in range(outputs):
-            dst[o] = rows[o, p]
+    if transpose:
+        for p in range(rows.shape[1]):
+            dst = rows_t[p]
+            for o in range(outputs):
+                dst[o] = rows[o, p]
 
 
 @kernel(parallel=False)
@@ -291,7 +294,7 @@ def conv_backward(x, dy, y, relu, weight_t, dx, xpad, cols, rows, rows_t, dweigh
     """
     for b in prange(x.shape[0]):
         slot = numba.get_thread_id()
-        load_output_grad(dy[b], y[b], relu, rows[slot], rows_t[slot], dbias_parts[slot])
+        load_output_grad(dy[b], y[b], relu, rows[slot], rows_t[slot], dbias_parts[slot], True)
         if weight_grad:
             lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
             np.dot(cols[slot], rows_t[slot], dweight_product[slot])
@@ -301,8 +304,48 @@ def conv_backward(x, dy, y, relu, weight_t, dx, xpad, cols, rows, rows_t, dweigh
             raise_sample(cols[slot], xpad[slot], dx[b], kh, kw, sh, sw, ph, pw, ho, wo, wide)
 
 
-conv_forward_serial, conv_forward_parallel = kernel_pair(conv_forward)
-conv_backward_serial, conv_backward_parallel = kernel_pair(conv_backward)
+conv_forward_parallel = kernel(conv_forward)
+conv_backward_parallel = kernel(conv_backward)
+
+
+# -- whole-batch lowering: one multi-threaded product per pass ---------------------
+# The batch's columns sit side by side in one (K, N*P) matrix, sample b in columns
+# [b*P, (b+1)*P); the kernels below lower, store and raise the samples in parallel,
+# and the products between them are single numpy calls on all cores.  This is the
+# variant for batches smaller than the thread count (batch 1 in Deep Dream and style
+# transfer), and a candidate the tuner measures against per-sample lowering.
+@kernel
+def lower_batch(x, xpad, cols, kh, kw, sh, sw, ph, pw, ho, wo, wide):
+    per = cols.shape[1] // x.shape[0]
+    for b in prange(x.shape[0]):
+        slot = numba.get_thread_id()
+        lower_sample(x[b], xpad[slot], cols[:, b * per:(b + 1) * per], kh, kw, sh, sw, ph, pw, ho, wo, wide)
+
+
+@kernel
+def store_batch(product, bias, y, relu):
+    per = product.shape[1] // y.shape[0]
+    for b in prange(y.shape[0]):
+        store_output(product[:, b * per:(b + 1) * per], bias, y[b], relu)
+
+
+@kernel
+def load_batch_grad(dy, y, relu, rows, unused_rows_t, dbias_parts):
+    per = rows.shape[1] // dy.shape[0]
+    for b in prange(dy.shape[0]):
+        slot = numba.get_thread_id()
+        load_output_grad(dy[b], y[b], relu, rows[:, b * per:(b + 1) * per], unused_rows_t, dbias_parts[slot], False)
+
+
+@kernel
+def raise_batch(dcols, xpad, dx, kh, kw, sh, sw, ph, pw, ho, wo, wide):
+    per = dcols.shape[1] // dx.shape[0]
+    for b in prange(dx.shape[0]):
+        slot = numba.get_thread_id()
+        raise_sample(dcols[:, b * per:(b + 1) * per], xpad[slot], dx[b], kh, kw, sh, sw, ph, pw, ho, wo, wide)
+
+
+PER_SAMPLE, WHOLE_BATCH = "per-sample", "whole-batch"
 
 
 class Conv2D(Layer):
@@ -363,8 +406,11 @@ class Conv2D(Layer):
         return 2 * self.out_channels * self.in_channels * kh * kw * ho * wo
 
     # -- CPU ------------------------------------------------------------------------
+    #: Force a CPU variant (PER_SAMPLE or WHOLE_BATCH) instead of the tuner's choice.
+    algorithm = None
+
     def _plan(self, x):
-        """Geometry arguments of the kernels, the per-thread scratch, and which variant runs."""
+        """Geometry arguments of the kernels and the shape of one sample's column matrix."""
         if x.ndim != 4:
             raise ConfigError(f"Conv2D expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         batch, channels, height, width = x.shape
@@ -376,63 +422,99 @@ class Conv2D(Layer):
         pitch = width + 2 * pw if wide else wo
         # Padded planes plus the kw - 1 elements the last wide slice runs past them.
         padded = channels * (height + 2 * ph) * (width + 2 * pw) + kw - 1 if wide else 1
+        return (kh, kw, sh, sw, ph, pw, ho, wo, wide), padded, channels * kh * kw, ho * pitch
+
+    def _variant(self, direction, x, run):
+        """Which CPU variant runs ``direction`` at x's shape: forced, measured once per
+        machine (:mod:`rabbitkit.backend.tuning`), or the default.  ``run(name)``
+        executes a variant without touching ``grads``."""
+        from ..backend import tuning
+
+        if self.algorithm is not None:
+            return self.algorithm
         threads = numba.get_num_threads()
-        parallel = batch >= threads and threads > 1 and SINGLE_THREADED_BLAS.available
-        slots = threads if parallel else 1
-        rows = channels * kh * kw
-        geometry = (kh, kw, sh, sw, ph, pw, ho, wo, wide)
-        buffers = {
-            "xpad": scratch("conv_xpad", (slots, padded), self.dtype),
-            "cols": scratch("conv_cols", (slots, rows, ho * pitch), self.dtype),
-            "rows": scratch("conv_rows", (slots, self.out_channels, ho * pitch), self.dtype),
-        }
-        return geometry, buffers, parallel, slots
+        if not (x.shape[0] >= threads > 1 and SINGLE_THREADED_BLAS.available):
+            return WHOLE_BATCH  # fewer samples than threads: per-sample lowering would idle cores
+        shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
+                 self.fused_relu, self.needs_input_grad, self.weight_grads_wanted)
+        return tuning.choose(f"conv2d.{direction}", shape, {name: (lambda name=name: run(name))
+                                                            for name in (PER_SAMPLE, WHOLE_BATCH)},
+                             default=PER_SAMPLE)
+
+    def _bias(self):
+        return self.params["bias"] if self.has_bias else np.zeros(self.out_channels, dtype=self.dtype)
 
     def forward_cpu(self, x, training):
         self._x = x
-        geometry, buffers, parallel, _ = self._plan(x)
-        ho, wo = geometry[6], geometry[7]
-        y = np.empty((x.shape[0], self.out_channels, ho, wo), dtype=self.dtype)
-        weight = self.params["weight"].reshape(self.out_channels, -1)
-        bias = self.params["bias"] if self.has_bias else np.zeros(self.out_channels, dtype=self.dtype)
-        relu = self.fused_relu
-        self._y = y if relu else None  # the fused ReLU's gradient mask
-        arguments = (x, weight, bias, relu, y, buffers["xpad"], buffers["cols"], buffers["rows"], *geometry)
-        if parallel:
-            with SINGLE_THREADED_BLAS:
-                conv_forward_parallel(*arguments)
-        else:
-            conv_forward_serial(*arguments)
+        geometry, padded, rows, positions = self._plan(x)
+        y = np.empty((x.shape[0], self.out_channels, geometry[6], geometry[7]), dtype=self.dtype)
+        self._y = y if self.fused_relu else None  # the fused ReLU's gradient mask
+
+        def run(variant):
+            weight = self.params["weight"].reshape(self.out_channels, -1)
+            xpad = scratch("conv_xpad", (numba.get_num_threads(), padded), self.dtype)
+            if variant == PER_SAMPLE:
+                slots = numba.get_num_threads()
+                cols = scratch("conv_cols", (slots, rows, positions), self.dtype)
+                product = scratch("conv_rows", (slots, self.out_channels, positions), self.dtype)
+                with SINGLE_THREADED_BLAS:
+                    conv_forward_parallel(x, weight, self._bias(), self.fused_relu, y, xpad, cols, product, *geometry)
+            else:
+                cols = scratch("conv_cols_all", (rows, x.shape[0] * positions), self.dtype)
+                product = scratch("conv_product_all", (self.out_channels, cols.shape[1]), self.dtype)
+                lower_batch(x, xpad, cols, *geometry)
+                np.dot(weight, cols, out=product)
+                store_batch(product, self._bias(), y, self.fused_relu)
+
+        run(self._variant("forward", x, run))
         return y
 
     def backward_cpu(self, dy):
         x = self._x
-        geometry, buffers, parallel, slots = self._plan(x)
-        weight_t = np.ascontiguousarray(self.params["weight"].reshape(self.out_channels, -1).T)
-        dweight_t_parts = scratch("conv_dweight_t_parts", (slots, *weight_t.shape), self.dtype)
-        dweight_t_parts.fill(0)
-        dweight_product = scratch("conv_dweight_product", dweight_t_parts.shape, self.dtype)
-        rows = buffers["rows"]
-        rows_t = scratch("conv_rows_t", (slots, rows.shape[2], rows.shape[1]), self.dtype)
-        dbias_parts = scratch("conv_dbias_parts", (slots, self.out_channels), self.dtype)
-        dbias_parts.fill(0)
+        geometry, padded, rows, positions = self._plan(x)
+        dy = dy.reshape(x.shape[0], self.out_channels, geometry[6], geometry[7])
         # The first layer's input gradient is nobody's business (see Layer.skip_input_grad).
         dx = np.empty_like(x) if self.needs_input_grad else np.empty((x.shape[0], 0, 0, 0), dtype=self.dtype)
-        dy = dy.reshape(x.shape[0], self.out_channels, geometry[6], geometry[7])
         relu = self._y is not None
         mask_source = self._y if relu else dy  # unread without a fused ReLU; any array of dy's type will do
-        arguments = (x, dy, mask_source, relu, weight_t, dx,
-                     buffers["xpad"], buffers["cols"], rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
-                     *geometry, self.needs_input_grad, self.weight_grads_wanted)
-        if parallel:
-            with SINGLE_THREADED_BLAS:
-                conv_backward_parallel(*arguments)
-        else:
-            conv_backward_serial(*arguments)
+        weight_t = np.ascontiguousarray(self.params["weight"].reshape(self.out_channels, -1).T)
+        slots = numba.get_num_threads()
+
+        def run(variant):
+            """dx (if wanted) and (dweight (O, K) or None, dbias) of this backward, grads untouched."""
+            xpad = scratch("conv_xpad", (slots, padded), self.dtype)
+            dbias_parts = scratch("conv_dbias_parts", (slots, self.out_channels), self.dtype)
+            dbias_parts.fill(0)
+            if variant == PER_SAMPLE:
+                dweight_t_parts = scratch("conv_dweight_t_parts", (slots, rows, self.out_channels), self.dtype)
+                dweight_t_parts.fill(0)
+                dweight_product = scratch("conv_dweight_product", dweight_t_parts.shape, self.dtype)
+                cols = scratch("conv_cols", (slots, rows, positions), self.dtype)
+                out_rows = scratch("conv_rows", (slots, self.out_channels, positions), self.dtype)
+                rows_t = scratch("conv_rows_t", (slots, positions, self.out_channels), self.dtype)
+                with SINGLE_THREADED_BLAS:
+                    conv_backward_parallel(x, dy, mask_source, relu, weight_t, dx, xpad, cols, out_rows, rows_t,
+                                           dweight_t_parts, dweight_product, dbias_parts, *geometry,
+                                           self.needs_input_grad, self.weight_grads_wanted)
+                dweight = dweight_t_parts.sum(axis=0).T if self.weight_grads_wanted else None
+                return dweight, dbias_parts.sum(axis=0)
+            out_rows = scratch("conv_rows_all", (self.out_channels, x.shape[0] * positions), self.dtype)
+            load_batch_grad(dy, mask_source, relu, out_rows, np.empty((1, 1), self.dtype), dbias_parts)
+            cols = scratch("conv_cols_all", (rows, out_rows.shape[1]), self.dtype)
+            dweight = None
+            if self.weight_grads_wanted:
+                lower_batch(x, xpad, cols, *geometry)
+                dweight = np.dot(out_rows, cols.T)
+            if self.needs_input_grad:
+                np.dot(weight_t, out_rows, out=cols)  # the column gradient reuses the column buffer
+                raise_batch(cols, xpad, dx, *geometry)
+            return dweight, dbias_parts.sum(axis=0)
+
+        dweight, dbias = run(self._variant("backward", x, run))
         if self.weight_grads_wanted:
-            self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight_t_parts.sum(axis=0).T
+            self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight
             if self.has_bias:
-                self.grads["bias"] += dbias_parts.sum(axis=0)
+                self.grads["bias"] += dbias
         return dx if self.needs_input_grad else None
 
     def extra_repr(self):

@@ -69,6 +69,7 @@ SCHEMA = {
         "device": Key(str, "cpu", choices=("cpu", "cuda"), help="Backend the model runs on."),
         "threads": Key(int, 0, minimum=0, help="Threads for Numba kernels (0 = all cores); BLAS keeps its own setting."),
         "dtype": Key(str, "float32", choices=("float32", "float64"), help="Floating-point type of the model."),
+        "tune": Key(bool, True, help="Time kernel variants on first use of a shape and keep the fastest (cached per machine); false: built-in defaults, bit-reproducible runs (RABBIT_TUNE=0 does the same)."),
     },
     "data": {
         "dataset": Key(str, required=True, help="Dataset plugin name (`rabbit plugins`); its options go in this table too."),

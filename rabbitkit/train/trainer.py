@@ -62,6 +62,10 @@ class Run:
         self.best = None
         self.interrupted = False
         self._set_threads(config["experiment"]["threads"])
+        from ..backend import tuning
+
+        # tune = false fixes every kernel variant to its default; otherwise RABBIT_TUNE decides (default on).
+        tuning.set_enabled(None if config["experiment"]["tune"] else False)
 
         from .. import random as rk_random
 

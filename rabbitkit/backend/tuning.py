@@ -1,0 +1,155 @@
+"""Choose kernel variants by measuring them on this machine, and remember the choice.
+
+Which way of running a layer is fastest depends on the processor, the BLAS and
+its kernel, the thread count and the shape: on one AMD EPYC, per-sample
+lowering with one single-threaded BLAS product per thread wins; on an Intel Xeon
+whose OpenBLAS multiplies small products unpacked, the same layer can prefer
+one multi-threaded product per sample.  So rather than decide by assumption, a
+layer offers its candidate variants to :func:`choose` the first time it meets a
+shape; each is timed (after one untimed call that compiles and warms it), the
+fastest is kept, and the choice is stored in ``<cache>/tuning.json`` under this
+machine's key (CPU model, BLAS library, version and kernel, thread count), in
+the spirit of cuDNN's benchmark mode.  The next run starts tuned.
+
+Variants differ only in the order of floating-point sums (float32 rounding).
+``[experiment] tune = false`` or ``RABBIT_TUNE=0`` turns tuning off: every layer
+then takes its built-in default and runs are bit-reproducible.
+``rabbit tune EXP.toml`` tunes an experiment's shapes ahead and prints the choices.
+"""
+import json
+import os
+import platform
+import threading
+import time
+
+TIMED_CALLS = 3  # timed calls per candidate (the minimum counts), after one untimed call
+
+_lock = threading.Lock()
+_enabled = None  # None: decided by RABBIT_TUNE (default on)
+_choices = None  # {op key: {"choice": name, "seconds": {name: s}}} for this machine
+_measured = []  # op keys measured by this process (what `rabbit tune` prints)
+
+
+def set_enabled(flag):
+    """Turn measuring on or off for this process (``None``: back to ``RABBIT_TUNE``)."""
+    global _enabled
+    _enabled = None if flag is None else bool(flag)
+
+
+def enabled():
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("RABBIT_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_description():
+    """'openblas 0.3.29 SkylakeX' for the BLAS the kernels call (or 'unknown')."""
+    from .cpu import _LOADED_BLAS
+
+    kernel_side, every = _LOADED_BLAS
+    for controller in kernel_side or every:
+        return f"{controller.internal_api} {controller.version} {controller.architecture}"
+    return "unknown"
+
+
+def machine_key():
+    import numba
+
+    return f"{cpu_model()} | {blas_description()} | {numba.get_num_threads()} threads"
+
+
+def cache_path():
+    from ..data.paths import cache_root
+
+    return cache_root() / "tuning.json"
+
+
+def _read_all():
+    try:
+        data = json.loads(cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: measure again
+
+
+def _machine_choices():
+    global _choices
+    if _choices is None:
+        _choices = dict(_read_all().get(machine_key(), {}))
+    return _choices
+
+
+def _store(op_key, record):
+    """Add one choice to the cache file (read, merge, write atomically: runs may share it)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_all()
+        data.setdefault(machine_key(), {})[op_key] = record
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache folder: the choice still holds for this process
+
+
+def choose(op, shape, candidates, default):
+    """The name of the fastest of ``candidates`` ({name: zero-argument callable}) for
+    ``op`` at ``shape`` (anything with a stable ``str``), measured once per machine.
+
+    Candidates must be free of side effects beyond their output buffers: each runs
+    1 + TIMED_CALLS times when measured.  With tuning off, returns ``default``.
+    """
+    if not enabled() or len(candidates) < 2:
+        return default
+    op_key = f"{op} {shape}"
+    with _lock:
+        known = _machine_choices().get(op_key)
+        if known is not None and known.get("choice") in candidates:
+            return known["choice"]
+        seconds = {}
+        for name, call in candidates.items():
+            call()  # compiles on first use, warms caches and thread pools
+            best = float("inf")
+            for _ in range(TIMED_CALLS):
+                started = time.perf_counter()
+                call()
+                best = min(best, time.perf_counter() - started)
+            seconds[name] = best
+        choice = min(seconds, key=seconds.get)
+        record = {"choice": choice, "seconds": seconds}
+        _machine_choices()[op_key] = record
+        _measured.append(op_key)
+        _store(op_key, record)
+        return choice
+
+
+def measured():
+    """[(op key, choice, {candidate: seconds})] measured by this process, in order."""
+    choices = _machine_choices()
+    return [(key, choices[key]["choice"], choices[key]["seconds"]) for key in _measured]
+
+
+def known_choices():
+    """Every stored choice of this machine: {op key: record}."""
+    return dict(_machine_choices())
+
+
+def forget(measure_again=False):
+    """Drop this process's view of the cache (tests, or after deleting the file);
+    ``measure_again``: ignore the stored choices too (each shape is timed afresh and
+    its new choice replaces the stored one)."""
+    global _choices
+    _choices = {} if measure_again else None
+    _measured.clear()
