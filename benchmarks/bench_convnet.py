@@ -367,10 +367,16 @@ def main():
     else:
         print("environment: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE not set")
     print(f"threads: Numba {numba_threads()}, torch {torch.get_num_threads()}; batch {BATCH}; torch {torch.__version__}")
+    from rabbitkit.backend import tuning
+
+    print(f"CPU: {tuning.cpu_model()}; kernel variants tuned: {tuning.enabled()} (RABBIT_TUNE)")
     matmul = matmul_gflops(repeats)
     rabbit_ips, torch_ips, kind = training_speed(blocks, steps, warmup)
     for line in blas_report():  # after training, so every library that ran is loaded
         print(f"BLAS: {line}")
+    for key, record in tuning.known_choices().items():
+        print(f"choice: {key} -> {record['choice']} "
+              f"({', '.join(f'{n} {1e3 * t:.2f} ms' for n, t in record['seconds'].items())})")
     print(f"PyTorch: oneDNN convolutions {torch.backends.mkldnn.is_available()}, MKL {torch.backends.mkl.is_available()}")
     print(f"\nloss/optimizer on the rabbitkit side: {kind}\n")
     print("| training (fwd+bwd+SGD step) | images/s |")

@@ -29,6 +29,7 @@ if "pytorch" not in sys.argv:
     import rabbitkit  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT)
 import argparse
 import statistics
+import subprocess
 import time
 
 import numpy as np
@@ -126,11 +127,15 @@ def time_steps(step, steps):
 
 
 def describe_environment(torch, with_numba=True):
-    lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}"]
+    # lscpu, not rabbitkit's own reader: the PyTorch-alone process must not import rabbitkit
+    # (its thread settings would change PyTorch's OpenMP runtime).
+    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "unknown")
+    lines = [f"CPU: {model}", f"python {sys.version.split()[0]}, numpy {np.__version__}"]
     if with_numba:
         import numba
 
-        lines[0] += (f", numba {numba.__version__} (threads {numba.get_num_threads()}, "
+        lines[1] += (f", numba {numba.__version__} (threads {numba.get_num_threads()}, "
                      f"layer {numba.config.THREADING_LAYER})")
     try:
         from threadpoolctl import threadpool_info
