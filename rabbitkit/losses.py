@@ -16,7 +16,7 @@ from numba import prange
 from .backend import device_of, get_backend
 from .backend.cpu import TRANSCENDENTAL_WORK, sized_kernel
 from .backend.cuda import cuda_kernel
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .hookspecs import hookimpl
 from .layers.activations import softmax_row, softmax_rows_cuda
 
@@ -27,8 +27,9 @@ __all__ = ["Loss", "SoftmaxCrossEntropy", "SquaredError"]
 
 # -- CPU kernels ----------------------------------------------------------------
 @sized_kernel
-def softmax_cross_entropy_cpu(logits, targets, dy, scale, ignore_index):
-    """Per row: dy = (softmax - onehot) * scale; returns (sum of -log p[target], bad targets).
+def softmax_cross_entropy_cpu(logits, targets, dy, scale, ignore_index, smoothing):
+    """Per row: dy = (softmax - q) * scale for the target distribution
+    q = (1 - smoothing) onehot + smoothing / V; returns (sum of -sum_j q_j log p_j, bad targets).
 
     Rows whose target is ``ignore_index`` get dy = 0 and add no loss.  Targets
     outside [0, V) are counted, not read, so the caller can report them.
@@ -45,11 +46,20 @@ def softmax_cross_entropy_cpu(logits, targets, dy, scale, ignore_index):
                 invalid += 1
             continue
         top, norm = softmax_row(logits[r], dy[r])
-        total += math.log(norm) + top - logits[r, t]
         factor = scale / norm
-        for j in range(classes):
-            dy[r, j] *= factor
-        dy[r, t] -= scale
+        if smoothing == 0.0:
+            total += math.log(norm) + top - logits[r, t]
+            for j in range(classes):
+                dy[r, j] *= factor
+        else:
+            # -sum_j q_j log p_j = lse - (1 - s) z_t - s * mean_j z_j
+            spread = smoothing / classes * scale
+            logit_sum = 0.0
+            for j in range(classes):
+                logit_sum += logits[r, j]
+                dy[r, j] = dy[r, j] * factor - spread
+            total += math.log(norm) + top - (1.0 - smoothing) * logits[r, t] - smoothing * logit_sum / classes
+        dy[r, t] -= (1.0 - smoothing) * scale
     return total, invalid
 
 
@@ -66,10 +76,11 @@ def squared_error_cpu(y, t, dy, scale):
 
 # -- CUDA kernels ---------------------------------------------------------------
 @cuda_kernel
-def cross_entropy_from_softmax_cuda(logits, log_sum_exp, targets, dy, row_loss, row_count, ignore_index):
-    """dy holds the softmax on entry; per row subtract the one-hot target and record
-    the row's loss (lse - logit of the target) and whether it counts (1), is
-    ignored (0) or has a target outside [0, V) (-1).  Scaling by 1/count follows."""
+def cross_entropy_from_softmax_cuda(logits, log_sum_exp, targets, dy, row_loss, row_count, ignore_index, smoothing):
+    """dy holds the softmax on entry; per row subtract the target distribution
+    q = (1 - smoothing) onehot + smoothing / V and record the row's loss
+    (lse - sum_j q_j z_j) and whether it counts (1), is ignored (0) or has a target
+    outside [0, V) (-1).  Scaling by 1/count follows."""
     classes = logits.shape[1]
     for r in range(cuda.grid(1), logits.shape[0], cuda.gridsize(1)):
         t = targets[r]
@@ -79,8 +90,14 @@ def cross_entropy_from_softmax_cuda(logits, log_sum_exp, targets, dy, row_loss, 
             row_loss[r] = 0.0
             row_count[r] = 0.0 if t == ignore_index else -1.0
         else:
-            dy[r, t] -= 1.0
-            row_loss[r] = log_sum_exp[r] - logits[r, t]
+            spread = smoothing / classes
+            logit_sum = 0.0
+            if smoothing != 0.0:
+                for j in range(classes):
+                    logit_sum += logits[r, j]
+                    dy[r, j] -= spread
+            dy[r, t] -= 1.0 - smoothing
+            row_loss[r] = log_sum_exp[r] - (1.0 - smoothing) * logits[r, t] - spread * logit_sum
             row_count[r] = 1.0
 
 
@@ -147,10 +164,16 @@ class SoftmaxCrossEntropy(Loss):
     overflow nor give NaN.  Positions whose target equals ``ignore_index`` (e.g.
     padding) contribute nothing and the mean is over the others.  The gradient is
     (softmax - onehot) / count.
+
+    ``label_smoothing`` (Szegedy et al. 2016, as PyTorch's): the target
+    distribution is (1 - s) onehot + s / V; the gradient becomes (softmax - q) / count.
     """
 
-    def __init__(self, ignore_index=None):
+    def __init__(self, ignore_index=None, label_smoothing: float = 0.0):
         self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self._dy = None
 
     def _checked_targets(self, y, target):
@@ -178,7 +201,7 @@ class SoftmaxCrossEntropy(Loss):
         dy = self._gradient_buffer(y, get_backend("cpu"))
         scale = 1.0 / count if count else 0.0
         total, invalid = softmax_cross_entropy_cpu(y.size * TRANSCENDENTAL_WORK, y.reshape(rows), targets,
-                                                   dy.reshape(rows), scale, ignore)
+                                                   dy.reshape(rows), scale, ignore, self.label_smoothing)
         self._dy = dy
         if invalid:
             self._dy = None
@@ -198,7 +221,8 @@ class SoftmaxCrossEntropy(Loss):
         row_loss = backend.empty(rows[0], np.float64)
         row_count = backend.empty(rows[0], np.float64)
         softmax_rows_cuda.launch(rows[0], y2, dy2, log_sum_exp)
-        cross_entropy_from_softmax_cuda.launch(rows[0], y2, log_sum_exp, targets, dy2, row_loss, row_count, ignore)
+        cross_entropy_from_softmax_cuda.launch(rows[0], y2, log_sum_exp, targets, dy2, row_loss, row_count, ignore,
+                                               self.label_smoothing)
         total = float(_cuda_reduce("sum")(row_loss))
         if rows[0] and _cuda_reduce("min")(row_count, init=1.0) < 0:
             raise DataError(self._invalid_message(targets.copy_to_host(), rows[1], ignore))
@@ -217,7 +241,7 @@ class SoftmaxCrossEntropy(Loss):
         )
 
     def __repr__(self):
-        return f"SoftmaxCrossEntropy(ignore_index={self.ignore_index})"
+        return f"SoftmaxCrossEntropy(ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing})"
 
 
 class SquaredError(Loss):

@@ -47,6 +47,39 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_over_count(rng):
     np.testing.assert_allclose(loss.backward(), p / 3, rtol=1e-12)
 
 
+def smoothed_reference(logits, targets, smoothing, ignore_index=None):
+    """Mean of -sum_j q_j log p_j with q = (1 - s) onehot + s / V (PyTorch's label_smoothing)."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])
+    targets = np.asarray(targets).reshape(-1)
+    keep = np.ones(targets.shape, bool) if ignore_index is None else targets != ignore_index
+    top = logits.max(axis=1, keepdims=True)
+    log_probs = (logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[keep]
+    q = np.full(log_probs.shape, smoothing / logits.shape[1])
+    q[np.arange(len(q)), targets[keep]] += 1 - smoothing
+    return -(q * log_probs).sum(axis=1).mean()
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (4, 5), (3, 2, 4)])
+def test_label_smoothing_value_and_gradients(shape, rng):
+    logits = rng.standard_normal(shape) * 3
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    if targets.size > 1:
+        targets.flat[0] = -7  # one ignored position
+    loss = SoftmaxCrossEntropy(ignore_index=-7, label_smoothing=0.1)
+    np.testing.assert_allclose(loss.forward(logits, targets), smoothed_reference(logits, targets, 0.1, -7),
+                               rtol=1e-12)
+    check_loss_gradients(loss, logits, targets)
+    assert SoftmaxCrossEntropy(label_smoothing=0.0).forward(logits, targets.clip(0)) == pytest.approx(
+        cross_entropy_reference(logits, targets.clip(0)), rel=1e-12)
+
+
+def test_label_smoothing_out_of_range_is_refused():
+    from rabbitkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
+        SoftmaxCrossEntropy(label_smoothing=1.5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cross_entropy_is_stable_for_huge_logits(dtype):
     logits = np.array([[1e4, 0.0, -1e4], [1e4, 1e4, 0.0], [-1e4, 1e4, 5.0]], dtype=dtype)
@@ -122,6 +155,7 @@ CUDA_CASES = [
     (lambda: SoftmaxCrossEntropy(), (3, 4), "classes"),
     (lambda: SoftmaxCrossEntropy(), (2, 3, 4), "classes"),
     (lambda: SoftmaxCrossEntropy(ignore_index=-1), (2, 3, 4), "classes"),
+    (lambda: SoftmaxCrossEntropy(ignore_index=-1, label_smoothing=0.2), (2, 3, 4), "classes"),
     (lambda: SquaredError(), (3, 2), "values"),
     (lambda: SquaredError(), (2, 2, 2), "values"),
 ]
