@@ -468,7 +468,7 @@ def lstm_peephole_grads_cuda(dgates, cs, g_i, g_f, g_o):
         j = k - gate * hidden
         column = j if gate == 0 else (hidden + j if gate == 1 else 3 * hidden + j)
         shift = 1 if gate == 2 else 0  # the output gate sees c_t, the others c_{t-1}
-        acc = 0.0
+        acc = np.float64(0.0)  # float64 on the device and under the simulator alike
         for t in range(steps):
             for n in range(batch):
                 acc += dgates[t, n, column] * cs[t + shift, n, j]
