@@ -112,12 +112,12 @@ def test_state_set_on_the_host_moves_with_the_layer(rng):
 
 def test_cuda_forward_backward_and_clipping_are_deterministic(rng):
     """Same inputs, same bits: no float atomics in the bias, peephole and norm reductions."""
-    template = LSTM(5, 3, num_layers=2, peephole=True)
+    template = LSTM(5, 3, peephole=True)
     x = rng.uniform(-1, 1, (3, 2, 5)).astype(np.float32)
     dy = rng.standard_normal((3, 2, 3)).astype(np.float32)
     runs = []
     for _ in range(2):
-        layer = LSTM(5, 3, num_layers=2, peephole=True)
+        layer = LSTM(5, 3, peephole=True)
         layer.load_state_dict(template.state_dict())
         layer.to("cuda")
         y = to_host(layer.forward(x))
