@@ -138,7 +138,7 @@ def test_clip_grad_norm_on_the_device_matches_the_host(rng):
     def params(backend):
         return [Param(f"p{k}", None, backend.asarray(g.copy()), "weight", backend) for k, g in enumerate(grads)]
 
-    for max_norm in (0.5, 1e6):  # clipped, and left alone
+    for max_norm in (0.5, 1e6, 0.0):  # clipped, left alone, zeroed (as on the host)
         on_host, on_device, quiet = params(cpu), params(cuda), params(cuda)
         assert clip_grad_norm(on_host, max_norm) == pytest.approx(expected_norm, rel=1e-12)
         assert clip_grad_norm(on_device, max_norm) == pytest.approx(expected_norm, rel=1e-12)

@@ -314,10 +314,10 @@ def _partial_sum_squares_kernel(x, partials, slot):
 
 
 @cuda_kernel
-def _finish_norm_kernel(partials, max_norm, result, factor32, factor64):
+def _finish_norm_kernel(partials, clip, max_norm, result, factor32, factor64):
     """One block: result = (sum of all partials, its square root, clip factor); the
-    factor (max_norm / (norm + 1e-6), PyTorch's rule; 1 when no clipping is asked
-    for or needed) is also written as float32 and float64 for the scale kernel."""
+    factor (max_norm / (norm + 1e-6), PyTorch's rule, capped at 1; 1 when ``clip`` is
+    False) is also written as float32 and float64 for the scale kernel."""
     partial = cuda.shared.array(shape=256, dtype=np.float64)
     acc = np.float64(0.0)
     for i in range(cuda.threadIdx.x, partials.size, cuda.blockDim.x):
@@ -327,7 +327,7 @@ def _finish_norm_kernel(partials, max_norm, result, factor32, factor64):
     if cuda.threadIdx.x == 0:
         norm = math.sqrt(total)
         factor = 1.0
-        if max_norm > 0.0:
+        if clip:
             factor = max_norm / (norm + 1e-6)
             if factor >= 1.0:
                 factor = 1.0
@@ -347,12 +347,12 @@ def _scale_by_device_factor_kernel(x, factor):
             x[i] *= f
 
 
-def global_sum_squares(arrays, max_norm=0.0):
+def global_sum_squares(arrays, max_norm=None):
     """sum of squares over device ``arrays``, deterministically, without leaving the device.
 
-    Returns a float64 device array ``(sum, sqrt(sum), clip factor)``; with
-    ``max_norm > 0`` the arrays are also scaled in place by the factor when it is
-    below 1 (global-norm clipping).  Nothing is copied to the host.
+    Returns a float64 device array ``(sum, sqrt(sum), clip factor)``; with a
+    ``max_norm`` the arrays are also scaled in place by the factor when it is below 1
+    (global-norm clipping, as on the host).  Nothing is copied to the host.
     """
     module = cuda_module()
     arrays = list(arrays)
@@ -366,8 +366,9 @@ def global_sum_squares(arrays, max_norm=0.0):
     result = module.device_array(3, dtype=np.float64)
     factor32 = module.device_array(1, dtype=np.float32)
     factor64 = module.device_array(1, dtype=np.float64)
-    _finish_norm_kernel[1, threads](partials, float(max_norm), result, factor32, factor64)
-    if max_norm > 0.0:
+    clip = max_norm is not None
+    _finish_norm_kernel[1, threads](partials, clip, float(max_norm) if clip else 0.0, result, factor32, factor64)
+    if clip:
         for array in arrays:
             if array.size:
                 factor = factor32 if array.dtype == np.float32 else factor64
