@@ -129,6 +129,32 @@ def test_cuda_forward_backward_and_clipping_are_deterministic(rng):
     assert all(np.array_equal(g0[k], g1[k]) for k in g0)
 
 
+def test_a_recurrent_step_on_cuda_copies_nothing_between_host_and_device(rng, monkeypatch):
+    """With the batch on the device: forward (state carried), backward, clipping (no norm
+    asked for) make no host<->device copy.  (Inter-layer dropout copies its host-drawn
+    mask over, as the Dropout layer does; it is off here.)"""
+    import numba.cuda
+
+    backend = get_backend("cuda")
+    layer = GRU(3, 3, num_layers=2, stateful=True).to("cuda")
+    x = backend.asarray(rng.uniform(-1, 1, (2, 2, 3)).astype(np.float32))
+    dy = backend.asarray(rng.standard_normal((2, 2, 3)).astype(np.float32))
+    layer.forward(x)  # the carried state exists from here on
+    copies = []
+    array_type = type(x)
+    to_device, to_host_method, into = numba.cuda.to_device, array_type.copy_to_host, array_type.copy_to_device
+    monkeypatch.setattr(numba.cuda, "to_device", lambda *a, **k: copies.append("to_device") or to_device(*a, **k))
+    monkeypatch.setattr(array_type, "copy_to_host",
+                        lambda self, *a, **k: copies.append("copy_to_host") or to_host_method(self, *a, **k))
+    monkeypatch.setattr(array_type, "copy_to_device", lambda self, src, *a, **k: (
+        copies.append("host to device") if device_of(src) != "cuda" else None) or into(self, src, *a, **k))
+    layer.zero_grad()
+    layer.forward(x)
+    layer.backward(dy)
+    clip_grad_norm(layer.parameters(), 0.1, return_norm=False)
+    assert copies == []
+
+
 def test_clip_grad_norm_on_the_device_matches_the_host(rng):
     cpu, cuda = get_backend("cpu"), get_backend("cuda")
     grads = [rng.standard_normal(shape).astype(np.float32) for shape in ((7, 5), (300,), (1,), (3, 4, 2))]
