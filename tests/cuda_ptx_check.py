@@ -62,8 +62,8 @@ def main():
         cuda.compile_ptx(backend_cuda._scale_by_device_factor_kernel.pyfunc, (a1, a1), cc=(9, 0))
         print(f"{dt} reductions: ok")
     cuda.compile_ptx(backend_cuda._finish_norm_kernel.pyfunc,
-                     (types.Array(f64, 2, "C"), types.boolean, f64, types.Array(f64, 1, "C"), types.Array(types.float32, 1, "C"),
-                      types.Array(f64, 1, "C")), cc=(9, 0))
+                     (types.Array(f64, 2, "C"), types.boolean, f64, types.Array(f64, 1, "C"),
+                      types.Array(types.float32, 1, "C"), types.Array(f64, 1, "C")), cc=(9, 0))
     print("_finish_norm_kernel: ok")
 
 

@@ -173,7 +173,8 @@ class Recurrent(Layer):
         super().to(device)
         if self._initial_state is not None:  # a set or carried state follows the layer
             carried = self._state_carried
-            self._initial_state = self._pack_state([self._state_copy(a) for a in self._state_tuple(self._initial_state)])
+            arrays = self._state_tuple(self._initial_state)
+            self._initial_state = self._pack_state([self._state_copy(a) for a in arrays])
             self._state_carried = carried
         return self
 
