@@ -284,13 +284,24 @@ class Adam(Optimizer):
         return step_size, (beta1, beta2, self.eps, bias_correction2_sqrt)
 
 
-def clip_grad_norm(params, max_norm):
+def clip_grad_norm(params, max_norm, return_norm=True):
     """Scale all gradients so their global L2 norm is at most ``max_norm`` (PyTorch's rule).
 
     Returns the total norm before clipping; gradients are multiplied by
     max_norm / (norm + 1e-6) when that factor is below 1.
+
+    When every gradient is on the CUDA device, the norm, the factor and the scaling
+    stay there (:func:`rabbitkit.backend.cuda.global_sum_squares`: block partial
+    sums added in a fixed order, so the same gradients give the same bits); the norm
+    then costs one scalar copy to the host, which ``return_norm=False`` skips (the
+    call returns None), as the trainer does.
     """
     params = list(params)
+    if params and all(p.backend.name == "cuda" for p in params):
+        from .backend.cuda import global_sum_squares
+
+        result = global_sum_squares([p.grad for p in params], float(max_norm))
+        return float(result.copy_to_host()[1]) if return_norm else None
     total = math.sqrt(sum(squared_norm(p.grad, p.backend) for p in params))
     factor = float(max_norm) / (total + 1e-6)
     if factor < 1.0:

@@ -95,7 +95,9 @@ def _flat(array):
 def squared_norm(array, backend):
     """sum(array**2) as a Python float, on the array's device (float64 accumulation)."""
     if backend.name == "cuda":
-        return backend.sum_squares(array)
+        from .backend.cuda import global_sum_squares
+
+        return float(global_sum_squares([array]).copy_to_host()[0])  # ordered, no atomics
     return float(penalty_sum_cpu(array.size, _flat(array), False))
 
 

@@ -268,3 +268,109 @@ def get_cuda_backend():
     if _backend is None:
         _backend = CUDABackend()
     return _backend
+
+
+# ---------------------------------------------------------------------------
+# Deterministic sums of squares and global-norm clipping, all on the device.
+#
+# Every block writes its partial sum to its own slot (a shared-memory tree in a fixed
+# order), and one block then adds the slots in a fixed order: no atomics, so the
+# same gradients give the same bits on the same device and launch configuration.
+# The clipping factor stays on the device too: the scale kernel reads it from device
+# memory, so clipping needs no transfer unless the caller wants the norm.
+
+REDUCE_THREADS = 256  # block size of the reductions below (a power of two)
+
+
+def _reduce_threads():
+    return 32 if simulating() else REDUCE_THREADS
+
+
+@cuda_device
+def _block_tree_sum(partial, acc):
+    """Sum of every thread's ``acc`` over the block, in a fixed order (valid in thread 0)."""
+    tid = cuda.threadIdx.x
+    partial[tid] = acc
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if tid < step:
+            partial[tid] += partial[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    return partial[0]
+
+
+@cuda_kernel
+def _partial_sum_squares_kernel(x, partials, slot):
+    """partials[slot, block] = this block's share of sum(x**2) (float64)."""
+    partial = cuda.shared.array(shape=256, dtype=np.float64)
+    acc = np.float64(0.0)  # not 0.0: under the simulator (NumPy 2) that would add in float32
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        acc += x[i] * x[i]
+    total = _block_tree_sum(partial, acc)
+    if cuda.threadIdx.x == 0:
+        partials[slot, cuda.blockIdx.x] = total
+
+
+@cuda_kernel
+def _finish_norm_kernel(partials, clip, max_norm, result, factor32, factor64):
+    """One block: result = (sum of all partials, its square root, clip factor); the
+    factor (max_norm / (norm + 1e-6), PyTorch's rule, capped at 1; 1 when ``clip`` is
+    False) is also written as float32 and float64 for the scale kernel."""
+    partial = cuda.shared.array(shape=256, dtype=np.float64)
+    acc = np.float64(0.0)
+    for i in range(cuda.threadIdx.x, partials.size, cuda.blockDim.x):
+        r = i // partials.shape[1]
+        acc += partials[r, i - r * partials.shape[1]]
+    total = _block_tree_sum(partial, acc)
+    if cuda.threadIdx.x == 0:
+        norm = math.sqrt(total)
+        factor = 1.0
+        if clip:
+            factor = max_norm / (norm + 1e-6)
+            if factor >= 1.0:
+                factor = 1.0
+        result[0] = total
+        result[1] = norm
+        result[2] = factor
+        factor32[0] = factor
+        factor64[0] = factor
+
+
+@cuda_kernel
+def _scale_by_device_factor_kernel(x, factor):
+    """x *= factor[0] where the factor is below 1 (factor has x's dtype)."""
+    f = factor[0]
+    if f < 1.0:
+        for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+            x[i] *= f
+
+
+def global_sum_squares(arrays, max_norm=None):
+    """sum of squares over device ``arrays``, deterministically, without leaving the device.
+
+    Returns a float64 device array ``(sum, sqrt(sum), clip factor)``; with a
+    ``max_norm`` the arrays are also scaled in place by the factor when it is below 1
+    (global-norm clipping, as on the host).  Nothing is copied to the host.
+    """
+    module = cuda_module()
+    arrays = list(arrays)
+    threads = _reduce_threads()
+    blocks = [launch_config(max(1, a.size), threads)[0] for a in arrays]
+    partials = module.device_array((max(1, len(arrays)), max(blocks, default=1)), dtype=np.float64)
+    _fill_kernel.launch(partials.size, partials.reshape(partials.size), np.float64(0.0))
+    for slot, (array, count) in enumerate(zip(arrays, blocks)):
+        if array.size:
+            _partial_sum_squares_kernel[count, threads](array.reshape(array.size), partials, slot)
+    result = module.device_array(3, dtype=np.float64)
+    factor32 = module.device_array(1, dtype=np.float32)
+    factor64 = module.device_array(1, dtype=np.float64)
+    clip = max_norm is not None
+    _finish_norm_kernel[1, threads](partials, clip, float(max_norm) if clip else 0.0, result, factor32, factor64)
+    if clip:
+        for array in arrays:
+            if array.size:
+                factor = factor32 if array.dtype == np.float32 else factor64
+                _scale_by_device_factor_kernel.launch(array.size, array.reshape(array.size), factor)
+    return result

@@ -38,6 +38,16 @@ Vectorisation notes (measured, they decide the code's shape):
   is a positive polynomial, so the check never fires anyway.
 
 float64 kernels use libm (exact functions for gradient checks).
+
+CUDA kernels (the second half of this file) take the other shape a GPU wants: the
+layer class runs the time loop on the host, and each step is one backend GEMM for
+the recurrent product plus *one* fused kernel for every gate nonlinearity and the
+cell update (backward: one fused kernel, then the GEMM carrying the gradient to
+h_{t-1}).  The fused kernels parallelise over the (batch row, unit) pairs of a step;
+every thread writes its own entries, so no reduction happens inside them.  The
+peephole gradients (sums over steps and rows) are one ordered reduction after the
+time loop.  Activations there are libm's (``math.tanh``, an overflow-free sigmoid),
+so float32 CUDA results differ from the CPU's rational tanh by a few ulps.
 """
 import math
 
@@ -47,7 +57,10 @@ from numba import prange, types
 from numba.extending import overload
 
 from ..backend.cpu import FASTMATH, kernel, product_rows
+from ..backend.cuda import cuda_device, cuda_kernel
 from .activations import tanh_approx
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 # Not cached on its own: LLVM inlines it into the (cached) kernels below.  (Numba-level
 # inline="always" would compile its division under the caller's error model again.)
@@ -321,3 +334,198 @@ def gru_backward_sequence(dhs, gates, w_hh, hs, hn, dh, dgx, dgh, dh_skip, chunk
                 skip = dh_skip[n]
                 for j in range(hidden):
                     carry[j] += skip[j]
+
+
+# =====================================================================================
+# CUDA kernels: one fused gate kernel per step and direction (see the module docstring).
+# Arrays of one step are (N, width) views of the time-major (T, N, ...) arrays; every
+# kernel is a grid-stride loop over the N * H (row, unit) pairs of the step.
+
+
+@cuda_device
+def sigmoid_cuda(v, one):
+    """1 / (1 + exp(-v)) without overflow: z = exp(-|v|) <= 1 (as the Sigmoid layer)."""
+    z = math.exp(-abs(v))
+    return (one if v >= 0 else z) / (one + z)
+
+
+@cuda_kernel
+def swap_leading_axes_cuda(src, dst):
+    """dst[b, a, :] = src[a, b, :] (batch-first <-> time-major)."""
+    first, second, width = src.shape
+    for k in range(cuda.grid(1), src.size, cuda.gridsize(1)):
+        a = k // (second * width)
+        rest = k - a * second * width
+        b = rest // width
+        f = rest - b * width
+        dst[b, a, f] = src[a, b, f]
+
+
+@cuda_kernel
+def multiply_cuda(x, m, y):
+    """y = x * m on flat arrays (y may be x): the inter-layer dropout mask."""
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        y[i] = x[i] * m[i]
+
+
+@cuda_kernel
+def add_cuda(a, b, out):
+    """out = a + b on flat arrays (b_ih + b_hh, which the RNN and LSTM cells add once)."""
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = a[i] + b[i]
+
+
+# -- vanilla RNN --------------------------------------------------------------------
+@cuda_kernel
+def rnn_step_forward_cuda(pre, rec, bias, h_new):
+    """h_new = tanh(pre + rec + bias); pre = x_t W_ih^T, rec = h_{t-1} W_hh^T (N, H)."""
+    batch, hidden = h_new.shape
+    for k in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+        n = k // hidden
+        j = k - n * hidden
+        h_new[n, j] = math.tanh(pre[n, j] + rec[n, j] + bias[j])
+
+
+@cuda_kernel
+def rnn_step_backward_cuda(up, h, dh, d):
+    """d = (up + dh) * (1 - h^2): the pre-activation gradient of step t (h = h_t)."""
+    batch, hidden = h.shape
+    one = h.dtype.type(1.0)
+    for k in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+        n = k // hidden
+        j = k - n * hidden
+        v = h[n, j]
+        d[n, j] = (up[n, j] + dh[n, j]) * (one - v * v)
+
+
+# -- LSTM (peepholes p_i, p_f, p_o: zeros without them, as on the CPU) ----------------
+@cuda_kernel
+def lstm_step_forward_cuda(gates, rec, bias, p_i, p_f, p_o, c_prev, c_new, tanh_c, h_new):
+    """gates (N, 4H): x_t W_ih^T on entry, activated i, f, g, o on return; rec (N, 4H) =
+    h_{t-1} W_hh^T; bias (4H,) = b_ih + b_hh; c_prev, c_new, tanh_c, h_new (N, H)."""
+    batch, hidden = h_new.shape
+    one = gates.dtype.type(1.0)
+    for k in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+        n = k // hidden
+        j = k - n * hidden
+        jf = hidden + j
+        jg = 2 * hidden + j
+        jo = 3 * hidden + j
+        cp = c_prev[n, j]
+        i = sigmoid_cuda(gates[n, j] + rec[n, j] + bias[j] + p_i[j] * cp, one)
+        f = sigmoid_cuda(gates[n, jf] + rec[n, jf] + bias[jf] + p_f[j] * cp, one)
+        g = math.tanh(gates[n, jg] + rec[n, jg] + bias[jg])
+        c = f * cp + i * g
+        o = sigmoid_cuda(gates[n, jo] + rec[n, jo] + bias[jo] + p_o[j] * c, one)
+        tc = math.tanh(c)
+        gates[n, j] = i
+        gates[n, jf] = f
+        gates[n, jg] = g
+        gates[n, jo] = o
+        c_new[n, j] = c
+        tanh_c[n, j] = tc
+        h_new[n, j] = o * tc
+
+
+@cuda_kernel
+def lstm_step_backward_cuda(up, gates, p_i, p_f, p_o, c_prev, tanh_c, dh, dc, dgates):
+    """Step t of BPTT: up (N, H) from above, dh/dc (N, H) from step t + 1 (dc is
+    replaced by the gradient w.r.t. c_{t-1}); dgates (N, 4H) receives the gate
+    pre-activation gradients (the caller then sets dh = dgates W_hh)."""
+    batch, hidden = dh.shape
+    one = gates.dtype.type(1.0)
+    for k in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+        n = k // hidden
+        j = k - n * hidden
+        jf = hidden + j
+        jg = 2 * hidden + j
+        jo = 3 * hidden + j
+        i = gates[n, j]
+        f = gates[n, jf]
+        g = gates[n, jg]
+        o = gates[n, jo]
+        tc = tanh_c[n, j]
+        grad_h = up[n, j] + dh[n, j]
+        grad_o = grad_h * tc * o * (one - o)
+        grad_c = dc[n, j] + grad_h * o * (one - tc * tc) + grad_o * p_o[j]
+        grad_i = grad_c * g * i * (one - i)
+        grad_f = grad_c * c_prev[n, j] * f * (one - f)
+        dgates[n, j] = grad_i
+        dgates[n, jf] = grad_f
+        dgates[n, jg] = grad_c * i * (one - g * g)
+        dgates[n, jo] = grad_o
+        dc[n, j] = grad_c * f + grad_i * p_i[j] + grad_f * p_f[j]
+
+
+@cuda_kernel
+def lstm_peephole_grads_cuda(dgates, cs, g_i, g_f, g_o):
+    """g_i += sum_{t,n} d_i c_{t-1}, g_f += sum d_f c_{t-1}, g_o += sum d_o c_t: one
+    thread per (gate, unit) summing over steps then rows in order (deterministic)."""
+    steps, batch, width = dgates.shape
+    hidden = width // 4
+    for k in range(cuda.grid(1), 3 * hidden, cuda.gridsize(1)):
+        gate = k // hidden
+        j = k - gate * hidden
+        column = j if gate == 0 else (hidden + j if gate == 1 else 3 * hidden + j)
+        shift = 1 if gate == 2 else 0  # the output gate sees c_t, the others c_{t-1}
+        acc = np.float64(0.0)  # float64 on the device and under the simulator alike
+        for t in range(steps):
+            for n in range(batch):
+                acc += dgates[t, n, column] * cs[t + shift, n, j]
+        if gate == 0:
+            g_i[j] += acc
+        elif gate == 1:
+            g_f[j] += acc
+        else:
+            g_o[j] += acc
+
+
+# -- GRU ----------------------------------------------------------------------------
+@cuda_kernel
+def gru_step_forward_cuda(gates, rec, b_ih, b_hh, h_prev, h_new, hn):
+    """gates (N, 3H): x_t W_ih^T on entry, activated r, z, n on return; rec (N, 3H) =
+    h_{t-1} W_hh^T; hn (N, H) receives W_hn h_{t-1} + b_hn (needed by backward)."""
+    batch, hidden = h_new.shape
+    one = gates.dtype.type(1.0)
+    for k in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+        n = k // hidden
+        j = k - n * hidden
+        jz = hidden + j
+        jn = 2 * hidden + j
+        r = sigmoid_cuda(gates[n, j] + b_ih[j] + rec[n, j] + b_hh[j], one)
+        z = sigmoid_cuda(gates[n, jz] + b_ih[jz] + rec[n, jz] + b_hh[jz], one)
+        rec_n = rec[n, jn] + b_hh[jn]
+        cand = math.tanh(gates[n, jn] + b_ih[jn] + r * rec_n)
+        gates[n, j] = r
+        gates[n, jz] = z
+        gates[n, jn] = cand
+        hn[n, j] = rec_n
+        h_new[n, j] = (one - z) * cand + z * h_prev[n, j]
+
+
+@cuda_kernel
+def gru_step_backward_cuda(up, gates, h_prev, hn, dh, dgx, dgh):
+    """Step t of BPTT: dgx/dgh (N, 3H) receive the input and recurrent pre-activation
+    gradients; dh (N, H) is replaced by the z * dh shortcut, to which the caller adds
+    dgh W_hh (GEMM with beta = 1) to get the gradient w.r.t. h_{t-1}."""
+    batch, hidden = dh.shape
+    one = gates.dtype.type(1.0)
+    for k in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+        n = k // hidden
+        j = k - n * hidden
+        jz = hidden + j
+        jn = 2 * hidden + j
+        r = gates[n, j]
+        z = gates[n, jz]
+        cand = gates[n, jn]
+        grad_h = up[n, j] + dh[n, j]
+        grad_n = grad_h * (one - z) * (one - cand * cand)
+        grad_r = grad_n * hn[n, j] * r * (one - r)
+        grad_z = grad_h * (h_prev[n, j] - cand) * z * (one - z)
+        dgx[n, j] = grad_r
+        dgx[n, jz] = grad_z
+        dgx[n, jn] = grad_n
+        dgh[n, j] = grad_r
+        dgh[n, jz] = grad_z
+        dgh[n, jn] = grad_n * r
+        dh[n, j] = grad_h * z

@@ -20,26 +20,43 @@ the first layer's input is one-hot), each layer's time loop is one kernel call t
 splits the batch over Numba's threads with a single-threaded BLAS per thread, and
 the weight gradients are one product each over all steps.
 
-The layers are CPU-only for now; ``to("cuda")`` refuses them with a clear message.
+On ``device="cuda"`` the same layer runs through time on the GPU: the input
+projection of all steps is one backend GEMM, each step one GEMM for the recurrent
+product and one fused kernel for the gates and the cell update (forward and
+backward alike), and the weight and bias gradients are single GEMMs and ordered
+column sums over all steps afterwards (deterministic: no float atomics).  States,
+carried states and state gradients stay on the device.
 """
 import math
 
 import numba
 import numpy as np
 
+from ..backend import to_host
 from ..backend.cpu import matmul
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ._recurrent_kernels import (
+    add_cuda,
     gru_backward_sequence,
+    gru_step_backward_cuda,
+    gru_step_forward_cuda,
+    lstm_peephole_grads_cuda,
+    lstm_step_backward_cuda,
+    lstm_step_forward_cuda,
+    multiply_cuda,
     one_hot_rows_cpu,
     gru_forward_sequence,
     lstm_backward_sequence,
     lstm_forward_sequence,
     rnn_backward_sequence,
     rnn_forward_sequence,
+    rnn_step_backward_cuda,
+    rnn_step_forward_cuda,
+    swap_leading_axes_cuda,
 )
 from .base import Layer
+from .dense import add_column_sums_cuda
 from ..backend.cpu import SINGLE_THREADED_BLAS, rows_per_product
 from .embedding import gather_rows_cpu, scatter_add_rows_cpu
 
@@ -133,7 +150,7 @@ class Recurrent(Layer):
         arrays = (state,) if self.state_arrays == 1 else tuple(state)
         if len(arrays) != self.state_arrays:
             raise ConfigError(f"{type(self).__name__}.{what} needs {self.state_arrays} arrays (h, c), got {len(arrays)}")
-        arrays = tuple(np.array(a, dtype=self.dtype, copy=True) for a in arrays)
+        arrays = tuple(self._state_copy(a) for a in arrays)
         for a in arrays:
             if a.ndim != 3 or a.shape[0] != self.num_layers or a.shape[2] != self.hidden_size:
                 raise ConfigError(
@@ -141,6 +158,25 @@ class Recurrent(Layer):
                     f"({self.num_layers}, N, {self.hidden_size}), got {a.shape}"
                 )
         return arrays[0] if self.state_arrays == 1 else arrays
+
+    def _state_copy(self, array):
+        """A copy of a state array on this layer's device (host or device input)."""
+        if self.device == "cuda":
+            out = self.backend.asarray(array, self.dtype)
+            if out is array:  # already a device array of our dtype: copy it all the same
+                out = self.backend.empty(array.shape, self.dtype)
+                out.copy_to_device(array)
+            return out
+        return np.array(to_host(array), dtype=self.dtype, copy=True)
+
+    def to(self, device):
+        super().to(device)
+        if self._initial_state is not None:  # a set or carried state follows the layer
+            carried = self._state_carried
+            arrays = self._state_tuple(self._initial_state)
+            self._initial_state = self._pack_state([self._state_copy(a) for a in arrays])
+            self._state_carried = carried
+        return self
 
     def _state_tuple(self, state):
         return (state,) if self.state_arrays == 1 else tuple(state)
@@ -163,7 +199,10 @@ class Recurrent(Layer):
                 raise ConfigError(
                     f"{type(self).__name__}.initial_state has batch size {arrays[0].shape[1]}, the input has {batch}"
                 )
-        zeros = np.zeros((self.num_layers, batch, self.hidden_size), dtype=self.dtype)
+        shape = (self.num_layers, batch, self.hidden_size)
+        if self.device == "cuda":
+            return tuple(self.backend.zeros(shape, self.dtype) for _ in range(self.state_arrays))
+        zeros = np.zeros(shape, dtype=self.dtype)
         return tuple(zeros.copy() for _ in range(self.state_arrays))
 
     # -- computation ----------------------------------------------------------------
@@ -187,14 +226,31 @@ class Recurrent(Layer):
         """b_ih + b_hh: where the cell adds both, the kernel adds them once."""
         return self._param("bias_ih", layer) + self._param("bias_hh", layer)
 
-    def forward_cpu(self, x, training):
+    def _check_input(self, x):
         if x.ndim != 3 or x.shape[2] != self.input_size:
             raise ConfigError(
                 f"{type(self).__name__} expects input (N, T, {self.input_size}), got shape {tuple(x.shape)}"
             )
-        batch, steps, _ = x.shape
-        if steps < 1:
+        if x.shape[1] < 1:
             raise ConfigError(f"{type(self).__name__} needs at least one time step")
+        return x.shape[0], x.shape[1]
+
+    def _draw_mask(self, shape):
+        """Inverted-dropout mask between stacked layers (host, from the layer's generator,
+        so both devices draw the same one): 0 or 1 / (1 - dropout)."""
+        keep = 1.0 - self.dropout
+        return (self.rng.random(shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+
+    def _finish_forward(self, caches, shape, finals):
+        self._cache = {"caches": caches, "shape": shape}
+        self.final_state = self._pack_state(finals)
+        if self.stateful:
+            # Carry the state into the next forward, detached: BPTT stops at this boundary.
+            self._initial_state = self._pack_state([self._state_copy(f) for f in finals])
+            self._state_carried = True
+
+    def forward_cpu(self, x, training):
+        batch, steps = self._check_input(x)
         start = self._start_state(batch)
         inp = np.ascontiguousarray(x.transpose(1, 0, 2))  # time-major (T, N, F)
         caches = []
@@ -206,17 +262,11 @@ class Recurrent(Layer):
             for final, value in zip(finals, cache["final"]):
                 final[layer] = value
             if training and self.dropout > 0 and layer < self.num_layers - 1:
-                keep = 1.0 - self.dropout
-                cache["mask"] = (self.rng.random(out.shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+                cache["mask"] = self._draw_mask(out.shape)
                 out = out * cache["mask"]
             caches.append(cache)
             inp = out
-        self._cache = {"caches": caches, "shape": x.shape}
-        self.final_state = self._pack_state(finals)
-        if self.stateful:
-            # Carry the state into the next forward, detached: BPTT stops at this boundary.
-            self._initial_state = self._pack_state([f.copy() for f in finals])
-            self._state_carried = True
+        self._finish_forward(caches, x.shape, finals)
         if self.return_sequences:
             return np.ascontiguousarray(inp.transpose(1, 0, 2))
         return np.ascontiguousarray(inp[-1])
@@ -225,7 +275,9 @@ class Recurrent(Layer):
         """Input gradient for ``dy`` (None: no gradient from the outputs) plus, optionally,
         ``state_grad`` arriving at the final state (same structure as ``final_state``)."""
         if self.device == "cuda":
-            return self.backward_cuda(dy)
+            if dy is not None:
+                dy = self.backend.asarray(dy, self.dtype)
+            return self._backward_cuda(dy, state_grad)
         if dy is not None:
             dy = np.ascontiguousarray(dy, dtype=self.dtype)
         return self._backward(dy, state_grad)
@@ -280,6 +332,113 @@ class Recurrent(Layer):
             return None
         return np.ascontiguousarray(dinp.transpose(1, 0, 2))
 
+    # -- CUDA: the same structure, time loop on the host, one GEMM + one fused kernel a step --
+    def forward_cuda(self, x, training):
+        batch, steps = self._check_input(x)
+        backend = self.backend
+        start = self._start_state(batch)
+        rows = steps * batch
+        inp = backend.empty((steps, batch, self.input_size), self.dtype)  # time-major (T, N, F)
+        swap_leading_axes_cuda.launch(x.size, x, inp)
+        caches = []
+        finals = [backend.empty((self.num_layers, batch, self.hidden_size), self.dtype) for _ in start]
+        for layer in range(self.num_layers):
+            cache = {"input": inp}
+            # X W_ih^T for all steps in one product (one-hot input too: exact either way).
+            xproj = backend.empty((rows, self.gates * self.hidden_size), self.dtype)
+            backend.gemm(inp.reshape(rows, inp.shape[2]), self._param("weight_ih", layer), xproj, trans_b=True)
+            out = self._forward_layer_cuda(layer, xproj.reshape(steps, batch, xproj.shape[1]),
+                                           [s[layer] for s in start], cache)
+            for final, value in zip(finals, cache["final"]):
+                final[layer].copy_to_device(value)
+            if training and self.dropout > 0 and layer < self.num_layers - 1:
+                cache["mask"] = backend.asarray(self._draw_mask(out.shape).reshape(out.size))
+                masked = backend.empty(out.shape, self.dtype)
+                multiply_cuda.launch(out.size, out.reshape(out.size), cache["mask"], masked.reshape(out.size))
+                out = masked
+            caches.append(cache)
+            inp = out
+        self._finish_forward(caches, x.shape, finals)
+        if self.return_sequences:
+            y = backend.empty((batch, steps, self.hidden_size), self.dtype)
+            swap_leading_axes_cuda.launch(inp.size, inp, y)
+            return y
+        y = backend.empty((batch, self.hidden_size), self.dtype)
+        y.copy_to_device(inp[steps - 1])
+        return y
+
+    def backward_cuda(self, dy):
+        return self._backward_cuda(dy, None)
+
+    def _backward_cuda(self, dy, state_grad):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        backend = self.backend
+        batch, steps, _ = self._cache["shape"]
+        hidden = self.hidden_size
+        shape = (steps, batch, hidden)
+        if dy is not None and self.return_sequences:
+            dout = backend.empty(shape, self.dtype)
+            swap_leading_axes_cuda.launch(dy.size, dy.reshape(batch, steps, hidden), dout)
+        else:
+            dout = backend.zeros(shape, self.dtype)
+            if dy is not None:
+                dout[steps - 1].copy_to_device(dy.reshape(batch, hidden))
+        if state_grad is None:
+            dstate = [backend.zeros((self.num_layers, batch, hidden), self.dtype) for _ in range(self.state_arrays)]
+        else:
+            dstate = [self._state_copy(a) for a in self._state_tuple(state_grad)]
+        rows = steps * batch
+        dinp = None
+        for layer in range(self.num_layers - 1, -1, -1):
+            cache = self._cache["caches"][layer]
+            # (N, H) views of the state gradients: the step kernels update them in place,
+            # leaving the gradient w.r.t. this layer's initial state.
+            dgx, dgh = self._backward_layer_cuda(layer, dout, [d[layer] for d in dstate], cache)
+            inp = cache["input"]
+            inp2 = inp.reshape(rows, inp.shape[2])
+            dgx2 = dgx.reshape(rows, dgx.shape[2])
+            dgh2 = dgh.reshape(rows, dgh.shape[2])
+            backend.gemm(dgx2, inp2, self.grads[f"weight_ih_l{layer}"], trans_a=True, beta=1.0)
+            backend.gemm(dgh2, cache["hs"][:steps].reshape(rows, hidden), self.grads[f"weight_hh_l{layer}"],
+                         trans_a=True, beta=1.0)
+            width = dgx2.shape[1]
+            add_column_sums_cuda.launch(width, dgx2, self.grads[f"bias_ih_l{layer}"])
+            add_column_sums_cuda.launch(width, dgh2, self.grads[f"bias_hh_l{layer}"])
+            if layer == 0 and not self.needs_input_grad:
+                dinp = None
+                break
+            dinp = backend.empty((steps, batch, inp.shape[2]), self.dtype)
+            backend.gemm(dgx2, self._param("weight_ih", layer), dinp.reshape(rows, inp.shape[2]))
+            if layer > 0:
+                below = self._cache["caches"][layer - 1]
+                if "mask" in below:
+                    flat = dinp.reshape(dinp.size)
+                    multiply_cuda.launch(dinp.size, flat, below["mask"], flat)
+                dout = dinp
+        self.initial_state_grad = self._pack_state(dstate)
+        if dinp is None:
+            return None
+        dx = backend.empty((batch, steps, dinp.shape[2]), self.dtype)
+        swap_leading_axes_cuda.launch(dinp.size, dinp, dx)
+        return dx
+
+    def _bias_cuda(self, layer):
+        """b_ih + b_hh on the device."""
+        b_ih, b_hh = self._param("bias_ih", layer), self._param("bias_hh", layer)
+        out = self.backend.empty(b_ih.shape, self.dtype)
+        add_cuda.launch(out.size, b_ih, b_hh, out)
+        return out
+
+    def _states_cuda(self, steps, batch, start):
+        """(T+1, N, H) device arrays with row 0 set to each start state."""
+        arrays = []
+        for value in start:
+            array = self.backend.empty((steps + 1, batch, self.hidden_size), self.dtype)
+            array[0].copy_to_device(value)
+            arrays.append(array)
+        return arrays
+
     # -- the input projection: one matrix product, or a row gather for one-hot input --------
     def _input_projection(self, layer, rows, cache):
         """X W_ih^T for all steps at once, (T*N, gates*H).
@@ -317,6 +476,14 @@ class Recurrent(Layer):
     def _backward_layer(self, layer, dout, dcarry, cache):
         """BPTT for one layer: update ``dcarry`` (final- to initial-state gradients) in
         place; return (input pre-activation grads, recurrent pre-activation grads)."""
+        raise NotImplementedError
+
+    def _forward_layer_cuda(self, layer, xproj, start, cache):
+        """CUDA twin of :meth:`_forward_layer` (device arrays, one GEMM + one kernel a step)."""
+        raise NotImplementedError
+
+    def _backward_layer_cuda(self, layer, dout, dcarry, cache):
+        """CUDA twin of :meth:`_backward_layer`."""
         raise NotImplementedError
 
     # -- shapes and summary -------------------------------------------------------------
@@ -367,6 +534,28 @@ class RNN(Recurrent):
         with SINGLE_THREADED_BLAS:
             rnn_backward_sequence(dout, self._param("weight_hh", layer), cache["hs"], dcarry[0], dpre,
                                   *self._split(dout.shape[1]))
+        return dpre, dpre
+
+    def _forward_layer_cuda(self, layer, xproj, start, cache):
+        steps, batch, _ = xproj.shape
+        (hs,) = self._states_cuda(steps, batch, start)
+        weight, bias = self._param("weight_hh", layer), self._bias_cuda(layer)
+        rec = self.backend.empty((batch, self.hidden_size), self.dtype)
+        for t in range(steps):
+            self.backend.gemm(hs[t], weight, rec, trans_b=True)
+            rnn_step_forward_cuda.launch(rec.size, xproj[t], rec, bias, hs[t + 1])
+        cache["hs"] = hs
+        cache["final"] = [hs[steps]]
+        return hs[1:]
+
+    def _backward_layer_cuda(self, layer, dout, dcarry, cache):
+        steps = dout.shape[0]
+        hs, dh = cache["hs"], dcarry[0]
+        weight = self._param("weight_hh", layer)
+        dpre = self.backend.empty(dout.shape, self.dtype)
+        for t in range(steps - 1, -1, -1):
+            rnn_step_backward_cuda.launch(dh.size, dout[t], hs[t + 1], dh, dpre[t])
+            self.backend.gemm(dpre[t], weight, dh)
         return dpre, dpre
 
 
@@ -429,6 +618,44 @@ class LSTM(Recurrent):
                 self.grads[f"weight_{gate}_l{layer}"] += dpeep[row]
         return dgates, dgates
 
+    def _peepholes_cuda(self, layer):
+        """(p_i, p_f, p_o) device arrays: the parameters, or one shared zeros array."""
+        if self.peephole:
+            return tuple(self._param(f"weight_{gate}", layer) for gate in ("ci", "cf", "co"))
+        zeros = getattr(self, "_no_peep_cuda", None)
+        if zeros is None or zeros.shape[0] != self.hidden_size:
+            zeros = self._no_peep_cuda = self.backend.zeros((self.hidden_size,), self.dtype)
+        return zeros, zeros, zeros
+
+    def _forward_layer_cuda(self, layer, gates, start, cache):
+        steps, batch, width = gates.shape
+        hs, cs = self._states_cuda(steps, batch, start)
+        tanh_cs = self.backend.empty((steps, batch, self.hidden_size), self.dtype)
+        weight, bias = self._param("weight_hh", layer), self._bias_cuda(layer)
+        peep = self._peepholes_cuda(layer)
+        rec = self.backend.empty((batch, width), self.dtype)
+        units = batch * self.hidden_size
+        for t in range(steps):
+            self.backend.gemm(hs[t], weight, rec, trans_b=True)
+            lstm_step_forward_cuda.launch(units, gates[t], rec, bias, *peep, cs[t], cs[t + 1], tanh_cs[t], hs[t + 1])
+        cache.update(gates=gates, hs=hs, cs=cs, tanh_cs=tanh_cs, peep=peep, final=[hs[steps], cs[steps]])
+        return hs[1:]
+
+    def _backward_layer_cuda(self, layer, dout, dcarry, cache):
+        steps = dout.shape[0]
+        gates, cs, tanh_cs = cache["gates"], cache["cs"], cache["tanh_cs"]
+        dh, dc = dcarry
+        weight = self._param("weight_hh", layer)
+        dgates = self.backend.empty(gates.shape, self.dtype)
+        for t in range(steps - 1, -1, -1):
+            lstm_step_backward_cuda.launch(dh.size, dout[t], gates[t], *cache["peep"], cs[t], tanh_cs[t], dh, dc,
+                                           dgates[t])
+            self.backend.gemm(dgates[t], weight, dh)
+        if self.peephole:
+            grads = tuple(self.grads[f"weight_{gate}_l{layer}"] for gate in ("ci", "cf", "co"))
+            lstm_peephole_grads_cuda.launch(3 * self.hidden_size, dgates, cs, *grads)
+        return dgates, dgates
+
     def extra_repr(self):
         return super().extra_repr() + (", peephole=True" if self.peephole else "")
 
@@ -462,6 +689,32 @@ class GRU(Recurrent):
                 dout, cache["gates"], self._param("weight_hh", layer), cache["hs"], cache["hn"], dcarry[0], dgx, dgh,
                 scratch, *self._split(dout.shape[1]),
             )
+        return dgx, dgh
+
+    def _forward_layer_cuda(self, layer, gates, start, cache):
+        steps, batch, width = gates.shape
+        (hs,) = self._states_cuda(steps, batch, start)
+        hn = self.backend.empty((steps, batch, self.hidden_size), self.dtype)
+        weight = self._param("weight_hh", layer)
+        b_ih, b_hh = self._param("bias_ih", layer), self._param("bias_hh", layer)
+        rec = self.backend.empty((batch, width), self.dtype)
+        units = batch * self.hidden_size
+        for t in range(steps):
+            self.backend.gemm(hs[t], weight, rec, trans_b=True)
+            gru_step_forward_cuda.launch(units, gates[t], rec, b_ih, b_hh, hs[t], hs[t + 1], hn[t])
+        cache.update(gates=gates, hs=hs, hn=hn, final=[hs[steps]])
+        return hs[1:]
+
+    def _backward_layer_cuda(self, layer, dout, dcarry, cache):
+        steps = dout.shape[0]
+        gates, hs, hn = cache["gates"], cache["hs"], cache["hn"]
+        dh = dcarry[0]
+        weight = self._param("weight_hh", layer)
+        dgx = self.backend.empty(gates.shape, self.dtype)
+        dgh = self.backend.empty(gates.shape, self.dtype)
+        for t in range(steps - 1, -1, -1):
+            gru_step_backward_cuda.launch(dh.size, dout[t], gates[t], hs[t], hn[t], dh, dgx[t], dgh[t])
+            self.backend.gemm(dgh[t], weight, dh, beta=1.0)  # dh = dgh W_hh + z * dh
         return dgx, dgh
 
 

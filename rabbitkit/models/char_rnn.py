@@ -13,6 +13,7 @@ ended in (truncated BPTT over contiguous rows, see
 """
 import numpy as np
 
+from ..backend import to_host
 from ..errors import ConfigError, did_you_mean
 from ..hookspecs import hookimpl
 from ..layers.dense import Dense
@@ -146,13 +147,13 @@ def sample(model, vocab_or_dataset, prime: str, length: int, temperature: float 
     try:
         model.reset_state()
         ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)
-        logits = np.asarray(model.forward(ids, training=False))
+        logits = to_host(model.forward(ids, training=False))
         out = []
         for step in range(length):
             nxt = next_char_id(logits[0, -1], temperature, rng)
             out.append(vocab[nxt])
             if step + 1 < length:
-                logits = np.asarray(model.forward(np.array([[nxt]], dtype=np.int64), training=False))
+                logits = to_host(model.forward(np.array([[nxt]], dtype=np.int64), training=False))
     finally:
         model.reset_state()
         for layer, stateful in zip(recurrent, was_stateful):

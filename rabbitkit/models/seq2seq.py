@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..backend import to_host
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..layers.base import Layer
@@ -40,7 +41,7 @@ class Seq2Seq(Layer):
     position ("1.weight_ih_l0" is the encoder's), as in a Sequential.
     """
 
-    device_agnostic = False
+    device_agnostic = True  # runs through its children, which must each have CUDA kernels
 
     def __init__(self, vocab_size, hidden_size=64, embedding_dim=16, num_layers=1, dtype=np.float32):
         super().__init__(dtype)
@@ -83,7 +84,8 @@ class Seq2Seq(Layer):
         out = np.full((batch, max_length), PAD, dtype=np.int64)
         finished = np.zeros(batch, dtype=bool)
         for step in range(max_length):
-            logits = self.head.forward(self.decoder.forward(self.target_embedding.forward(token, False), False), False)
+            logits = to_host(self.head.forward(self.decoder.forward(self.target_embedding.forward(token, False), False),
+                                               False))
             token = np.argmax(logits[:, -1], axis=-1).astype(np.int64).reshape(batch, 1)
             out[:, step] = np.where(finished, PAD, token[:, 0])
             finished |= token[:, 0] == EOS
@@ -217,7 +219,7 @@ def _train(model, task, steps, batch_size, lr, max_norm, seed, eval_every, targe
         losses.append(loss.forward(model.forward((source, decoder_input), training=True), decoder_target))
         model.backward(loss.backward())
         if max_norm:
-            clip_grad_norm(model.parameters(), max_norm)
+            clip_grad_norm(model.parameters(), max_norm, return_norm=False)
         optimizer.step()
         if eval_every and step % eval_every == 0:
             accuracy = sequence_accuracy(model, task)

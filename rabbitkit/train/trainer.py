@@ -279,7 +279,7 @@ class Run:
             regularizer.add_gradients(self.params)
         clip = self.config["train"]["clip_grad_norm"]
         if clip:
-            clip_grad_norm(self.params, clip)
+            clip_grad_norm(self.params, clip, return_norm=False)  # on CUDA: no host copy
         self.optimizer.step()
         for regularizer in self.regularizers:
             regularizer.after_step(self.params)
