@@ -33,10 +33,10 @@ def read_torch_zip(path, handle, file_size):
         raise WeightsError(f"{where}: corrupt zip archive ({err})") from None
     entries = {info.filename: info for info in infos}
     pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in entries):
+        raise WeightsError(f"{where}: a TorchScript archive (torch.jit.save), not a state_dict; "
+                           "save the model's state_dict() instead")
     if len(pickles) != 1:
-        if any(name.endswith("/constants.pkl") or "/code/" in name for name in entries):
-            raise WeightsError(f"{where}: a TorchScript archive (torch.jit.save), not a state_dict; "
-                               "save the model's state_dict() instead")
         if not pickles:
             raise WeightsError(f"{where}: zip archive without a <folder>/data.pkl entry: not a PyTorch file "
                                "(a .npz or another zip?)")
