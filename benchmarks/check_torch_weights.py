@@ -115,7 +115,7 @@ def main():
                     problems.append(f"names {list(weights.tensors)} != {list(want)}")
                 for key, tensor in want.items():
                     got, ref = weights.tensors.get(key), expected(tensor)
-                    if got is None or got.dtype != ref.dtype or got.shape != ref.shape or got.tobytes() != ref.tobytes():
+                    if got is None or not got.flags.c_contiguous or got.dtype != ref.dtype or got.shape != ref.shape or got.tobytes() != ref.tobytes():
                         problems.append(f"{key}: got {None if got is None else (got.dtype, got.shape)}, "
                                         f"want {(ref.dtype, ref.shape)}")
                 if special == "state_dict" and weights.metadata.get("checkpoint") != {"epoch": 3, "best_acc": 0.75,

@@ -71,6 +71,8 @@ def test_strided_views_offsets_and_shared_storages(fmt, tmp_path, rng):
     ckpt.view("every_other", key, 1, (3, 2), (8, 2))   # stride 2 columns
     ckpt.view("scalar", key, 23, (), ())
     ckpt.view("empty", key, 0, (0, 5), (5, 1))
+    half = ckpt.add_raw_storage("HalfStorage", base.astype(np.float16))
+    ckpt.view("half_transposed", half, 0, (6, 4), (1, 6))  # widened from a strided view
     t = read_weights(write(fmt, tmp_path / "v.pt", ckpt)).tensors
     grid = base.reshape(4, 6)
     np.testing.assert_array_equal(t["whole"], grid)
@@ -83,7 +85,8 @@ def test_strided_views_offsets_and_shared_storages(fmt, tmp_path, rng):
     # Views are copies: writing one leaves the others as they were.
     t["row_slice"][:] = 0
     np.testing.assert_array_equal(t["whole"], grid)
-    assert t["transposed"].flags.c_contiguous
+    np.testing.assert_array_equal(t["half_transposed"], grid.astype(np.float16).T.astype(np.float32))
+    assert all(a.flags.c_contiguous for a in t.values())
 
 
 def test_parameter_and_state_dict_metadata_and_wrapped_dataparallel_checkpoint(fmt, tmp_path, rng):

@@ -41,7 +41,7 @@ def detect_format(path, head, file_size):
         return TORCH_ZIP
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return TORCH_LEGACY
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{}"):  # safetensors' JSON opens with one of these
         return SAFETENSORS
     for magic, what in _OTHER:
         if head.startswith(magic):

@@ -51,11 +51,13 @@ ELEMENT_TYPES = {
 
 def widen(raw, etype):
     """``raw`` (an array of ``etype.raw``, native order) as a new array of ``etype.out``."""
+    # order="C": astype keeps a strided view's layout otherwise (a transposed view
+    # would come out Fortran-ordered).
     if etype is BFLOAT16:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return (raw.astype(np.uint32, order="C") << 16).view(np.float32)
     if etype.name == "bool":
-        return (raw != 0).astype(np.int64)
-    return raw.astype(etype.out)
+        return (raw != 0).astype(np.int64, order="C")
+    return raw.astype(etype.out, order="C")
 
 
 def native(raw, big_endian):
