@@ -329,3 +329,44 @@ def test_zip_that_is_not_a_torch_file(tmp_path):
 def test_missing_file_and_folder(tmp_path):
     refused(tmp_path / "nope.pt", "not found")
     refused(tmp_path, "folder")
+
+
+def test_truncated_and_mutated_files_only_ever_raise_weights_errors(tmp_path, rng):
+    """Truncations (up to 400 points) and 200 random byte changes of small valid files of
+    each format: each either reads or is refused with a one-line WeightsError."""
+    import random
+
+    from safetensors.numpy import save_file
+    from weights_writers import v1_layer, write_checkpoint_legacy
+
+    ckpt = Checkpoint()
+    ckpt.add("a.w", rng.standard_normal((3, 4)).astype(np.float32))
+    half = ckpt.add_raw_storage("HalfStorage", np.ones(6, np.float16))
+    ckpt.view("h", half, 1, (2, 2), (1, 2))
+    ckpt.add("n", np.array(3))
+    save_file({"x": np.ones((2, 3), np.float32), "y": np.arange(3)}, str(tmp_path / "s.st"))
+    seeds = {
+        "zip": open(write_checkpoint_zip(str(tmp_path / "s.zip"), ckpt, metadata={"": 1}, wrap="state_dict"), "rb").read(),
+        "legacy": open(write_checkpoint_legacy(str(tmp_path / "s.leg"), ckpt), "rb").read(),
+        "safetensors": (tmp_path / "s.st").read_bytes(),
+        "caffe": net("n", [layer("c", "Convolution", [blob(np.ones(6), shape=(2, 3)),
+                                                      blob(np.ones(2), legacy_dims=(1, 1, 1, 2), packed=False)]),
+                           v1_layer("f", 14, [blob(np.ones(2), shape=(2,), double=True)])]),
+    }
+    mutate = random.Random(1)
+    path = tmp_path / "case"
+    for name, data in seeds.items():
+        path.write_bytes(data)
+        assert read_weights(path).tensors, name
+        cases = [data[:i] for i in range(0, len(data), max(1, len(data) // 400))]
+        for _ in range(200):
+            case = bytearray(data)
+            for _ in range(mutate.choice([1, 2, 4])):
+                case[mutate.randrange(len(case))] = mutate.randrange(256)
+            cases.append(bytes(case))
+        for case in cases:
+            path.write_bytes(case)
+            try:
+                read_weights(path)
+            except WeightsError as err:
+                assert "\n" not in str(err) and str(path) in str(err)
