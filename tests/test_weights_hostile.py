@@ -370,3 +370,27 @@ def test_truncated_and_mutated_files_only_ever_raise_weights_errors(tmp_path, rn
                 read_weights(path)
             except WeightsError as err:
                 assert "\n" not in str(err) and str(path) in str(err)
+
+
+def test_a_module_the_file_names_is_never_imported(tmp_path, monkeypatch):
+    # A module that would leave a sentinel just by being imported, importable from sys.path.
+    sentinel = tmp_path / "imported"
+    (tmp_path / "rabbit_evil_module.py").write_text(f"open({str(sentinel)!r}, 'w').close()\ndef run(): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = Pickle().global_("rabbit_evil_module", "run").op("EMPTY_TUPLE").op("REDUCE")
+    refused(write_zip(str(tmp_path / "i.pt"), bytes(p), {}), "'rabbit_evil_module.run'")
+    assert "rabbit_evil_module" not in sys.modules and not sentinel.exists()
+
+
+def test_the_package_never_uses_the_standard_unpickler():
+    # The same patterns a repository checker greps for.
+    import pathlib
+    import re
+
+    import rabbitkit
+
+    pattern = re.compile(r"pickle\.load|pickle\.Unpickler|torch\.load|allow_pickle\s*=\s*True|^\s*import pickle|"
+                         r"from pickle import|import torch|__import__|importlib", re.M)
+    root = pathlib.Path(rabbitkit.__file__).parent / "weights"
+    hits = [f"{path.name}: {m.group(0)}" for path in sorted(root.glob("*.py")) for m in pattern.finditer(path.read_text())]
+    assert not hits, hits
