@@ -394,3 +394,14 @@ def test_the_package_never_uses_the_standard_unpickler():
     root = pathlib.Path(rabbitkit.__file__).parent / "weights"
     hits = [f"{path.name}: {m.group(0)}" for path in sorted(root.glob("*.py")) for m in pattern.finditer(path.read_text())]
     assert not hits, hits
+
+
+def test_legacy_storage_list_must_match_the_pickle(tmp_path):
+    ckpt = Checkpoint()
+    ckpt.add("w", np.ones(3, np.float32))
+    extra = dict(ckpt.storages, unused=("FloatStorage", np.ones(2, np.float32)))
+    refused(write_legacy(str(tmp_path / "x.pt"), ckpt.pickle(legacy=True), extra), "'unused' is listed but no tensor")
+    refused(write_legacy(str(tmp_path / "m.pt"), ckpt.pickle(legacy=True), {}), "missing from the storage list")
+    # A zip-style 5-field persistent id in a legacy file (and the reverse) is refused.
+    refused(write_legacy(str(tmp_path / "z.pt"), ckpt.pickle(legacy=False), ckpt.storages), "persistent id")
+    refused(write_zip(str(tmp_path / "l.pt"), ckpt.pickle(legacy=True), ckpt.storages), "persistent id")

@@ -174,3 +174,18 @@ def test_a_bare_tensor_and_nested_lists(tmp_path):
     bare = Pickle().tensor("FloatStorage", "0", 2, 0, (2,), (1,))
     t = read_weights(write_zip(str(tmp_path / "b.pt"), bytes(bare), {"0": storages["0"]})).tensors
     assert list(t) == ["tensor"]
+
+
+def test_old_rebuild_tensor_and_parameter_with_state(tmp_path):
+    # PyTorch < 1.0 reduced tensors with _rebuild_tensor(storage, offset, size, stride);
+    # Parameter subclasses with Python state use _rebuild_parameter_with_state.
+    p = Pickle().op("EMPTY_DICT").str("old").global_("torch._utils", "_rebuild_tensor").op("MARK")
+    p.op("MARK").str("storage").global_("torch", "DoubleStorage").str("0").str("cpu").int(4).op("TUPLE")
+    p.op("BINPERSID").int(1).ints_tuple((3,)).ints_tuple((1,)).op("TUPLE").op("REDUCE").op("SETITEM")
+    p.str("param").global_("torch._utils", "_rebuild_parameter_with_state").op("MARK")
+    p.tensor("FloatStorage", "1", 2, 0, (2,), (1,)).op("TRUE").ordered_dict().op("EMPTY_DICT")
+    p.str("note").str("ignored").op("SETITEM").op("TUPLE").op("REDUCE").op("SETITEM")
+    storages = {"0": ("DoubleStorage", np.array([0.5, 1.5, 2.5, 3.5])), "1": ("FloatStorage", np.array([7, 8], np.float32))}
+    t = read_weights(write_zip(str(tmp_path / "o.pt"), bytes(p), storages)).tensors
+    assert t["old"].tolist() == [1.5, 2.5, 3.5] and t["old"].dtype == np.float64
+    assert t["param"].tolist() == [7, 8]
