@@ -16,7 +16,6 @@ import sys
 import tempfile
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

@@ -1,7 +1,6 @@
 """read_weights against files torch.save writes (skipped where torch is not installed)."""
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 
 from rabbitkit.weights import read_weights
