@@ -27,7 +27,7 @@ def expected(tensor):
     t = tensor.detach()
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
-    elif t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.bool):
+    elif t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.bool, torch.uint16, torch.uint32):
         t = t.long()
     return t.contiguous().numpy()
 
@@ -66,6 +66,9 @@ def cases():
         "i16": torch.tensor([-3], dtype=torch.int16), "i32": torch.tensor([2**31 - 1], dtype=torch.int32),
         "i64": torch.tensor([-2**62]), "bool": torch.tensor([True, False, True]),
         "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3),
+        # no storage class: saved as _rebuild_tensor_v3 on an UntypedStorage with a dtype global
+        "u16": torch.tensor([[0, 65535, 7], [1, 2, 3]], dtype=torch.uint16).t(),
+        "u32": torch.tensor([2**32 - 1, 5], dtype=torch.uint32),
     }, None
     yield "views", {
         "transposed": base.t(), "sliced": base[1:, ::2], "narrow": base.narrow(1, 2, 3),

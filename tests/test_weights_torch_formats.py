@@ -189,3 +189,15 @@ def test_old_rebuild_tensor_and_parameter_with_state(tmp_path):
     t = read_weights(write_zip(str(tmp_path / "o.pt"), bytes(p), storages)).tensors
     assert t["old"].tolist() == [1.5, 2.5, 3.5] and t["old"].dtype == np.float64
     assert t["param"].tolist() == [7, 8]
+
+
+def test_rebuild_tensor_v3_on_an_untyped_storage(tmp_path):
+    # What torch >= 2 writes for dtypes without a storage class (uint16 here, transposed).
+    values = np.array([[0, 65535, 7], [1, 2, 3]], np.uint16)
+    p = Pickle().op("EMPTY_DICT").str("u16").global_("torch._utils", "_rebuild_tensor_v3").op("MARK")
+    p.op("MARK").str("storage").global_("torch.storage", "UntypedStorage").str("0").str("cpu").int(12).op("TUPLE")
+    p.op("BINPERSID").int(0).ints_tuple((3, 2)).ints_tuple((1, 3)).op("FALSE").ordered_dict()
+    p.global_("torch", "uint16").op("TUPLE").op("REDUCE").op("SETITEM")
+    storages = {"0": ("UntypedStorage", values.reshape(-1).view(np.uint8))}
+    t = read_weights(write_zip(str(tmp_path / "u.pt"), bytes(p), storages)).tensors
+    assert t["u16"].dtype == np.int64 and t["u16"].tolist() == values.T.tolist()

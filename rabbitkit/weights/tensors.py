@@ -70,7 +70,7 @@ def native(raw, big_endian):
 class StorageRef:
     """One storage a pickle refers to: its key, element type and declared element count."""
 
-    __slots__ = ("key", "etype", "numel", "location")
+    __slots__ = ("key", "etype", "numel", "location", "_retyped")
     pickle_kind = "storage"
 
     def __init__(self, key, etype, numel, location):
@@ -78,6 +78,14 @@ class StorageRef:
         self.etype = etype
         self.numel = numel
         self.location = location
+        self._retyped = {}
+
+    def retyped(self, etype):
+        """This (untyped, byte) storage seen as elements of ``etype``; one object per type."""
+        view = self._retyped.get(etype.name)
+        if view is None:
+            view = self._retyped[etype.name] = StorageRef(self.key, etype, self.numel // etype.itemsize, self.location)
+        return view
 
 
 class TensorRef:

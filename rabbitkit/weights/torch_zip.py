@@ -96,15 +96,15 @@ def materialize_all(refs, ranges, handle, big_endian, file_size, where):
     Storages are read one at a time and dropped once their tensors are built, so
     memory holds the results plus at most one storage being sliced.
     """
-    by_storage = {}
+    by_storage = {}  # one group per storage and element type it is read as
     for name, ref in refs.items():
-        by_storage.setdefault(ref.storage.key, []).append(name)
+        by_storage.setdefault((ref.storage.key, ref.storage.etype.name), []).append(name)
     total = sum(size for _, size in ranges.values())
     if total > file_size:
         # Entries overlapping one another could make a small file expand without bound.
         raise WeightsError(f"{where}: storages add up to {total} bytes, more than the file's {file_size}")
     out = {}
-    for key, names in by_storage.items():
+    for (key, _), names in by_storage.items():
         start, size = ranges[key]
         storage = refs[names[0]].storage
         available = size // storage.etype.itemsize
