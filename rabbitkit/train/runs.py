@@ -261,7 +261,7 @@ def format_runs(runs):
         test_name, test = run.test
         epochs = f"{run.epochs_done}/{run.epochs}" if run.epochs else str(run.epochs_done)
         rows.append([
-            run.name, run.started.replace("T", " "), status_module.label(run.status), epochs,
+            run.name, run.started[:19].replace("T", " "), status_module.label(run.status), epochs,
             f"{run.monitor} {number(best)}" if best is not None else "-",
             f"{test_name[5:]} {number(test)}" if test_name else "-",
             duration(run.wall_seconds),

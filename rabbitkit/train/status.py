@@ -10,10 +10,10 @@ starts, the epoch count after every epoch, and the final state when it stops:
 Run directories from before ``status.json`` existed are classified from what they
 hold: ``final_metrics.json`` means the run finished, else it was interrupted.
 """
+import datetime
 import json
 import os
 import socket
-import time
 
 from .rundir import atomic_write_text
 
@@ -28,7 +28,8 @@ def label(state):
 
 
 def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
+    """Local time to the millisecond (so runs started within one second still sort)."""
+    return datetime.datetime.now().isoformat(timespec="milliseconds")
 
 
 def write_status(run_dir, **fields):
