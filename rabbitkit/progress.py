@@ -28,6 +28,8 @@ import sys
 
 __all__ = ["bar", "Bar"]
 
+MININTERVAL = 0.2  # seconds between redraws unless a bar asks otherwise
+
 
 def _wanted(enabled, stream):
     if enabled is False:
@@ -40,7 +42,8 @@ def _wanted(enabled, stream):
 class Bar:
     """A progress bar (or a silent stand-in): ``update(n, **postfix)``, ``close()``, a context manager."""
 
-    def __init__(self, total, desc, enabled=None, *, unit="it", initial=0, stream=None, unit_scale=False):
+    def __init__(self, total, desc, enabled=None, *, unit="it", initial=0, stream=None, unit_scale=False,
+                 mininterval=None):
         stream = stream or sys.stderr
         self.enabled = _wanted(enabled, stream)
         self.total = total
@@ -50,7 +53,8 @@ class Bar:
             from tqdm import tqdm
 
             self._tqdm = tqdm(total=total, desc=desc, unit=unit, initial=initial, file=stream, leave=False,
-                              dynamic_ncols=True, unit_scale=unit_scale, mininterval=0.2)
+                              dynamic_ncols=True, unit_scale=unit_scale,
+                              mininterval=MININTERVAL if mininterval is None else mininterval)
 
     def update(self, n=1, **postfix):
         """Advance by ``n`` and show ``postfix`` (``key=value`` pairs; floats shortened)."""
@@ -79,7 +83,7 @@ def bar(total, desc, enabled=None, **options):
     """A :class:`Bar` of ``total`` steps labelled ``desc``; ``enabled=None`` means "on a terminal".
 
     ``options``: ``unit`` ("it"), ``initial`` (steps already done, e.g. on resume),
-    ``stream`` (default stderr), ``unit_scale`` (True for bytes).  ``total`` may be
-    None when unknown.
+    ``stream`` (default stderr), ``unit_scale`` (True for bytes), ``mininterval``
+    (seconds between redraws, default :data:`MININTERVAL`).  ``total`` may be None when unknown.
     """
     return Bar(total, desc, enabled, **options)
