@@ -103,8 +103,8 @@ class NetworkError(DataError):
 def _network_error(remote, dest, err):
     reason = " ".join(str(getattr(err, "reason", None) or err).split())
     host = remote.url.split("/")[2]
-    return NetworkError(f"cannot reach {host} to download {remote.filename} ({reason}); without network, "
-                        f"put it into {dest.parent}", host, reason)
+    return NetworkError(f"cannot download {remote.url} ({reason}); without network, put {remote.filename} into "
+                        f"{dest.parent} yourself, or point [data] path / $RABBIT_DATA at a copy", host, reason)
 
 
 def _transfer(remote, part, timeout, progress):
@@ -193,12 +193,16 @@ def ensure_available(name, path=None, download=True):
         return found
     archives = [r.filename for r in SOURCES.get(name, ())]
     if not download or offline() or name not in SOURCES:
-        why = "; downloads are off: $RABBIT_OFFLINE is set" if offline() and name in SOURCES else ""
-        raise paths.missing(name, archives, reason=f"looked in {paths.searched(name)}{why}")
+        reason = f"looked in {paths.searched(name)}"
+        fix = None  # copy the files in
+        if name in SOURCES and offline():
+            reason += "; downloads are off: $RABBIT_OFFLINE is set"
+        elif name in SOURCES:  # the dataset's download option is off
+            fix = f"rabbit data fetch {name}  (or --set data.path=PATH to a copy)"
+        raise paths.missing(name, archives, reason=reason, fix=fix)
     print(f"dataset '{name}' not found locally: downloading it to {paths.download_dir(name)}", file=sys.stderr)
     try:
         return fetch_dataset(name, progress=True)
     except NetworkError as err:
         reason = f"not in {paths.searched(name)}; cannot reach {err.host}: {err.reason}"
-        fix = f"put {', '.join(archives)} into {paths.download_dir(name)}  (or --set data.path=PATH to a copy)"
-        raise paths.missing(name, archives, reason=reason, fix=fix) from None
+        raise paths.missing(name, archives, reason=reason) from None

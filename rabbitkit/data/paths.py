@@ -80,6 +80,6 @@ def missing(name, archives=(), reason=None, fix=None):
     """
     first = f"dataset '{name}' not found ({reason or 'looked in ' + searched(name)})"
     if fix is None:
-        fix = (f"rabbit data fetch {name}  (or --set data.path=PATH to a copy you have)" if archives
-               else f"--set data.path=PATH (its file or folder), or put it into {candidate_dirs(name)[0]}")
+        fix = (f"put {', '.join(archives)} into {download_dir(name)}  (or --set data.path=PATH to a copy)"
+               if archives else f"--set data.path=PATH (its file or folder), or put it into {candidate_dirs(name)[0]}")
     return DataError(f"{first}\n  fix: {fix}")
