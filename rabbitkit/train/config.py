@@ -88,7 +88,8 @@ SCHEMA = {
         "epochs": Key(int, 10, minimum=1, help="Number of passes over the training set."),
         "batch_size": Key(int, 64, minimum=1, help="Samples per step (streams per step for language models)."),
         "eval_batch_size": Key(int, 256, minimum=1, help="Samples per step when evaluating."),
-        "loss": Key(str, None, help="Loss plugin name; default by task (softmax_cross_entropy or squared_error)."),
+        "loss": Key((str, dict), None, help="Loss plugin name or {name=..., options} (e.g. ignore_index); "
+                                            "default by task (softmax_cross_entropy or squared_error)."),
         "optimizer": Key((str, dict), "sgd", help="Optimizer name or {name=..., options} (e.g. momentum, nesterov, betas)."),
         "lr": Key(float, 0.01, exclusive_minimum=0.0, help="Learning rate."),
         "weight_decay": Key(float, 0.0, minimum=0.0, help="Optimizer weight decay on weights (not biases)."),
