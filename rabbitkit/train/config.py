@@ -425,8 +425,40 @@ def dump_toml(config):
     return "\n".join(lines)
 
 
+def _options_table(title, classes, skip):
+    """Markdown rows ``| name | option = default, ... | first docstring line |`` for named classes."""
+    lines = [f"| {title} | options (defaults) | meaning |", "|---|---|---|"]
+    for name, cls in classes.items():
+        params, _ = factory_parameters(cls)
+        options = ", ".join(f"`{k} = {json.dumps(p.default)}`" for k, p in params.items() if k not in skip) or "none"
+        own = cls.__dict__.get("__doc__") or ""
+        doc = inspect.cleandoc(own).split("\n\n")[0].replace("\n", " ").replace("``", "`")
+        lines.append(f"| `{name}` | {options} | {doc} |")
+    return lines
+
+
+def nested_markdown():
+    """The options of the named tables (schedules, preprocessing steps), from their signatures."""
+    from ..data.preprocess import STEPS
+    from .schedules import SCHEDULES
+
+    lines = ["### Nested options\n",
+             "A key that takes a name also takes a table: `name` plus options, e.g. "
+             "`schedule = { name = \"step\", step_size = 10, gamma = 0.5 }`. This holds for "
+             "`train.schedule`, `train.optimizer`, `train.loss`, each entry of `train.regularizers`, "
+             "`init.default`/`init.overrides` and each step of `data.preprocess`; the options are checked "
+             "against the signature (`rabbit plugins` lists the optimizers, losses, regularizers and "
+             "initializers, whose options are their constructors' keyword arguments).\n",
+             "`train.schedule` (stepped once per epoch from `train.lr`):\n"]
+    lines += _options_table("schedule", SCHEDULES, skip=("base_lr", "epochs"))
+    lines += ["", "`data.preprocess` steps (fitted on the training split, applied to every split):\n"]
+    lines += _options_table("step", STEPS, skip=())
+    lines.append("")
+    return "\n".join(lines)
+
+
 def schema_markdown():
-    """The key reference of docs/experiments.md, generated from :data:`SCHEMA`."""
+    """The key reference of docs/experiments.md, generated from :data:`SCHEMA` and the named tables."""
     lines = []
     for section, schema in SCHEMA.items():
         lines.append(f"### `[{section}]`\n")
@@ -442,4 +474,4 @@ def schema_markdown():
                 sub_default = "unset" if sub_key.default is None else f"`{json.dumps(sub_key.default)}`"
                 lines.append(f"| `{section}.{name}.{sub_name}` | {sub_key.describe()} | {sub_default} | {sub_key.help} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + nested_markdown()

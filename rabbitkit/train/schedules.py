@@ -84,6 +84,8 @@ class PlateauSchedule:
 
 
 class ConstantSchedule(StepSchedule):
+    """lr = base_lr throughout (the default)."""
+
     def __init__(self, base_lr, epochs):
         super().__init__(base_lr, epochs, step_size=1, gamma=1.0)
 
