@@ -68,6 +68,7 @@ class Bar:
 
     def close(self):
         if self._tqdm is not None:
+            self._tqdm.refresh()  # the final count, even when the last updates came too fast to draw
             self._tqdm.close()
             self._tqdm = None
 

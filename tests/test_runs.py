@@ -160,3 +160,22 @@ def test_compare_needs_run_directories(tmp_path):
 def test_find_runs_takes_the_folder_of_one_run(runs):
     _, made = runs
     assert [r.path for r in find_runs(made["completed"])] == [made["completed"]]
+
+
+def test_an_unexpected_error_is_recorded_as_failed(tmp_path):
+    class Broken:
+        @rabbitkit.hookimpl
+        def rabbit_epoch_end(self, run, epoch, metrics):
+            raise RuntimeError("a bug in a plugin")
+
+    manager = rabbitkit.plugins.get_manager()
+    plugin = Broken()
+    manager.register(plugin, name="broken")
+    try:
+        with pytest.raises(RuntimeError, match="a bug in a plugin"):
+            rabbitkit.run(TINY, out=tmp_path, quiet=True)
+    finally:
+        manager.unregister(plugin)
+    (run_dir,) = tmp_path.iterdir()
+    assert status.read_status(run_dir) == "failed"
+    assert "failed" in invoke("runs", tmp_path).output
