@@ -12,7 +12,7 @@ the last epoch when the run ends.  A resumed run purges the events after the epo
 it resumes from, so replayed epochs are not drawn twice.
 """
 import math
-import uuid
+import time
 
 from ..errors import RabbitError
 from ..hookspecs import hookimpl
@@ -48,9 +48,10 @@ def rabbit_train_start(run):
         return
     writer_class = _writer_class()
     # On resume, drop events after the epoch the checkpoint holds (they are replayed).
-    # A fresh file name per session: two sessions within one second would otherwise share one file.
+    # A fresh file name per session, sorting in session order (TensorBoard reads the files
+    # sorted by name): two sessions within one second would otherwise share one file.
     _writers[id(run)] = writer_class(logdir=str(run.run_dir), purge_step=run.epoch + 1 if run.epoch else None,
-                                     flush_secs=30, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+                                     flush_secs=30, filename_suffix=f".{time.time_ns()}")
 
 
 @hookimpl
