@@ -4,6 +4,8 @@ Plain functions, no visualizer: they read run directories and sweep results, not
 """
 import math
 
+from matplotlib.ticker import MaxNLocator
+
 from .plotting import pyplot, save_figure
 
 
@@ -33,6 +35,7 @@ def plot_comparison(runs, path, names=None):
         if metric == "loss" and plotted and _positive(plotted):
             axis.set_yscale("log")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.set_title(f"{metric} (dashed: training, solid: validation)", fontsize=9)
         axis.legend(fontsize=7)
