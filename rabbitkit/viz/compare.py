@@ -4,8 +4,6 @@ Plain functions, no visualizer: they read run directories and sweep results, not
 """
 import math
 
-from matplotlib.ticker import MaxNLocator
-
 from .plotting import pyplot, save_figure
 
 
@@ -17,6 +15,8 @@ def plot_comparison(runs, path, names=None):
     """Loss (and accuracy, where any run has it) per epoch: one colour per run, training dashed,
     validation solid.  ``runs`` are :class:`rabbitkit.train.runs.RunInfo`; returns ``path``."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     names = names or [r.name for r in runs]
     metrics = ["loss"] + (["accuracy"] if any("train_accuracy" in h for r in runs for h in r.history) else [])
     figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
