@@ -13,11 +13,14 @@ it resumes from, so replayed epochs are not drawn twice.
 """
 import math
 import time
+import weakref
 
 from ..errors import RabbitError
 from ..hookspecs import hookimpl
 
-_writers = {}  # id(run) -> SummaryWriter
+# run -> its SummaryWriter; a run that never reaches rabbit_train_end (interrupted, diverged)
+# has its writer closed when the run object goes away.
+_writers = weakref.WeakKeyDictionary()
 
 
 def _enabled(run):
@@ -50,20 +53,22 @@ def rabbit_train_start(run):
     # On resume, drop events after the epoch the checkpoint holds (they are replayed).
     # A fresh file name per session, sorting in session order (TensorBoard reads the files
     # sorted by name): two sessions within one second would otherwise share one file.
-    _writers[id(run)] = writer_class(logdir=str(run.run_dir), purge_step=run.epoch + 1 if run.epoch else None,
-                                     flush_secs=30, filename_suffix=f".{time.time_ns()}")
+    writer = writer_class(logdir=str(run.run_dir), purge_step=run.epoch + 1 if run.epoch else None,
+                          flush_secs=30, filename_suffix=f".{time.time_ns()}")
+    _writers[run] = writer
+    weakref.finalize(run, writer.close)
 
 
 @hookimpl
 def rabbit_epoch_end(run, epoch, metrics):
-    writer = _writers.get(id(run))
+    writer = _writers.get(run)
     if writer is not None:
         _scalars(writer, metrics, epoch)
 
 
 @hookimpl
 def rabbit_train_end(run, result):
-    writer = _writers.pop(id(run), None)
+    writer = _writers.pop(run, None)
     if writer is None:
         return
     _scalars(writer, {k: v for k, v in result.metrics.items() if k.startswith("test_")}, run.epoch)
