@@ -179,3 +179,15 @@ def test_an_unexpected_error_is_recorded_as_failed(tmp_path):
     (run_dir,) = tmp_path.iterdir()
     assert status.read_status(run_dir) == "failed"
     assert "failed" in invoke("runs", tmp_path).output
+
+
+def test_a_damaged_run_directory_is_listed_not_fatal(tmp_path):
+    good = rabbitkit.run(TINY, {"train.epochs": 1}, out=tmp_path, quiet=True).run_dir
+    damaged = rabbitkit.run(TINY, {"train.epochs": 1}, out=tmp_path, quiet=True).run_dir
+    (damaged / "config.toml").write_text("[train\n")
+    result = invoke("runs", tmp_path, "--sort", "name")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert "completed" in lines[good.name] and "unreadable" in lines[damaged.name]
+    compared = invoke("compare", good, damaged)
+    assert compared.exit_code == 2 and "config.toml: not valid TOML" in compared.output

@@ -164,9 +164,20 @@ def find_runs(root):
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d != "checkpoints" and not d.startswith("."))
         if "config.toml" in files:
-            found.append(read_run(pathlib.Path(folder)))
+            found.append(_read_or_unreadable(pathlib.Path(folder)))
             subfolders[:] = []  # a run directory holds no other runs
     return found
+
+
+def _read_or_unreadable(run_dir):
+    """One damaged run directory (config.toml not TOML) is listed as ``unreadable``, not fatal."""
+    try:
+        return read_run(run_dir)
+    except RabbitError:
+        mtime = (run_dir / "config.toml").stat().st_mtime
+        return RunInfo(path=run_dir, status="unreadable", config={}, history=read_history(run_dir), final={},
+                       started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime)), monitor=None,
+                       epochs=None)
 
 
 # -- filters and sorting ------------------------------------------------------------------
