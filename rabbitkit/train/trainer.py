@@ -252,24 +252,24 @@ class Run:
         self.model.reset_state()
         started = time.perf_counter()
         batch_index = start_batch - 1
-        for batch_index, (xb, yb) in self.feeder.train_batches(epoch, start_batch, limit):
-            self.model.seed(derived_seed(self.seed, 3, epoch, batch_index))
-            loss_value, correct, count = self._train_step(xb, yb)
-            sums["loss"] += loss_value * count
-            sums["correct"] += correct
-            sums["count"] += count
-            sums["samples"] += len(yb)
-            self.step += 1
-            progress.update(1, **self._progress_postfix(sums, started))
-            if self.interrupted:
-                sums["seconds"] += time.perf_counter() - started
-                progress.close()
-                self.save_checkpoint(LAST, {"batch": batch_index, "sums": sums})
-                self.log(f"interrupted: checkpoint saved at epoch {epoch + 1}, batch {batch_index + 1}; "
-                         f"continue with: rabbit resume {self.run_dir}")
-                return None
+        with progress:  # closed on any exit, a divergence included
+            for batch_index, (xb, yb) in self.feeder.train_batches(epoch, start_batch, limit):
+                self.model.seed(derived_seed(self.seed, 3, epoch, batch_index))
+                loss_value, correct, count = self._train_step(xb, yb)
+                sums["loss"] += loss_value * count
+                sums["correct"] += correct
+                sums["count"] += count
+                sums["samples"] += len(yb)
+                self.step += 1
+                progress.update(1, **self._progress_postfix(sums, started))
+                if self.interrupted:
+                    sums["seconds"] += time.perf_counter() - started
+                    progress.close()
+                    self.save_checkpoint(LAST, {"batch": batch_index, "sums": sums})
+                    self.log(f"interrupted: checkpoint saved at epoch {epoch + 1}, batch {batch_index + 1}; "
+                             f"continue with: rabbit resume {self.run_dir}")
+                    return None
         sums["seconds"] += time.perf_counter() - started
-        progress.close()
         metrics = {"epoch": epoch + 1, "lr": lr}
         metrics["train_loss"] = sums["loss"] / max(sums["count"], 1)
         if self.feeder.has_accuracy:
