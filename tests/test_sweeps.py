@@ -116,6 +116,11 @@ def test_cli_sweep_on_a_local_dask_cluster(tmp_path):
     (folder,) = (tmp_path / "r").iterdir()
     rows = read_csv(folder / "sweep.csv")
     assert [r["train.lr"] for r in rows] == ["0.1", "0.01"] and all(r["status"] == "completed" for r in rows)
+    listed = CliRunner().invoke(main, ["runs", str(tmp_path / "r"), "--csv", "--sort", "train.lr"])
+    assert listed.exit_code == 0, listed.output
+    runs = list(csv.DictReader(listed.output.splitlines()))
+    assert [r["path"] for r in runs] == [rows[1]["run_dir"], rows[0]["run_dir"]]  # lr 0.01 sorts first
+    assert [float(r["best"]) for r in runs] == [float(rows[1]["best_val_loss"]), float(rows[0]["best_val_loss"])]
 
 
 @pytest.mark.parametrize("grid,message", [
