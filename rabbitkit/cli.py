@@ -167,24 +167,21 @@ def sample(ctx, run_dir, length, temperature, prime, prime_file, seed, which):
               help="Run on a dask.distributed cluster (scheduler address, or 'local' for a local cluster).")
 @click.pass_context
 def sweep(ctx, experiment, grids, sets, out, scheduler):
-    """Run EXPERIMENT once per combination of --grid values and print a table."""
+    """Run EXPERIMENT once per combination of --grid values; print a table, write sweep.csv and sweep.png."""
     from .train import config as config_module
     from .train.api import sweep as run_sweep
 
     path = _experiment_path(experiment)
-    grid = {}
-    for text in grids:
-        keys, _ = config_module.parse_override(text.split("=", 1)[0] + "=0")
-        raw_values = text.split("=", 1)[1].split(",")
-        grid[".".join(keys)] = [config_module.parse_override(f"x={v}")[1] for v in raw_values]
+    from .train.sweeps import dask_client, format_table, parse_grid
+
+    grid = dict(parse_grid(text) for text in grids)
     base = {".".join(k): v for k, v in (config_module.parse_override(s) for s in sets)}
     _manager(ctx)
-    from .train.sweeps import dask_client, format_table
-
     with dask_client(scheduler) as client:
         results = run_sweep(path, grid, base_overrides=base, out=out, client=client)
 
     click.echo(format_table(results))
+    click.echo(f"wrote {results.csv}" + (f", {results.png}" if results.png else ""))
 
 
 @main.command()
@@ -228,6 +225,10 @@ def _mount_data_commands():
 
 
 _mount_data_commands()
+
+from .train.runs_cli import mount as _mount_run_commands  # noqa: E402
+
+_mount_run_commands(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -148,6 +148,8 @@ def initialize(model, default="msr", overrides=None, rng=None, bias=0.0):
       over the default; a pattern that matches no such parameter is an error
       (it is likely a typo);
     * parameters with role ``"bias"`` are set to the constant ``bias``;
+    * ``default=None`` leaves every parameter no override matches as the layer
+      initialised it (weights and biases alike);
     * other roles (normalisation scales, PReLU slopes) are left untouched.
 
     ``rng`` is a ``numpy.random.Generator``, an integer seed, or None for the
@@ -157,7 +159,7 @@ def initialize(model, default="msr", overrides=None, rng=None, bias=0.0):
         rng = rk_random.layer_rng()
     elif not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    default_spec = resolve(default)
+    default_spec = None if default is None else resolve(default)
     resolved = [(pattern, resolve(spec)) for pattern, spec in (overrides or {}).items()]
     plan = []  # (name, layer, key, init, options), checked in full before anything changes
     used = set()
@@ -169,6 +171,8 @@ def initialize(model, default="msr", overrides=None, rng=None, bias=0.0):
         if match is not None:
             used.add(match[0])
             _, init, options = match[1]
+        elif default_spec is None:  # no default: the layer's own initialisation stays
+            continue
         elif role == "weight":
             _, init, options = default_spec
         else:

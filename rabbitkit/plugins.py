@@ -21,6 +21,7 @@ BUILTIN_PACKAGES = (
     "rabbitkit.models",
     "rabbitkit.data.datasets",
     "rabbitkit.viz",
+    "rabbitkit.loggers",
 )
 # Single modules that are built-in plugins.
 BUILTIN_MODULES = (

@@ -88,6 +88,37 @@ def test_gradients_accumulate_over_shared_input_and_containers_name_parameters()
     assert not shared.grads["weight"].any()
 
 
+def test_shared_input_gradients_are_the_sum_over_branches_and_accumulate(rng):
+    """Every branch reads the same input: dx is the sum of the branches' input gradients, and
+    parameter gradients add up over backward passes until zero_grad."""
+    def branches():
+        return [Dense(3, 2, dtype=F64), rabbitkit.Sequential([Tanh(dtype=F64), Dense(3, 4, dtype=F64)], dtype=F64)]
+
+    joined = Concat(branches(), axis=-1, dtype=F64)
+    alone = branches()
+    for branch, twin in zip(joined.branches, alone):
+        twin.load_state_dict(branch.state_dict())
+    x = rng.standard_normal((5, 3))
+    dy = rng.standard_normal((5, 6))
+    joined.zero_grad()
+    joined.forward(x, training=True)
+    dx = joined.backward(dy)
+    expected_dx = np.zeros_like(x)
+    for twin, part in zip(alone, (dy[:, :2], dy[:, 2:])):
+        twin.zero_grad()
+        twin.forward(x, training=True)
+        expected_dx += twin.backward(part)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-12, atol=1e-12)
+    assert np.abs(expected_dx).min() > 0  # both branches contribute everywhere
+    weights = [joined.branches[0].grads["weight"].copy(), joined.branches[1].layers[1].grads["weight"].copy()]
+    np.testing.assert_allclose(weights[0], alone[0].grads["weight"], rtol=1e-12)
+    np.testing.assert_allclose(weights[1], alone[1].layers[1].grads["weight"], rtol=1e-12)
+    joined.forward(x, training=True)
+    joined.backward(dy)  # no zero_grad: gradients accumulate
+    np.testing.assert_allclose(joined.branches[0].grads["weight"], 2 * weights[0], rtol=1e-12)
+    np.testing.assert_allclose(joined.branches[1].layers[1].grads["weight"], 2 * weights[1], rtol=1e-12)
+
+
 def test_errors():
     with pytest.raises(ConfigError, match="differ outside axis 1"):
         Concat([Conv2D(1, 2, 3, dtype=F64), Conv2D(1, 2, 1, dtype=F64)]).forward(np.zeros((1, 1, 5, 5)))

@@ -141,3 +141,19 @@ def test_errors_raised_inside_plugins_name_the_file(tmp_path, override, message)
     if isinstance(info.value, ConfigError):
         assert str(info.value).startswith(str(path))
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no empty run directory left behind
+
+
+def test_loss_options_in_toml(tmp_path):
+    from rabbitkit.train import builder
+
+    path = write(tmp_path, BASE + 'loss = { name = "softmax_cross_entropy", ignore_index = 2 }\n')
+    loss = builder.build_loss(cfg.load(path), "classification")
+    assert type(loss).__name__ == "SoftmaxCrossEntropy" and loss.ignore_index == 2
+    named = builder.build_loss(cfg.load(path, overrides={"train.loss": "squared_error"}), "classification")
+    assert type(named).__name__ == "SquaredError"
+    with pytest.raises(ConfigError, match="exp.toml: unknown key 'train.loss.ignore_indx' \\(did you mean "
+                                          "'train.loss.ignore_index'\\?\\); 'softmax_cross_entropy' accepts: ignore_index"):
+        builder.build_loss(cfg.load(path, overrides={"train.loss": {"name": "softmax_cross_entropy",
+                                                                     "ignore_indx": 2}}), "classification")
+    with pytest.raises(ConfigError, match="train.loss: expected a name or a table with a 'name' key"):
+        builder.build_loss(cfg.load(path, overrides={"train.loss": {"ignore_index": 2}}), "classification")

@@ -144,8 +144,15 @@ def test_fetch_command_and_automatic_download(server, tmp_path, monkeypatch):
     monkeypatch.setenv("RABBIT_OFFLINE", "1")
     monkeypatch.setenv("RABBIT_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("RABBIT_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(DataError, match=r"dataset 'toy' not found: .*data/toy .*put data.bin there.*rabbit data fetch toy"):
+    with pytest.raises(DataError) as err:
         fetch.ensure_available("toy")
+    first, fix = str(err.value).splitlines()
+    assert first == (f"dataset 'toy' not found (looked in {tmp_path / 'data' / 'toy'} and "
+                     f"{tmp_path / 'empty-cache' / 'datasets' / 'toy'}; downloads are off: $RABBIT_OFFLINE is set)")
+    assert fix == f"  fix: put data.bin into {tmp_path / 'empty-cache' / 'datasets' / 'toy'}  (or --set data.path=PATH to a copy)"
+    with pytest.raises(DataError, match="\n  fix: rabbit data fetch toy  \\(or --set data.path=PATH to a copy\\)$"):
+        monkeypatch.delenv("RABBIT_OFFLINE")
+        fetch.ensure_available("toy", download=False)
     result = CliRunner().invoke(data_group, ["fetch", "nope"])
     assert result.exit_code == 1 and "no download known for dataset 'nope'" in result.output
 

@@ -238,8 +238,9 @@ def test_wrong_archive_and_missing_dataset(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         load_gtsrb()
     message = str(err.value)
-    for hint in ("[data] path", str(tmp_path / "data" / "gtsrb"), "GTSRB_Final_Training_Images.zip", "rabbit data fetch gtsrb"):
+    for hint in ("data.path", str(tmp_path / "data" / "gtsrb"), "GTSRB_Final_Training_Images.zip"):
         assert hint in message
+    assert len(message.splitlines()) == 2 and len(message) < 500
 
 
 def test_rabbit_data_folder_is_used(official, tmp_path, monkeypatch):
@@ -284,6 +285,30 @@ def test_kaggle_layout_folder_and_zip(tmp_path):
         assert not set(train.groups) & set(val.groups)
         for split in (train, val, test):
             assert_colours_match_labels(split)
+
+
+def test_a_missing_test_split_is_said_before_training(tmp_path):
+    import rabbitkit
+
+    root = tmp_path / "kaggle"
+    write_kaggle(root)
+    (root / "Test.csv").unlink()
+    for _ in range(2):  # the decoding run and the cached load alike
+        ds = load_gtsrb(path=str(root), image_size=8, val_fraction=0.5)
+        assert "test" not in ds.splits
+        assert ds.info["test_missing"].startswith(f"looked in {root} for Test.csv beside Train.csv")
+    experiment = {"data": {"dataset": "gtsrb", "path": str(root), "image_size": 8, "val_fraction": 0.5},
+                  "model": {"architecture": "mlp", "hidden": [4]}, "train": {"epochs": 1, "batch_size": 4},
+                  "output": {"visualizers": []}}
+    result = rabbitkit.run(experiment, out=tmp_path / "runs", quiet=True)
+    log = (result.run_dir / "log.txt").read_text().splitlines()
+    warning = next(i for i, line in enumerate(log) if "warning: no test split (looked in" in line)
+    first_epoch = next(i for i, line in enumerate(log) if "epoch   1" in line)
+    assert warning < first_epoch and "the run will end without test metrics" in log[warning]
+    assert not any(k.startswith("test_") for k in result.metrics)
+    with_test = tmp_path / "with_test"
+    write_kaggle(with_test)
+    assert "test_missing" not in load_gtsrb(path=str(with_test), image_size=8).info
 
 
 def test_flip_map_is_an_involution():

@@ -152,3 +152,56 @@ def test_real_cifar_pngs(shared_data):
                       "horse": 21, "ship": 15, "truck": 23}
     same = load_image_folder(path=str(archive), subdir="image_data_format_2", val_fraction=0.0)
     np.testing.assert_array_equal(same.splits["train"].x, train.x)
+
+
+class PNGs:
+    """A minimal image source: member name -> PNG bytes."""
+
+    label = "memory"
+
+    def __init__(self, images):
+        self.files = {}
+        for name, array in images.items():
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            self.files[name] = buffer.getvalue()
+
+    def read(self, name):
+        return self.files[name]
+
+    def member_label(self, name):
+        return f"memory:{name}"
+
+
+def test_decoding_runs_on_a_thread_pool_and_shows_progress_on_a_terminal(monkeypatch):
+    import threading
+
+    from rabbitkit.data import images
+
+    rng = np.random.default_rng(0)
+    arrays = {f"{i}.png": rng.integers(0, 256, (9, 7, 3), dtype=np.uint8) for i in range(300)}
+    source = PNGs(arrays)
+    items = [(source, name) for name in arrays]
+    threads = set()
+    original = images.decode_resized
+
+    def recording(*args, **kwargs):
+        threads.add(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images, "decode_resized", recording)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr("rabbitkit.progress.MININTERVAL", 0)
+    pooled = images.load_images(items, workers=4)
+    assert len(threads - {threading.get_ident()}) >= 2  # decoded by several pool threads
+    assert "decoding images" in terminal.getvalue() and "300/300" in terminal.getvalue()
+    serial = images.load_images(items, workers=1, progress=False)
+    expected = np.stack([a.transpose(2, 0, 1) for a in arrays.values()])
+    np.testing.assert_array_equal(pooled, expected)
+    np.testing.assert_array_equal(serial, expected)

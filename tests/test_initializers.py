@@ -174,3 +174,28 @@ def test_initialize_a_cuda_model():
     init.initialize(model, default={"name": "constant", "value": 0.5}, bias=0.25)
     np.testing.assert_array_equal(model[0].params["weight"].copy_to_host(), 0.5)
     np.testing.assert_array_equal(model[0].params["bias"].copy_to_host(), 0.25)
+
+
+def test_init_overrides_without_a_default_keep_every_other_parameter(tmp_path):
+    """docs/experiments.md: an unset init.default keeps each layer's own initialisation."""
+    import rabbitkit
+    from rabbitkit.train import builder, config as cfg
+
+    raw = {"data": {"dataset": "function1d", "n_train": 16, "n_val": 8, "n_test": 8},
+           "model": {"architecture": "mlp", "hidden": [5, 5]}, "init": {"overrides": {"0.weight": "zeros"}}}
+    config = cfg.resolve(raw)
+    plain = cfg.resolve({k: v for k, v in raw.items() if k != "init"})
+
+    def initialised(config):
+        rabbitkit.manual_seed(0)
+        model = builder.build_model(config, (1,), 1)
+        builder.initialize(config, model, np.random.default_rng(0))
+        return model.state_dict()
+
+    overridden, own = initialised(config), initialised(plain)
+    assert not overridden["0.weight"].any() and own["0.weight"].any()
+    for name in own:
+        if name != "0.weight":
+            np.testing.assert_array_equal(overridden[name], own[name], err_msg=name)
+    result = rabbitkit.run(raw, {"train.epochs": 1, "output.visualizers": []}, out=tmp_path, quiet=True)
+    assert result.stopped == "completed"

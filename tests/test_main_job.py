@@ -65,6 +65,8 @@ def env(tmp_path):
 
     environment = dict(os.environ, RABBIT_CACHE=str(tmp_path / "cache"), RABBIT_OFFLINE="1")
     environment.pop("RABBIT_DATA", None)
+    # the rabbitkit under test, whatever is installed (the command runs in tmp_path)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
     return environment
 
 
@@ -108,8 +110,30 @@ def test_main_job_without_data_says_how_to_provide_it(tmp_path, env):
     done = rabbit(["run", EXPERIMENT, "--out", tmp_path / "runs"], env, tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert "gtsrb" in lines[0] and "path" in lines[0] and "RABBIT_DATA" in lines[0]
+    assert len(lines) == 2 and "Traceback" not in done.stderr
+    assert lines[0].startswith("error: dataset 'gtsrb' not found (looked in $RABBIT_DATA/gtsrb/ and ")
+    assert lines[0].endswith("; downloads are off: $RABBIT_OFFLINE is set)")
+    assert lines[1] == (f"  fix: put GTSRB_Final_Training_Images.zip, GTSRB_Final_Test_Images.zip, "
+                        f"GTSRB_Final_Test_GT.zip into {tmp_path / 'cache' / 'datasets' / 'gtsrb'}  "
+                        f"(or --set data.path=PATH to a copy)")
+
+
+def test_main_job_without_data_and_network_says_it_once(tmp_path, env):
+    """Downloads on, but the server cannot be reached (a proxy nobody listens on)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(env, https_proxy=f"http://127.0.0.1:{port}", HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    env.pop("RABBIT_OFFLINE")
+    done = rabbit(["run", EXPERIMENT, "--out", tmp_path / "runs"], env, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    notice, first, fix = done.stderr.strip().splitlines()
+    assert notice.startswith("dataset 'gtsrb' not found locally: downloading it to ")
+    assert first.startswith("error: dataset 'gtsrb' not found (not in $RABBIT_DATA/gtsrb/ and ")
+    assert "; cannot reach sid.erda.dk: " in first and len(first) < 300
+    assert fix.startswith("  fix: put GTSRB_Final_Training_Images.zip, ") and fix.count("data.path") == 1
 
 
 def test_main_job_dry_run_on_the_real_subset(shared_data, tmp_path, env):

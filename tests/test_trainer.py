@@ -156,12 +156,112 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     assert "last.safetensors" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_divergence_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(DivergenceError, match="loss is (nan|inf)"):
+class NaNAtStep:
+    """A plugin that makes the loss NaN at a given step (divergence, on cue)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @rabbitkit.hookimpl
+    def rabbit_train_start(self, run):
+        original = run.loss.forward
+
+        def forward(out, yb):
+            value = original(out, yb)
+            return float("nan") if run.step + 1 == self.step else value
+
+        run.loss.forward = forward
+
+
+def run_with_nan_at(tmp_path, step, overrides=None):
+    manager = rabbitkit.plugins.get_manager()
+    plugin = NaNAtStep(step)
+    manager.register(plugin, name="nan-maker")
+    try:
+        with pytest.raises(DivergenceError) as err:
+            run(tmp_path, overrides)
+    finally:
+        manager.unregister(plugin)
+    return err.value
+
+
+def test_divergence_names_the_last_good_checkpoint_which_exists(tmp_path):
+    err = run_with_nan_at(tmp_path, step=15)  # epoch 3 (6 steps per epoch)
+    message = str(err)
+    assert message.startswith("loss is nan at epoch 3, step 15; the last good checkpoint is ")
+    named = pathlib.Path(message.rsplit(" ", 1)[1])
+    assert named.is_file() and named == err.run_dir / "checkpoints" / "last.safetensors"
+    _, metadata = checkpoint.load(named)
+    assert metadata["epoch"] == 2
+    assert f"stopped: {message}" in (err.run_dir / "log.txt").read_text()
+
+
+def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
+    err = run_with_nan_at(tmp_path, step=3)
+    assert str(err) == "loss is nan at epoch 1, step 3; no checkpoint was written before it (nothing to resume)"
+    assert not list((err.run_dir / "checkpoints").iterdir())
+    assert json.loads((err.run_dir / "status.json").read_text())["state"] == "diverged"
+
+
+def test_real_divergence_with_a_huge_learning_rate(tmp_path):
+    with pytest.raises(DivergenceError, match="loss is (nan|inf|[0-9.e+]+ at epoch 1, more than)"):
         run(tmp_path, {"train.lr": 1e6, "train.epochs": 5, "model.activation": "ReLU",
                        "train.optimizer": {"name": "sgd"}, "model.dropout": 0.0})
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert "stopped: loss is" in (run_dir / "log.txt").read_text()
+
+
+SINE_LR_1E9 = textwrap.dedent("""
+    [data]
+    dataset = "function1d"
+    n_train = 64
+    n_val = 32
+    n_test = 32
+    [model]
+    architecture = "mlp"
+    hidden = [16]
+    activation = "Tanh"
+    [train]
+    epochs = 3
+    batch_size = 16
+    optimizer = "adam"
+    lr = 1e9
+    [output]
+    visualizers = []
+""")
+
+
+def test_finite_divergence_is_caught_and_said_once(tmp_path):
+    """The sine demo at lr=1e9 reaches a loss of ~1e20 without NaN: caught after epoch 1."""
+    experiment = tmp_path / "sine.toml"
+    experiment.write_text(SINE_LR_1E9)
+    done = subprocess.run([sys.executable, "-m", "rabbitkit.cli", "run", str(experiment), "--out",
+                           str(tmp_path / "runs")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("loss is") == 1 and "stopped" not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "at epoch 1, more than train.divergence_factor = 1000 times the first step's" in line
+    assert line.endswith("no checkpoint was written before it (nothing to resume)")
+
+
+def test_divergence_factor_0_turns_the_rule_off(tmp_path):
+    result = rabbitkit.run(tomllib_loads(SINE_LR_1E9), {"train.divergence_factor": 0.0}, out=tmp_path, quiet=True)
+    assert result.stopped == "completed" and result.history[-1]["train_loss"] > 1e6
+
+
+def test_divergence_factor_must_exceed_1(tmp_path):
+    from rabbitkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.divergence_factor: expected 0 \\(off\\) or a multiple > 1, got 0.5"):
+        rabbitkit.run(tomllib_loads(SINE_LR_1E9), {"train.divergence_factor": 0.5}, out=tmp_path, quiet=True)
+
+
+def tomllib_loads(text):
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib.loads(text)
 
 
 def test_lifecycle_hooks_fire(tmp_path):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from ..progress import bar
 from . import paths
 
 CHUNK = 1 << 20
@@ -91,34 +92,19 @@ def verify(path, remote):
     return None
 
 
-class _Progress:
-    """A click progress bar on a terminal, silence elsewhere."""
+class NetworkError(DataError):
+    """The server could not be reached at all (no network, DNS failure, refused)."""
 
-    def __init__(self, label, total, done, enabled):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            import click
-
-            self.bar = click.progressbar(length=total or 0, label=label, file=sys.stderr, show_pos=False)
-            self.bar.__enter__()
-            if done:
-                self.bar.update(done)
-
-    def update(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+    def __init__(self, message, host, reason):
+        super().__init__(message)
+        self.host, self.reason = host, reason
 
 
 def _network_error(remote, dest, err):
-    reason = getattr(err, "reason", None) or err
-    return DataError(
-        f"cannot download {remote.url} ({reason}); without network, put {remote.filename} into {dest.parent} "
-        f"yourself, or point [data] path / $RABBIT_DATA at a copy"
-    )
+    reason = " ".join(str(getattr(err, "reason", None) or err).split())
+    host = remote.url.split("/")[2]
+    return NetworkError(f"cannot download {remote.url} ({reason}); without network, put {remote.filename} into "
+                        f"{dest.parent} yourself, or point [data] path / $RABBIT_DATA at a copy", host, reason)
 
 
 def _transfer(remote, part, timeout, progress):
@@ -140,14 +126,11 @@ def _transfer(remote, part, timeout, progress):
             offset = 0  # the server ignored the Range request: start again
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        bar = _Progress(f"{remote.filename}", total, offset, progress)
-        try:
+        with bar(total, remote.filename, progress, unit="B", unit_scale=True, initial=offset) as downloaded:
             with open(part, "ab" if resumed else "wb") as f:
                 while block := response.read(CHUNK):
                     f.write(block)
-                    bar.update(len(block))
-        finally:
-            bar.close()
+                    downloaded.update(len(block))
         if total is not None and part.stat().st_size < total:
             raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes")
     return resumed
@@ -210,9 +193,16 @@ def ensure_available(name, path=None, download=True):
         return found
     archives = [r.filename for r in SOURCES.get(name, ())]
     if not download or offline() or name not in SOURCES:
-        raise paths.missing(name, archives)
+        reason = f"looked in {paths.searched(name)}"
+        fix = None  # copy the files in
+        if name in SOURCES and offline():
+            reason += "; downloads are off: $RABBIT_OFFLINE is set"
+        elif name in SOURCES:  # the dataset's download option is off
+            fix = f"rabbit data fetch {name}  (or --set data.path=PATH to a copy)"
+        raise paths.missing(name, archives, reason=reason, fix=fix)
     print(f"dataset '{name}' not found locally: downloading it to {paths.download_dir(name)}", file=sys.stderr)
     try:
         return fetch_dataset(name, progress=True)
-    except DataError as err:
-        raise DataError(f"dataset '{name}' not found and {err}; or {paths.how_to_provide(name, archives)}") from None
+    except NetworkError as err:
+        reason = f"not in {paths.searched(name)}; cannot reach {err.host}: {err.reason}"
+        raise paths.missing(name, archives, reason=reason) from None

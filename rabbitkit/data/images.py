@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import DataError
+from ..progress import bar
 
 
 def pillow():
@@ -65,12 +66,14 @@ def default_workers():
     return max(1, min(16, os.cpu_count() or 1))
 
 
-def load_images(items, size=None, boxes=None, grayscale=False, labels=None, workers=None):
+def load_images(items, size=None, boxes=None, grayscale=False, labels=None, workers=None, progress=None):
     """Decode ``items`` (a list of (source, member name)) into one uint8 (N, C, H, W) array, in parallel.
 
     ``boxes`` (optional, one (x1, y1, x2, y2) per image) crops before resizing;
     ``labels`` (optional, one per image) prefix error messages (e.g. "Train.csv row
-    17"); with ``size`` None every image must have the same size.
+    17"); with ``size`` None every image must have the same size.  A progress bar
+    (images decoded / total) shows on a terminal unless ``progress`` is False; the
+    cache (:mod:`rabbitkit.data.cache`) means it is seen on the first load only.
     """
     n = len(items)
     channels = 1 if grayscale else 3
@@ -100,14 +103,17 @@ def load_images(items, size=None, boxes=None, grayscale=False, labels=None, work
                     f"{first.shape[2]}x{first.shape[1]}; set the image_size option to resize them all"
                 )
             out[i] = img
+        return chunk
 
     workers = workers or default_workers()
     chunks = [range(s, min(n, s + 64)) for s in range(1, n, 64)]
-    if workers == 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            fill(chunk)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(fill, chunks):  # re-raises the first worker error
-                pass
+    with bar(n, "decoding images", progress, unit="img", initial=1) as decoded:
+        if workers == 1 or len(chunks) <= 1:
+            for chunk in chunks:
+                fill(chunk)
+                decoded.update(len(chunk))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for chunk in pool.map(fill, chunks):  # re-raises the first worker error
+                    decoded.update(len(chunk))
     return out

@@ -64,16 +64,22 @@ def resolve(name, path=None):
     return None
 
 
-def how_to_provide(name, archives=()):
-    """The one-line advice of a 'dataset missing' message."""
-    where = " or ".join(str(d) for d in candidate_dirs(name))
+def searched(name):
+    """Where a dataset without a ``path`` option is looked for, as one phrase."""
+    dirs = [str(d) for d in candidate_dirs(name)]
     if not os.environ.get("RABBIT_DATA"):
-        where = f"$RABBIT_DATA/{name}/ or {where}"
-    files = f" (put {', '.join(archives)} there)" if archives else ""
-    fetch = f"; or, with network, run 'rabbit data fetch {name}'" if archives else ""
-    return f"set [data] path = \"...\" (the 'path' option) to its file or folder, or use {where}{files}{fetch}"
+        dirs.insert(0, f"$RABBIT_DATA/{name}/")
+    return " and ".join(dirs)
 
 
-def missing(name, archives=()):
-    """The DataError for a dataset that cannot be found anywhere."""
-    return DataError(f"dataset '{name}' not found: {how_to_provide(name, archives)}")
+def missing(name, archives=(), reason=None, fix=None):
+    """The DataError for a dataset that cannot be found anywhere: what is wrong, then the fix.
+
+    Two short lines: ``dataset 'x' not found (...)`` and ``  fix: ...``, the one
+    command (``rabbit data fetch x``) or path (``--set data.path=...``) that mends it.
+    """
+    first = f"dataset '{name}' not found ({reason or 'looked in ' + searched(name)})"
+    if fix is None:
+        fix = (f"put {', '.join(archives)} into {download_dir(name)}  (or --set data.path=PATH to a copy)"
+               if archives else f"--set data.path=PATH (its file or folder), or put it into {candidate_dirs(name)[0]}")
+    return DataError(f"{first}\n  fix: {fix}")

@@ -223,6 +223,8 @@ class Step:
 
 
 class Scale(Step):
+    """uint8 images to float32 in [0, 1]."""
+
     name = "scale"
 
     def apply(self, x):
@@ -230,6 +232,8 @@ class Scale(Step):
 
 
 class Standardize(Step):
+    """Per-channel mean 0 and standard deviation 1 (statistics of the training split)."""
+
     name = "standardize"
     fitted_tensors = ("mean", "std")
 
@@ -261,6 +265,8 @@ class Standardize(Step):
 
 
 class ZCA(Step):
+    """ZCA whitening (regularised by ``epsilon``, fitted on up to ``max_samples`` images)."""
+
     name = "zca"
     fitted_tensors = ("mean", "matrix")
 
@@ -292,6 +298,8 @@ class ZCA(Step):
 
 
 class LCN(Step):
+    """Local contrast normalisation with a Gaussian window of ``kernel`` pixels."""
+
     name = "lcn"
 
     def __init__(self, kernel: int = 7, sigma: float | None = None, eps: float = 1e-2):
@@ -346,22 +354,32 @@ class Colour(Step):
 
 
 class YUVStep(Colour):
+    """RGB to YUV."""
+
     name, mode = "yuv", YUV
 
 
 class LabStep(Colour):
+    """RGB to CIE L*a*b*."""
+
     name, mode = "lab", LAB
 
 
 class HSVStep(Colour):
+    """RGB to HSV."""
+
     name, mode = "hsv", HSV
 
 
 class HSLStep(Colour):
+    """RGB to HSL."""
+
     name, mode = "hsl", HSL
 
 
 class Grayscale(Colour):
+    """RGB to one luminance channel."""
+
     name, mode, channels_out = "grayscale", GRAY, 1
 
     def apply(self, x):

@@ -91,18 +91,44 @@ def grid_points(grid):
 
 
 def _sweep_point(config, overrides, run_options):
-    """One sweep run (module level, so a dask worker can unpickle it)."""
-    return run(config, overrides, quiet=True, **run_options)
+    """One sweep run (module level, so a dask worker can unpickle it); a diverged run is a result too."""
+    from .trainer import DivergenceError, Result
+
+    try:
+        return run(config, overrides, quiet=True, **run_options)
+    except DivergenceError as err:
+        if err.run_dir is None:
+            raise
+        return Result(err.run_dir, dict(err.history[-1]) if err.history else {}, err.history, "diverged")
 
 
-def sweep(config_or_path, grid, *, base_overrides=None, client=None, **run_options):
-    """Run every combination of ``grid``; returns ``[(swept values, Result)]`` in grid order.
+class SweepResults(list):
+    """``[(swept values, Result)]`` in grid order, plus where the sweep wrote its files.
+
+    ``folder``: the sweep's folder (holding its run directories), ``csv``: sweep.csv,
+    ``png``: sweep.png (None when there was nothing to plot).
+    """
+
+    folder = csv = png = None
+
+
+def sweep(config_or_path, grid, *, base_overrides=None, client=None, progress=None, **run_options):
+    """Run every combination of ``grid``; returns :class:`SweepResults` in grid order.
+
+    The runs go into a fresh folder ``<out>/sweep-<name>-<time>/`` (``out``, else
+    ``output.dir``) that also receives ``sweep.csv`` (one row per combination: the
+    swept values, final and best metrics, status and run directory) and
+    ``sweep.png`` (the monitored metric against each swept key).  A run that
+    diverges is recorded as such and the sweep goes on.
 
     Runs one after another by default.  With ``client`` (a ``dask.distributed.Client``,
     optional extra ``dask``) every run is submitted to the cluster and they run in
     parallel on its workers; run directories are written where the workers run
-    (use a shared file system, or an absolute ``out``).
+    (use a shared file system); the sweep files are written here, from the results.
     """
+    from ..progress import bar
+    from .sweeps import write_sweep_files
+
     config = _resolve(config_or_path, base_overrides or {})
     return run_points(config, grid_points(grid), client=client, **run_options)
 
@@ -116,7 +142,24 @@ def run_points(config_or_path, points, *, client=None, **run_options):
     config = _resolve(config_or_path, {})
     for point in points:
         _resolve(config, point)
-    if client is None:
-        return [(point, _sweep_point(config, point, run_options)) for point in points]
-    futures = [client.submit(_sweep_point, config, point, run_options, pure=False) for point in points]
-    return list(zip(points, client.gather(futures)))
+    parent = pathlib.Path(run_options.pop("out", None) or config["output"]["dir"])
+    folder = new_run_directory(parent, f"sweep-{config['experiment']['name']}").resolve()
+    run_options["out"] = str(folder)
+    run_options["progress"] = False  # one bar: runs done / total
+    with bar(len(points), "sweep", progress, unit="run") as runs_done:
+        if client is None:
+            outcomes = []
+            for point in points:
+                outcomes.append(_sweep_point(config, point, run_options))
+                runs_done.update(1)
+        else:
+            from distributed import as_completed
+
+            futures = [client.submit(_sweep_point, config, point, run_options, pure=False) for point in points]
+            for _ in as_completed(futures):
+                runs_done.update(1)
+            outcomes = client.gather(futures)
+    results = SweepResults(zip(points, outcomes))
+    results.folder = folder
+    results.csv, results.png = write_sweep_files(results, folder)
+    return results

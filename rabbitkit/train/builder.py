@@ -100,9 +100,14 @@ def build_layers(specs, input_shape, dtype, path, manager):
 
 
 def build_loss(config, task, manager=None):
+    """``train.loss``: a name or ``{name = ..., options}``; unset picks the task's usual loss."""
     manager = manager or get_manager()
-    name = config["train"]["loss"] or ("squared_error" if task == "regression" else "softmax_cross_entropy")
-    return manager.registry("losses").get(name)()
+    default = "squared_error" if task == "regression" else "softmax_cross_entropy"
+    name, options = named_spec(config["train"]["loss"] or default, "train.loss", config["source"])
+    cls = manager.registry("losses").get(name)
+    check_plugin_options(cls, options, "train.loss", config["source"], name)
+    with blame(config, "train.loss"):
+        return cls(**options)
 
 
 def build_optimizer(config, params, manager=None):

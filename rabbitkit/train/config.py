@@ -89,7 +89,8 @@ SCHEMA = {
         "epochs": Key(int, 10, minimum=1, help="Number of passes over the training set."),
         "batch_size": Key(int, 64, minimum=1, help="Samples per step (streams per step for language models)."),
         "eval_batch_size": Key(int, 256, minimum=1, help="Samples per step when evaluating."),
-        "loss": Key(str, None, help="Loss plugin name; default by task (softmax_cross_entropy or squared_error)."),
+        "loss": Key((str, dict), None, help="Loss plugin name or {name=..., options} (e.g. ignore_index); "
+                                            "default by task (softmax_cross_entropy or squared_error)."),
         "optimizer": Key((str, dict), "sgd", help="Optimizer name or {name=..., options} (e.g. momentum, nesterov, betas)."),
         "lr": Key(float, 0.01, exclusive_minimum=0.0, help="Learning rate."),
         "weight_decay": Key(float, 0.0, minimum=0.0, help="Optimizer weight decay on weights (not biases)."),
@@ -98,6 +99,9 @@ SCHEMA = {
         "l2": Key(float, 0.0, minimum=0.0, help="Shorthand for an L2 regularizer of this strength (lambda/2 ||w||^2)."),
         "l1": Key(float, 0.0, minimum=0.0, help="Shorthand for an L1 regularizer of this strength."),
         "clip_grad_norm": Key(float, None, exclusive_minimum=0.0, help="Clip gradients to this global norm."),
+        "divergence_factor": Key(float, 1000.0, minimum=0.0,
+                                 help="Stop as diverged when an epoch's training loss exceeds this multiple (> 1) of "
+                                      "the first step's loss (char-rnn's rule); 0 turns it off. NaN/inf always stop."),
         "early_stopping": Key(dict, None, help="{patience = N, metric = \"val_loss\", min_delta = 0.0}."),
         "seq_len": Key(int, 50, minimum=1, help="Truncated-BPTT length for language models."),
         "max_steps_per_epoch": Key(int, 0, minimum=0, help="Cap on steps per epoch (0 = whole training set)."),
@@ -111,6 +115,8 @@ SCHEMA = {
         "checkpoint_every": Key(int, 1, minimum=1, help="Write a checkpoint every N epochs (the last and best are kept)."),
         "visualizers": Key(list, ["curves", "filters"], help="Visualizer plugins run at the end of the run."),
         "progress": Key(bool, True, help="Show a progress bar when on a terminal."),
+        "tensorboard": Key(bool, False, help="Also write TensorBoard event files into the run directory "
+                                             "(needs the optional extra: pip install 'rabbitkit[tensorboard]')."),
     },
 }
 
@@ -423,8 +429,40 @@ def dump_toml(config):
     return "\n".join(lines)
 
 
+def _options_table(title, classes, skip):
+    """Markdown rows ``| name | option = default, ... | first docstring line |`` for named classes."""
+    lines = [f"| {title} | options (defaults) | meaning |", "|---|---|---|"]
+    for name, cls in classes.items():
+        params, _ = factory_parameters(cls)
+        options = ", ".join(f"`{k} = {json.dumps(p.default)}`" for k, p in params.items() if k not in skip) or "none"
+        own = cls.__dict__.get("__doc__") or ""
+        doc = inspect.cleandoc(own).split("\n\n")[0].replace("\n", " ").replace("``", "`")
+        lines.append(f"| `{name}` | {options} | {doc} |")
+    return lines
+
+
+def nested_markdown():
+    """The options of the named tables (schedules, preprocessing steps), from their signatures."""
+    from ..data.preprocess import STEPS
+    from .schedules import SCHEDULES
+
+    lines = ["### Nested options\n",
+             "A key that takes a name also takes a table: `name` plus options, e.g. "
+             "`schedule = { name = \"step\", step_size = 10, gamma = 0.5 }`. This holds for "
+             "`train.schedule`, `train.optimizer`, `train.loss`, each entry of `train.regularizers`, "
+             "`init.default`/`init.overrides` and each step of `data.preprocess`; the options are checked "
+             "against the signature (`rabbit plugins` lists the optimizers, losses, regularizers and "
+             "initializers, whose options are their constructors' keyword arguments).\n",
+             "`train.schedule` (stepped once per epoch from `train.lr`):\n"]
+    lines += _options_table("schedule", SCHEDULES, skip=("base_lr", "epochs"))
+    lines += ["", "`data.preprocess` steps (fitted on the training split, applied to every split):\n"]
+    lines += _options_table("step", STEPS, skip=())
+    lines.append("")
+    return "\n".join(lines)
+
+
 def schema_markdown():
-    """The key reference of docs/experiments.md, generated from :data:`SCHEMA`."""
+    """The key reference of docs/experiments.md, generated from :data:`SCHEMA` and the named tables."""
     lines = []
     for section, schema in SCHEMA.items():
         lines.append(f"### `[{section}]`\n")
@@ -440,4 +478,4 @@ def schema_markdown():
                 sub_default = "unset" if sub_key.default is None else f"`{json.dumps(sub_key.default)}`"
                 lines.append(f"| `{section}.{name}.{sub_name}` | {sub_key.describe()} | {sub_default} | {sub_key.help} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + nested_markdown()

@@ -32,7 +32,7 @@ def load_run(run_dir, which="best", quiet=True, device=None):
     path = run_dir / "checkpoints" / (BEST if which == "best" else LAST)
     if which == "best" and not path.is_file():
         path = run_dir / "checkpoints" / LAST
-    live = Run(config, run_dir, log_to_stdout=not quiet, progress=False)
+    live = Run(config, run_dir, log_to_stdout=not quiet)  # evaluation shows its bar on a terminal
     groups, metadata = checkpoint.load(path)
     if metadata.get("config_hash") != live.hash:
         raise CheckpointError(f"{path}: checkpoint belongs to a different model/data configuration")

@@ -41,10 +41,18 @@ class CosineSchedule:
 
 
 class PlateauSchedule:
-    """Multiply lr by ``factor`` when the monitored metric has not improved for ``patience`` epochs."""
+    """Multiply lr by ``factor`` when the monitored metric has not improved for more than ``patience`` epochs.
+
+    ``mode``: ``"auto"`` (accuracies improve upwards, everything else downwards, as
+    the monitor), ``"min"`` or ``"max"`` to say it outright.
+    """
+
+    MODES = ("auto", "min", "max")
 
     def __init__(self, base_lr, epochs, factor: float = 0.1, patience: int = 5, min_delta: float = 0.0,
                  min_lr: float = 0.0, mode: str = "auto"):
+        if mode not in self.MODES:
+            raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in self.MODES)}, got {mode!r}")
         self.lr, self.factor, self.patience = base_lr, float(factor), int(patience)
         self.min_delta, self.min_lr, self.mode = float(min_delta), float(min_lr), mode
         self.best = None
@@ -53,6 +61,8 @@ class PlateauSchedule:
     def observe(self, metric, higher_is_better):
         if metric is None:
             return
+        if self.mode != "auto":
+            higher_is_better = self.mode == "max"
         improved = self.best is None or (
             metric > self.best + self.min_delta if higher_is_better else metric < self.best - self.min_delta)
         if improved:
@@ -74,6 +84,8 @@ class PlateauSchedule:
 
 
 class ConstantSchedule(StepSchedule):
+    """lr = base_lr throughout (the default)."""
+
     def __init__(self, base_lr, epochs):
         super().__init__(base_lr, epochs, step_size=1, gamma=1.0)
 

@@ -1,4 +1,5 @@
 """The plugin's own tests, written with rabbitkit.testing as any plugin author would."""
+import math
 import pathlib
 import subprocess
 import sys
@@ -30,10 +31,14 @@ def test_softplus_cuda_matches_cpu():
     check_cuda_parity(lambda: Softplus(1.5), (2, 3))
 
 
-def test_lecun_normal_variance():
-    w = lecun_normal((400, 250), np.random.default_rng(0))
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_lecun_normal_variance(gain):
+    w = lecun_normal((400, 250), np.random.default_rng(0), gain=gain)
     assert w.dtype == np.float32
-    assert abs(w.var() - 1 / 250) < 0.05 / 250 * 4  # sampling error of the variance ~ sqrt(2/n)
+    expected = gain ** 2 / 250
+    # the sample variance of n normal draws has a relative standard error sqrt(2/n) (0.45 % here): 4 of them
+    assert abs(w.var() / expected - 1) < 4 * math.sqrt(2 / w.size)
+    assert abs(w.mean()) < 4 * math.sqrt(expected / w.size)
 
 
 def test_registered_through_the_entry_point():

@@ -271,6 +271,9 @@ def load_gtsrb(
     info = {"source": str(root), "layout": "; ".join(str(s) for s in arrays["layout"]),
             "options": f"image_size={image_size} roi_crop={roi_crop} grayscale={grayscale} "
                        f"val_fraction={val_fraction} seed={seed}"}
+    if "test_x" not in arrays:
+        info["test_missing"] = (f"looked in {root} for Test.csv beside Train.csv (Kaggle layout) and for "
+                                f"GT-final_test.csv with the Final_Test images (official layout)")
     return image_dataset(NAME, arrays, CLASS_NAMES, val_fraction, split_rng, info, by_group=True)
 
 
