@@ -126,27 +126,35 @@ def sweep(config_or_path, grid, *, base_overrides=None, client=None, progress=No
     parallel on its workers; run directories are written where the workers run
     (use a shared file system); the sweep files are written here, from the results.
     """
-    from ..progress import bar
     from .sweeps import write_sweep_files
 
     config = _resolve(config_or_path, base_overrides or {})
-    return run_points(config, grid_points(grid), client=client, **run_options)
-
-
-def run_points(config_or_path, points, *, client=None, **run_options):
-    """Run the experiment once per override dict in ``points``; ``[(point, Result)]`` in order.
-
-    Every point is validated before any work starts; with a dask ``client`` the
-    runs are submitted to the cluster (see :func:`sweep`).
-    """
-    config = _resolve(config_or_path, {})
-    for point in points:
+    points = grid_points(grid)
+    for point in points:  # validate every point before any folder or run is made
         _resolve(config, point)
     parent = pathlib.Path(run_options.pop("out", None) or config["output"]["dir"])
     folder = new_run_directory(parent, f"sweep-{config['experiment']['name']}").resolve()
-    run_options["out"] = str(folder)
-    run_options["progress"] = False  # one bar: runs done / total
-    with bar(len(points), "sweep", progress, unit="run") as runs_done:
+    outcomes = run_points(config, points, client=client, progress=progress, out=str(folder), **run_options)
+    results = SweepResults(outcomes)
+    results.folder = folder
+    results.csv, results.png = write_sweep_files(results, folder)
+    return results
+
+
+def run_points(config_or_path, points, *, client=None, progress=None, desc="sweep", **run_options):
+    """Run the experiment once per override dict in ``points``; ``[(point, Result)]`` in order.
+
+    Every point is validated before any work starts; with a dask ``client`` the
+    runs are submitted to the cluster (see :func:`sweep`).  One progress bar counts
+    the runs done (the runs themselves show none).
+    """
+    from ..progress import bar
+
+    config = _resolve(config_or_path, {})
+    for point in points:
+        _resolve(config, point)
+    run_options["progress"] = False
+    with bar(len(points), desc, progress, unit="run") as runs_done:
         if client is None:
             outcomes = []
             for point in points:
@@ -159,7 +167,4 @@ def run_points(config_or_path, points, *, client=None, **run_options):
             for _ in as_completed(futures):
                 runs_done.update(1)
             outcomes = client.gather(futures)
-    results = SweepResults(zip(points, outcomes))
-    results.folder = folder
-    results.csv, results.png = write_sweep_files(results, folder)
-    return results
+    return list(zip(points, outcomes))

@@ -78,6 +78,6 @@ def train_committee(path, *, client=None, out=None):
     parse_views(spec.tta, where=f"{path}: committee.tta")
     points = [dict(overrides, **{"experiment.name": f"committee-{name}"}) for name, overrides in spec.members]
     run_options = {"out": out} if out else {}
-    results = run_points(spec.experiment, points, client=client, **run_options)
+    results = run_points(spec.experiment, points, client=client, desc="committee", **run_options)
     run_dirs = [result.run_dir for _, result in results]
     return run_dirs, evaluate_committee(run_dirs, tta=spec.tta)
