@@ -115,7 +115,8 @@ def resume(ctx, run_dir, epochs):
 @main.command(name="eval")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]),
+              help="Checkpoint to evaluate (default: the one the run tests with, train.test_checkpoint).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Evaluate on this device (default: the run's).")
 @click.option("--tta", metavar="PRESET", help="Test-time augmentation: none, shifts or standard (averaged softmax).")
 @click.option("--committee", is_flag=True, help="Average the runs' probabilities (a multi-column committee).")

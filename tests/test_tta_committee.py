@@ -161,3 +161,22 @@ def test_rabbit_committee_trains_members_and_reports(tmp_path):
     assert done.stdout.count("member ") == 2 and "committee of 2: test accuracy" in done.stdout
     names = sorted(p.name.split("-2")[0] for p in (tmp_path / "runs").iterdir())
     assert names == ["committee-colour", "committee-gray"]
+
+
+def test_a_run_can_test_its_last_checkpoint(two_runs, tmp_path):
+    data, _ = two_runs
+    overrides = {"data.path": str(data), "train.epochs": 3, "output.dir": str(tmp_path), "output.visualizers": [],
+                 "train.test_checkpoint": "last"}
+    for text in SMALL[1::2]:
+        key, value = text.split("=", 1)
+        overrides[key] = json.loads(value)
+    result = rabbitkit.run(EXPERIMENT, overrides)
+    final = json.loads((result.run_dir / "final_metrics.json").read_text())
+    assert final["tested_checkpoint"] == "last"
+    last = evaluate_run(result.run_dir, worst=0)  # rabbit eval follows the run's choice
+    assert last.metrics["accuracy"] == pytest.approx(final["test_accuracy"])
+    assert last.metrics["loss"] == pytest.approx(final["test_loss"])
+    best = load_run(result.run_dir, "best").evaluate("test")
+    last_model = load_run(result.run_dir, "last").evaluate("test")
+    assert last_model["loss"] == pytest.approx(final["test_loss"])
+    assert (best["loss"] == pytest.approx(final["test_loss"])) == (final["best_epoch"] == 3)

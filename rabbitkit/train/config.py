@@ -106,6 +106,7 @@ SCHEMA = {
         "seq_len": Key(int, 50, minimum=1, help="Truncated-BPTT length for language models."),
         "max_steps_per_epoch": Key(int, 0, minimum=0, help="Cap on steps per epoch (0 = whole training set)."),
         "monitor": Key(str, None, help="Metric that picks the best checkpoint (default: val_accuracy or val_loss)."),
+        "test_checkpoint": Key(str, "best", choices=("best", "last"), help="Checkpoint tested at the end of the run (and by `rabbit eval` by default): the best by `monitor`, or the last epoch's (the natural choice after a schedule that anneals to zero, when the validation split is small)."),
     },
     "eval": {
         "tta": Key((str, list), "none", help="Test-time augmentation at the end of a run: \"none\", \"shifts\", \"standard\" or a list of {shift=[dx, dy], scale, rotate} views (averaged softmax)."),

@@ -18,8 +18,9 @@ class EvalReport:
     text: str
 
 
-def load_run(run_dir, which="best", quiet=True, device=None):
-    """Rebuild a finished run's model and data and load its ``best`` or ``last`` weights.
+def load_run(run_dir, which=None, quiet=True, device=None):
+    """Rebuild a finished run's model and data and load its ``best`` or ``last`` weights
+    (``None``: the checkpoint the run tests with, ``train.test_checkpoint``).
 
     ``device`` overrides the run's device: checkpoints hold host arrays, so a model
     trained on ``cuda`` evaluates on ``cpu`` and back.
@@ -29,6 +30,7 @@ def load_run(run_dir, which="best", quiet=True, device=None):
         raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
     overrides = {"experiment.device": device} if device else None
     config = config_module.load(run_dir / "config.toml", overrides=overrides)
+    which = which or config["train"]["test_checkpoint"]
     path = run_dir / "checkpoints" / (BEST if which == "best" else LAST)
     if which == "best" and not path.is_file():
         path = run_dir / "checkpoints" / LAST
@@ -52,7 +54,7 @@ def _check_split(live, run_dir, split):
         raise ConfigError(f"{run_dir}: split '{split}' not available; available: {', '.join(live.feeder.splits)}")
 
 
-def evaluate_run(run_dir, split="test", which="best", device=None, tta=None, worst=20):
+def evaluate_run(run_dir, split="test", which=None, device=None, tta=None, worst=20):
     """Metrics, per-class accuracy, the confusion matrix (CSV + PNG) and the ``worst``
     worst-classified images (PNG) of a run; ``tta`` a preset or view list (see :mod:`.tta`)."""
     from .tta import parse_views, predict, softmax
@@ -104,7 +106,7 @@ def evaluate_run(run_dir, split="test", which="best", device=None, tta=None, wor
     return EvalReport(metrics, matrix, files, "\n".join(lines))
 
 
-def evaluate_committee(run_dirs, split="test", which="best", device=None, tta=None):
+def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None):
     """Average the members' class probabilities (IDSIA's multi-column net); each member
     keeps its own preprocessing, input size and architecture.  Returns an :class:`EvalReport`."""
     from .tta import parse_views, predict

@@ -429,14 +429,17 @@ class Run:
                 "test_tta_seconds": prediction.seconds}
 
     def finish(self):
-        """Test with the best checkpoint, write final metrics, run visualizers."""
+        """Test with the best (or, with ``train.test_checkpoint = "last"``, the last)
+        checkpoint, write final metrics, run visualizers."""
         final = dict(self.history[-1]) if self.history else {}
         best_path = self.directory.checkpoints / BEST
         if best_path.exists() and self.best is not None:
-            groups, _ = checkpoint.load(best_path)
-            self.model.load_state_dict(groups["model"])
+            if self.config["train"]["test_checkpoint"] == "best":
+                groups, _ = checkpoint.load(best_path)
+                self.model.load_state_dict(groups["model"])
             final["best_epoch"] = self.best["epoch"]
             final[f"best_{self.monitor}"] = self.best["value"]
+        final["tested_checkpoint"] = self.config["train"]["test_checkpoint"]
         if self.feeder.has_split("test"):
             test = self.evaluate("test")
             final.update({f"test_{k}": v for k, v in test.items()})
