@@ -85,10 +85,11 @@ def _zero_below(images, score, percentile):
     images *= ~small[:, None]
 
 
-#: Yosinski et al. 2015, Table 1, in its order; ``steps`` and the learning-rate
-#: policy from the authors' toolbox README, which reproduces the table.  Learning
-#: rates are for Caffe's 0..255 pixels: :func:`rabbitkit.visualize.classes.class_models`
-#: rescales them to the model's input range.
+#: Yosinski et al. 2015, Table 1, in its order (decay, blur width and interval,
+#: norm and contribution percentiles); ``steps`` and the learning-rate policy
+#: from the authors' toolbox README, which reproduces the table.  Learning rates
+#: are for Caffe's 0..255 pixels (see :func:`rabbitkit.visualize.classes.class_models`
+#: for how rabbitkit steps).
 YOSINSKI_PRESETS = {
     1: dict(decay=0.0, blur_sigma=0.5, blur_every=4, norm_percentile=50, contribution_percentile=0,
             steps=500, lr_policy="progress", lr=100.0, desired_progress=2.0),
