@@ -71,6 +71,23 @@ def test_tiled_gradient_equals_the_whole_image_gradient(layer, tile, offset):
     np.testing.assert_allclose(tiled_grad, grad, rtol=1e-9, atol=1e-12 * np.abs(grad).max())
 
 
+def test_tiled_gradient_through_inception_branches_and_lrn():
+    from rabbitkit.layers.lrn import LocalResponseNorm
+    from rabbitkit.models.inception import inception_module
+
+    net = Sequential({"stem": Conv2D(3, 8, 5, stride=2, padding=2, dtype=F64), "relu": ReLU(dtype=F64),
+                      "norm": LocalResponseNorm(5, 1e-2, 0.75, 1.0, dtype=F64),
+                      "pool": MaxPool2D(3, stride=2, padding=1, dtype=F64),
+                      "inception": inception_module(8, 4, 4, 6, 2, 3, 3, dtype=F64)}, dtype=F64)
+    x = np.random.default_rng(8).normal(size=(1, 3, 50, 43))
+    with ImageGradient(net, LayerL2("inception")) as whole:
+        value, grad = whole(x)
+    with ImageGradient(net, LayerL2("inception"), tile_size=16) as tiled:
+        tiled_value, tiled_grad = tiled(x, offset=(3, 9))
+    np.testing.assert_allclose(tiled_value, value, rtol=1e-12)
+    np.testing.assert_allclose(tiled_grad, grad, rtol=1e-9, atol=1e-12 * np.abs(grad).max())
+
+
 def test_unit_objective_is_refused_by_tiling():
     with ImageGradient(conv_net(), Unit("7", 1), tile_size=8) as gradient:
         with pytest.raises(TilingError, match="not a sum over positions"):
