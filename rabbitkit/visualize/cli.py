@@ -130,7 +130,7 @@ def build_objective(layers, layer_weights, channel, unit, class_index, objective
 @click.option("--octaves", type=int, default=None, help="Number of octaves [4; 1 with --class].")
 @click.option("--octave-scale", type=float, default=1.4, show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True, help="Steps per octave.")
-@click.option("--step-size", type=float, default=1.5, show_default=True, help="Step / mean |gradient|.")
+@click.option("--step-size", type=float, default=1.5, show_default=True, help="Step / mean |gradient|, in 0..255 pixel levels.")
 @click.option("--jitter", type=int, default=32, show_default=True, help="Random roll, pixels.")
 @click.option("--no-clip", is_flag=True, help="Do not clip pixels to the model's input range.")
 @click.option("--tile-size", type=int, help="Gradients in tiles of this many pixels (bounded memory).")

@@ -85,6 +85,10 @@ def dream(model, image, layer=None, **options):
     notebook's ``objective_guide``); ``minimise`` flips the sign.
     ``octaves`` (4), ``octave_scale`` (1.4), ``steps`` per octave (10),
     ``step_size`` (1.5), ``jitter`` (32 pixels): the notebook's defaults.
+    ``step_size`` is in pixel levels, as the notebook's on Caffe's 0..255
+    input: with an input range (a loaded model's, or ``input_range``) one level
+    is the range's mean width / 255 in model units; a bare net without a range
+    steps in its own units.
     ``clip``: clip pixels to the model's valid input range (``input_range`` for
     a bare net).  ``tile_size``: compute gradients in tiles of that many pixels
     (bounded memory for large images; the tile grid shifts at random each step).
@@ -161,6 +165,8 @@ def dream_frames(model, image, frames, zoom=0.05, layer=None, *, objective=None,
     if minimise:
         objective = WeightedSum([(-1.0, objective)])
     clip = subject.clip if clip else None
+    if subject.span() is not None:  # pixel levels -> model units
+        octave_options["step_size"] = octave_options.get("step_size", 1.5) * subject.span() / 255.0
     x = subject.to_input(image)
     out = []
     with ImageGradient(subject.network, objective, tile_size) as gradient:
