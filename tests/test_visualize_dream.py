@@ -203,3 +203,39 @@ def test_bad_dream_arguments_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:
         dream(conv_net(), np.zeros((3, 16, 16)), steps=1, octaves=1, progress=False, **kwargs)
     assert "\n" not in str(info.value)
+
+
+class _Terminal:
+    """A stand-in for stderr on a terminal (the bar draws only there)."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_is_drawn_on_a_terminal_and_gets_the_objective(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.delenv("RABBIT_PROGRESS", raising=False)
+    updates = []
+    real_bar = common.objective_bar
+
+    def recording_bar(total, desc, enabled=None):
+        bar = real_bar(total, desc, enabled)
+        update = bar.update
+        bar.update = lambda n=1, **postfix: (updates.append(postfix), update(n, **postfix))
+        return bar
+
+    monkeypatch.setattr(common, "objective_bar", recording_bar)
+    log = common.StepLog()
+    dream(conv_net(), np.zeros((3, 16, 16)) + 0.5, layer="3", octaves=1, steps=3, jitter=0, log=log)
+    assert "dream" in "".join(terminal.text)  # tqdm drew the bar (it redraws the postfix at most every 0.2 s)
+    assert [u["objective"] for u in updates] == log.column("objective")

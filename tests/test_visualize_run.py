@@ -256,3 +256,17 @@ def test_class_models_and_saliency_visualizers_at_the_end_of_a_run(tmp_path_fact
     result = fixtures.train_tiny_run(tmp_path_factory, visualizers=["class_models", "saliency"])
     for name in ("class_models.png", "class_models.csv", "saliency.png", "saliency.csv"):
         assert (result.run_dir / name).is_file(), name
+
+
+def test_a_model_without_images_is_one_line(tmp_path, photo):
+    import rabbitkit
+
+    run = rabbitkit.run({"data": {"dataset": "function1d", "n_train": 32}, "model": {"architecture": "mlp", "hidden": [8]},
+                         "train": {"epochs": 1, "batch_size": 16}, "output": {"visualizers": []}},
+                        out=tmp_path / "runs", quiet=True)
+    result = CliRunner().invoke(main, ["dream", str(run.run_dir), str(photo), "-o", str(tmp_path / "x.png"),
+                                       "--layer", "0"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "does not take images" in lines[0], result.output
+    assert not (tmp_path / "x.png").exists()

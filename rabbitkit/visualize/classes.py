@@ -166,11 +166,11 @@ def saliency(model, images, classes=None, *, input_range=None):
     subject = Subject(model, input_range)
     x = np.stack([subject.to_input(image, model_size=True) for image in images])
     from ..probe import FeatureProbe
-    from ..backend import to_host
+    from .tiling import host_features
 
     if classes is None:
         with FeatureProbe(subject.network, [""]) as probe:
-            classes = np.asarray(to_host(probe.forward(x)[""])).argmax(axis=1).tolist()
+            classes = host_features(probe, x)[1][""].argmax(axis=1).tolist()
     count = num_classes_of(subject.network, x.shape[1:])
     classes = parse_classes(list(classes), count)
     if len(classes) != len(x):

@@ -104,11 +104,11 @@ def guided_objective(subject, guide, layer):
     if layer is None:
         raise ConfigError("a guided dream needs exactly one layer (layer=NAME)")
     from ..probe import FeatureProbe
-    from ..backend import to_host
+    from .tiling import host_features
 
     with FeatureProbe(subject.network, [layer]) as probe:
-        features = probe.forward(subject.to_input(guide)[None])[layer]
-    return Guide(layer, np.asarray(to_host(features))[0])
+        features = host_features(probe, subject.to_input(guide)[None])[1][layer]
+    return Guide(layer, features[0])
 
 
 def dream_octaves(gradient, base, rng, *, octaves=4, octave_scale=1.4, steps=10, step_size=1.5, jitter=32,

@@ -3,7 +3,7 @@ import numpy as np
 
 from ..backend import to_host
 from ..probe import FeatureProbe
-from .tiling import geometry_of, tiled_gradient
+from .tiling import geometry_of, host_features, tiled_gradient
 
 
 class ImageGradient:
@@ -27,8 +27,8 @@ class ImageGradient:
         x = np.ascontiguousarray(x, dtype=self.model.dtype)
         if self.tile_size:
             return tiled_gradient(self.probe, x, self.objective, self.geometries, self.tile_size, offset)
-        features = self.probe.forward(x)
-        value, grads = self.objective({name: np.asarray(to_host(f)) for name, f in features.items()})
+        _, features = host_features(self.probe, x)
+        value, grads = self.objective(features)
         return float(value), np.asarray(to_host(self.probe.backward(grads)))
 
     def close(self):

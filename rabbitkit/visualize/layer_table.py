@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..probe import FeatureProbe
+from .tiling import host_features
 
 
 def layer_rows(model, input_shape):
@@ -13,7 +14,7 @@ def layer_rows(model, input_shape):
     """
     names = [name for name, _ in model.named_layers()]
     with FeatureProbe(model, names) as probe:
-        outputs = probe.forward(np.zeros((1,) + tuple(input_shape), model.dtype))
+        outputs = host_features(probe, np.zeros((1,) + tuple(input_shape), model.dtype))[0]
     return [(name, type(layer).__name__, tuple(outputs[name].shape[1:]), layer.num_parameters())
             for name, layer in model.named_layers()]
 

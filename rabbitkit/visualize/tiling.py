@@ -124,6 +124,14 @@ def geometry_of(model, names):
     return out
 
 
+def host_features(probe, x):
+    """Run ``probe`` on host array ``x`` (moved to the model's device) and return
+    ``(device outputs, host outputs)`` of its probed layers."""
+    model = probe.model
+    features = probe.forward(model.backend.asarray(x, model.dtype))
+    return features, {name: np.asarray(to_host(f)) for name, f in features.items()}
+
+
 def _owned(geometry, axis, low, high, size_hint):
     """Output positions p (of one axis) whose receptive-field centre lies in [low, high)."""
     jump, start, field = geometry.jump[axis], geometry.start[axis], geometry.field[axis]
@@ -182,7 +190,7 @@ def _one_tile(probe, x, objective, geometries, bounds, align, dx):
     if any(lo >= hi for lo, hi in crop):
         return 0.0
     (r0, r1), (c0, c1) = crop
-    features = probe.forward(np.ascontiguousarray(x[..., r0:r1, c0:c1]))
+    features, host = host_features(probe, x[..., r0:r1, c0:c1])
     local = {}
     for name, ((p0, p1), (q0, q1)) in owned.items():
         g = geometries[name]
@@ -190,7 +198,7 @@ def _one_tile(probe, x, objective, geometries, bounds, align, dx):
         rows = slice(max(0, p0 - shift[0]), max(0, p1 - shift[0]))
         cols = slice(max(0, q0 - shift[1]), max(0, q1 - shift[1]))
         local[name] = (rows, cols)
-    cropped = {name: np.asarray(to_host(features[name]))[..., rows, cols] for name, (rows, cols) in local.items()}
+    cropped = {name: host[name][..., rows, cols] for name, (rows, cols) in local.items()}
     if any(array.size == 0 for array in cropped.values()):
         cropped = {n: a for n, a in cropped.items() if a.size}
         local = {n: local[n] for n in cropped}
