@@ -270,3 +270,21 @@ def test_a_model_without_images_is_one_line(tmp_path, photo):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "does not take images" in lines[0], result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_rabbit_visualize_same_seed_same_bytes_other_seed_other_bytes(trained, tmp_path):
+    def run(seed, name):
+        assert rabbit("visualize", trained, "-o", tmp_path / name, "--steps", 5, "--preset", 1,
+                      "--seed", seed).exit_code == 0
+        return (tmp_path / name).read_bytes()
+
+    assert run(0, "a.png") == run(0, "b.png")
+    assert run(0, "a.png") != run(1, "c.png")
+
+
+def test_unknown_regulariser_is_one_line(trained, tmp_path):
+    result = CliRunner().invoke(main, ["visualize", str(trained), "-o", str(tmp_path / "x.png"),
+                                       "--regularizer", "blurr:sigma=1"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: unknown image_regularizer 'blurr' (did you mean 'blur'?)")
+    assert not (tmp_path / "x.png").exists()
