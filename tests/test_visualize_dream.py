@@ -88,6 +88,19 @@ def test_tiled_gradient_through_inception_branches_and_lrn():
     np.testing.assert_allclose(tiled_grad, grad, rtol=1e-9, atol=1e-12 * np.abs(grad).max())
 
 
+def test_tiled_gradient_on_caffe_googlenet_with_ceil_mode_pools():
+    from rabbitkit.pretrained import build
+
+    net = build("bvlc_googlenet", dtype=F64)  # random weights: the geometry is what is tested
+    x = np.random.default_rng(10).normal(size=(1, 3, 150, 131))
+    with ImageGradient(net, LayerL2("inception_3b")) as whole:
+        value, grad = whole(x)
+    with ImageGradient(net, LayerL2("inception_3b"), tile_size=64) as tiled:
+        tiled_value, tiled_grad = tiled(x, offset=(5, 7))
+    np.testing.assert_allclose(tiled_value, value, rtol=1e-12)
+    np.testing.assert_allclose(tiled_grad, grad, rtol=1e-9, atol=1e-12 * np.abs(grad).max())
+
+
 def test_unit_objective_is_refused_by_tiling():
     with ImageGradient(conv_net(), Unit("7", 1), tile_size=8) as gradient:
         with pytest.raises(TilingError, match="not a sum over positions"):
