@@ -64,6 +64,16 @@ def test_class_models_same_seed_same_images_other_seed_other(loaded):
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
 
+def test_class_models_in_batches_match_one_batch(loaded):
+    together, apart = common.StepLog(), common.StepLog()
+    one = class_models(loaded.model, "all", steps=6, seed=3, input_shape=(3, 16, 16), log=together, progress=False)
+    split = class_models(loaded.model, "all", steps=6, seed=3, input_shape=(3, 16, 16), batch_size=2, log=apart,
+                         progress=False)
+    for a, b in zip(one.images, split.images):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert apart.column("batch") == [1] * 6 + [2] * 6 and "batch" not in together.columns
+
+
 def test_class_out_of_range_is_one_line(loaded):
     with pytest.raises(ConfigError, match=r"^class 3 is out of range: the model has 3 classes \(expected 0\.\.2\)$"):
         class_models(loaded, "0,3", steps=1, progress=False)

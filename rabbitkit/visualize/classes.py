@@ -84,8 +84,8 @@ def parse_classes(spec, count):
 
 
 def class_models(model, classes="all", *, preset=3, steps=None, lr=None, lr_policy=None, desired_progress=None,
-                 regularizers=None,
-                 seed=None, input_shape=None, input_range=None, log=None, progress=None):
+                 regularizers=None, seed=None, input_shape=None, input_range=None, batch_size=16, log=None,
+                 progress=None):
     """Maximise each class's logit from noise; returns :class:`ClassModels`.
 
     ``preset``: 1-4, Yosinski et al.'s regulariser settings (their Table 1, see
@@ -101,7 +101,10 @@ def class_models(model, classes="all", *, preset=3, steps=None, lr=None, lr_poli
     ``lr_policy="constant", lr=100`` gives it (rescaled by (range width / 255)^2
     to the model's input range), and ``lr`` caps the progress policy likewise.
     The start is the toolbox's ``mean_plus_rand``: Gaussian noise of one pixel
-    level around 0, the mean of standardised inputs.
+    level around 0, the mean of standardised inputs, all drawn from ``seed`` before
+    the first step.  ``batch_size`` classes are optimised together (each image
+    on its own: regularisers and step sizes are per image); ``log`` rows carry
+    the batch number when there is more than one.
     """
     if preset not in YOSINSKI_PRESETS:
         raise ConfigError(f"preset {preset} unknown; Yosinski et al.'s presets are 1, 2, 3, 4")
@@ -122,26 +125,44 @@ def class_models(model, classes="all", *, preset=3, steps=None, lr=None, lr_poli
     rng = common.make_rng(seed)
     x = rng.normal(0.0, level, (len(classes),) + shape).astype(subject.network.dtype)
     subject.clip(x)
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    batches = [range(i, min(i + int(batch_size), len(classes))) for i in range(0, len(classes), int(batch_size))]
+
+    def step_batch(images, grad):
+        _ascend(images, grad, policy, lr, progress_per_step)
+
+    scores = []
+    with common.objective_bar(steps * len(batches), "class models", progress) as bar:
+        for number, batch in enumerate(batches, start=1):
+            context = {"batch": number} if len(batches) > 1 else None
+            scores.append(_optimise(subject, x[batch.start:batch.stop], [classes[i] for i in batch], steps,
+                                    step_batch, regularizers, log, bar, context))
+    scores = np.concatenate(scores)
+    rows = np.arange(len(classes))
+    return ClassModels(classes, [subject.to_output(image) for image in x], _softmax(scores)[rows, classes],
+                       scores[rows, classes], [subject.class_name(c) for c in classes])
+
+
+def _optimise(subject, x, classes, steps, step_batch, regularizers, log, bar, context):
+    """Ascend the class logits of the images ``x`` (in place); returns the final scores."""
     objective = _ScoredClassLogit(classes)
     rows = np.arange(len(classes))
-    with ImageGradient(subject.network, objective) as gradient, \
-            common.objective_bar(steps, "class models", progress) as bar:
+    with ImageGradient(subject.network, objective) as gradient:
         for step in range(1, steps + 1):
             value, grad = gradient(x)
             probability = _softmax(objective.last_scores)[rows, classes]
-            _ascend(x, grad, policy, lr, progress_per_step)
+            step_batch(x, grad)
             for regularizer in regularizers:
                 regularizer(x, grad, step)
             subject.clip(x)
             mean_logit = value / len(classes)
             if log is not None:
-                log.record(objective=mean_logit, mean_probability=float(probability.mean()),
+                log.record(context, objective=mean_logit, mean_probability=float(probability.mean()),
                            min_probability=float(probability.min()))
             bar.update(1, logit=mean_logit, p=float(probability.mean()))
         gradient(x)  # the scores of the final images
-    scores = objective.last_scores
-    return ClassModels(classes, [subject.to_output(image) for image in x], _softmax(scores)[rows, classes],
-                       scores[rows, classes], [subject.class_name(c) for c in classes])
+    return objective.last_scores
 
 
 def _ascend(x, grad, policy, lr, desired_progress):

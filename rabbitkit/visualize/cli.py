@@ -193,10 +193,12 @@ def dream_command(model, image, out, layers, layer_weights, channel, unit, class
               help="Image regularisers by name instead of the preset's (repeatable; plugins' too).")
 @click.option("--saliency", "saliency_images", multiple=True, type=click.Path(dir_okay=False),
               help="Instead: saliency maps of these images (repeatable).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Classes optimised together.")
 @click.option("--columns", type=int, help="Tiles per row of the grid.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise.")
 @model_options
-def visualize_command(model, out, classes, preset, steps, regularizers, saliency_images, columns, seed, arch, which):
+def visualize_command(model, out, classes, preset, steps, regularizers, saliency_images, batch_size, columns, seed,
+                      arch, which):
     """Class models of RUN (activation maximisation from noise, one titled tile per class)
     or, with --saliency, gradient saliency maps beside the images; PNG plus CSV.
 
@@ -216,7 +218,7 @@ def visualize_command(model, out, classes, preset, steps, regularizers, saliency
         from .classes import class_models
 
         log = common.StepLog()
-        result = class_models(loaded, classes, preset=preset, steps=steps, seed=seed, log=log,
+        result = class_models(loaded, classes, preset=preset, steps=steps, seed=seed, log=log, batch_size=batch_size,
                               regularizers=[regularizer_from_text(t) for t in regularizers] or None)
         grid = class_models_picture(result, columns)
     written = common.save_image_and_log(out, grid, log)

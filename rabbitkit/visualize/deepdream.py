@@ -121,7 +121,6 @@ def dream_octaves(gradient, base, rng, *, octaves=4, octave_scale=1.4, steps=10,
     for size in sizes[1:]:
         bases.append(_zoom_to(bases[-1], size))
     detail = np.zeros_like(bases[-1])
-    x = None
     with common.objective_bar(steps * octaves, "dream", progress) as bar:
         for octave, octave_base in enumerate(reversed(bases)):
             if octave > 0:
