@@ -206,8 +206,9 @@ def test_zoom_frames_and_their_log():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(layer="9"), r"no layer named '9'"),
-    (dict(layer="3.0.5"), r"no layer named '3\.0\.5'"),
+    (dict(layer="3.0.5"), r"^layer '3\.0\.5' is deeper than the model: '3\.0' \(Conv2D\) has no layers inside$"),
+    (dict(layer="8"), r"^layer '8' is deeper than the model: Sequential has layers 0\.\.7$"),
+    (dict(layer="conv9"), r"no layer named 'conv9'"),
     (dict(objective=Channel("3", 99)), r"channel 99 is out of range: layer '3' has 8 channels"),
     (dict(layer="3", weights=[1, 2]), r"2 layer weights for 1 layers"),
     (dict(), r"needs a layer"),

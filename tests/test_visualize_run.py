@@ -152,7 +152,7 @@ def corrupt(tmp_path):
     ("missing image", r"nothere\.png: image file not found"),
     ("corrupt image", r"corrupt\.png: cannot decode image"),
     ("unknown layer", r"no layer named 'features\.3'"),
-    ("layer deeper than the model", r"no layer named '30'.*nearest"),
+    ("layer deeper than the model", r"layer '30' is deeper than the model: Sequential has layers 0\.\.12"),
     ("class out of range", r"class 7 is out of range: the model has 3 classes"),
     ("channel out of range", r"channel 8 is out of range: layer '4' has 8 channels"),
     ("not a model: a folder", r"is a folder but not a run directory"),

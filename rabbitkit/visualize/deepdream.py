@@ -104,8 +104,10 @@ def guided_objective(subject, guide, layer):
     if layer is None:
         raise ConfigError("a guided dream needs exactly one layer (layer=NAME)")
     from ..probe import FeatureProbe
+    from .gradients import check_layers
     from .tiling import host_features
 
+    check_layers(subject.network, [layer])
     with FeatureProbe(subject.network, [layer]) as probe:
         features = host_features(probe, subject.to_input(guide)[None])[1][layer]
     return Guide(layer, features[0])

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..backend import to_host
+from ..errors import ConfigError
 from ..probe import FeatureProbe
 from .tiling import geometry_of, host_features, tiled_gradient
 
@@ -19,6 +20,7 @@ class ImageGradient:
         self.model = model
         self.objective = objective
         self.tile_size = None if tile_size is None else int(tile_size)
+        check_layers(model, objective.layers)
         # Check geometry before opening the probe, so a refusal leaves the model untouched.
         self.geometries = geometry_of(model, objective.layers) if self.tile_size else None
         self.probe = FeatureProbe(model, objective.layers)
@@ -39,3 +41,32 @@ class ImageGradient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_layers(model, names):
+    """Every name must be a layer of ``model``; an index past a container's last
+    layer, or one inside a plain layer, is reported as deeper than the model."""
+    for name in names:
+        if name == "":
+            continue
+        try:
+            model.get_layer(name)
+        except ConfigError as err:
+            deeper = _deeper_than_model(model, name)
+            raise (ConfigError(deeper) if deeper else err) from None
+
+
+def _deeper_than_model(model, name):
+    parent_name, _, last = name.rpartition(".")
+    try:
+        parent = model.get_layer(parent_name) if parent_name else model
+    except ConfigError:
+        return None
+    children = parent.named_children()
+    where = f"'{parent_name}' ({type(parent).__name__})" if parent_name else type(parent).__name__
+    if not children:
+        return f"layer '{name}' is deeper than the model: {where} has no layers inside"
+    if last.isdigit() and all(child.isdigit() for child, _ in children) and int(last) >= len(children):
+        return f"layer '{name}' is deeper than the model: {where} has layers 0..{len(children) - 1}"
+    return None
+
