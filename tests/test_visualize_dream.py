@@ -171,6 +171,11 @@ def test_dream_octaves_keep_the_size_and_clip_to_the_range():
     assert not np.allclose(out, x)
 
 
+def test_an_octave_too_small_for_the_net_is_one_line():
+    with pytest.raises(ConfigError, match=r"^octave 1 of 4 is 3x3 pixels, too small for the net \(.*\); use fewer"):
+        dream(conv_net(), np.zeros((3, 8, 8)), layer="7", octaves=4, octave_scale=1.4, steps=1, progress=False)
+
+
 def test_make_step_normalises_the_step_by_the_mean_gradient():
     net = conv_net()
     x = np.random.default_rng(5).normal(size=(3, 16, 16))

@@ -129,7 +129,14 @@ def dream_octaves(gradient, base, rng, *, octaves=4, octave_scale=1.4, steps=10,
                 detail = _zoom_to(detail, octave_base.shape[-2:])
             x = octave_base + detail
             for _ in range(steps):
-                value = make_step(gradient, x, rng, step_size, jitter, clip, tile_offset)
+                try:
+                    value = make_step(gradient, x, rng, step_size, jitter, clip, tile_offset)
+                except ConfigError as err:
+                    if "does not fit" not in str(err):
+                        raise
+                    h, w = x.shape[-2:]
+                    raise ConfigError(f"octave {octave + 1} of {octaves} is {h}x{w} pixels, too small for the net "
+                                      f"({err}); use fewer octaves or a larger image") from None
                 if log is not None:
                     log.record({**(context or {}), "octave": octave + 1}, objective=value)
                 bar.update(1, objective=value)
