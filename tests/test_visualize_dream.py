@@ -258,3 +258,22 @@ def test_progress_bar_is_drawn_on_a_terminal_and_gets_the_objective(monkeypatch)
     dream(conv_net(), np.zeros((3, 16, 16)) + 0.5, layer="3", octaves=1, steps=3, jitter=0, log=log)
     assert "dream" in "".join(terminal.text)  # tqdm drew the bar (it redraws the postfix at most every 0.2 s)
     assert [u["objective"] for u in updates] == log.column("objective")
+
+
+def test_dream_on_a_loaded_model_with_caffe_preprocessing_takes_and_gives_pixels():
+    from rabbitkit.model_input import AffineInput
+    from rabbitkit.pretrained import LoadedModel
+
+    preprocessing = AffineInput((24, 24), mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0], order="BGR",
+                                value_range=255.0)
+    loaded = LoadedModel(conv_net(np.float32), "caffe-like", (3, 24, 24), None, preprocessing)
+    photo = np.random.default_rng(11).integers(0, 256, (30, 36, 3), dtype=np.uint8)
+    out = dream(loaded, photo, layer="3", octaves=2, steps=3, seed=0, progress=False)
+    assert out.dtype == np.uint8 and out.shape == photo.shape
+    assert not np.array_equal(out, photo)
+    from rabbitkit.visualize.subject import Subject
+
+    subject = Subject(loaded)  # the clip range: pixels 0 and 255 per BGR channel, minus Caffe's mean
+    np.testing.assert_array_equal(subject.input_range[0].ravel(), [-104.0, -117.0, -123.0])
+    np.testing.assert_array_equal(subject.input_range[1].ravel(), [151.0, 138.0, 132.0])
+    assert subject.span() == pytest.approx(255.0)  # so a step of 1.5 is 1.5 pixel levels, as in the notebook
