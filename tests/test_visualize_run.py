@@ -158,6 +158,8 @@ def corrupt(tmp_path):
     ("not a model: a folder", r"is a folder but not a run directory"),
     ("not a model: a text file", r"neither a run directory, a rabbitkit checkpoint, nor a weights file"),
     ("missing output folder", r"output folder '.*nofolder' does not exist"),
+    ("two objectives", r"--channel and --class exclude each other"),
+    ("channel without a layer", r"--channel needs exactly one --layer, got 2"),
 ])
 def test_bad_input_is_one_line_nonzero_exit_nothing_written(trained, photo, corrupt, tmp_path, case, message):
     out_dir = tmp_path / "out"
@@ -175,6 +177,8 @@ def test_bad_input_is_one_line_nonzero_exit_nothing_written(trained, photo, corr
         "not a model: a folder": ["dream", tmp_path / "inputs", photo, "-o", out, "--layer", "4"],
         "not a model: a text file": ["layers", text],
         "missing output folder": ["dream", trained, photo, "-o", tmp_path / "nofolder" / "o.png", "--layer", "4"],
+        "two objectives": ["dream", trained, photo, "-o", out, "--layer", "4", "--channel", 1, "--class", 0],
+        "channel without a layer": ["dream", trained, photo, "-o", out, "--layer", "4", "--layer", "6", "--channel", 1],
     }[case]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 2, result.output

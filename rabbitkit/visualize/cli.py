@@ -78,7 +78,8 @@ def layers_command(model, arch, which):
 
 
 def build_objective(layers, layer_weights, channel, unit, class_index, objective_name, options, minimise):
-    """The objective the dream options describe (None: plain L2 of the layers, chosen by dream())."""
+    """The objective the dream options describe."""
+    from .deepdream import resolve_objective
     from .objectives import Channel, ClassLogit, Unit, WeightedSum, build
 
     chosen = [flag for flag, value in (("--channel", channel), ("--unit", unit), ("--class", class_index),
@@ -86,11 +87,8 @@ def build_objective(layers, layer_weights, channel, unit, class_index, objective
     if len(chosen) > 1:
         raise ConfigError(f"{' and '.join(chosen)} exclude each other; pick one objective")
     single = layers[0] if len(layers) == 1 else None
-    needs_single = {"--channel": channel, "--unit": unit}
-    for flag, value in needs_single.items():
-        if value is not None and single is None:
-            raise ConfigError(f"{flag} needs exactly one --layer, got {len(layers)}")
-    objective = None
+    if (channel is not None or unit is not None) and single is None:
+        raise ConfigError(f"{chosen[0]} needs exactly one --layer, got {len(layers)}")
     if channel is not None:
         objective = Channel(single, channel)
     elif unit is not None:
@@ -101,16 +99,12 @@ def build_objective(layers, layer_weights, channel, unit, class_index, objective
     elif class_index is not None:
         objective = ClassLogit(class_index, layer=single or "")
     elif objective_name is not None:
-        if single is not None:
-            options = {"layer": single, **options}
-        objective = build(objective_name, **options)
-    elif not layers:
-        raise ConfigError("give --layer NAME (see `rabbit layers MODEL`), --class K or --objective NAME")
-    if objective is None:
-        from .deepdream import resolve_objective
-
+        objective = build(objective_name, **({"layer": single, **options} if single is not None else options))
+    elif layers:
         weights = parse_number_list(layer_weights, "--layer-weights") if layer_weights else None
         objective = resolve_objective(None, layers if len(layers) > 1 else layers[0], weights)
+    else:
+        raise ConfigError("give --layer NAME (see `rabbit layers MODEL`), --class K or --objective NAME")
     return WeightedSum([(-1.0, objective)]) if minimise else objective
 
 
