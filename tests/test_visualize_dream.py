@@ -134,6 +134,22 @@ def test_guided_objective_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
+def test_objective_at_two_depths_through_lrn_and_dense_matches_finite_differences():
+    from rabbitkit.layers.lrn import LocalResponseNorm
+    from rabbitkit.visualize.objectives import ClassLogit
+
+    features = conv_net()
+    features.layers.insert(2, LocalResponseNorm(5, 1e-2, 0.75, 1.0, dtype=F64))
+    net = Sequential({"features": Sequential(features.layers, dtype=F64), "flatten": Flatten(dtype=F64),
+                      "fc": Dense(5 * 2 * 2, 3, dtype=F64)}, dtype=F64)
+    objective = WeightedSum([(0.7, LayerL2("features.2")), (1.0, ClassLogit(2)), (-0.3, Channel("features.4", 1))])
+    x = np.random.default_rng(12).normal(size=(1, 3, 8, 8))
+    with ImageGradient(net, objective) as gradient:
+        _, grad = gradient(x)
+        numeric = _finite_difference(lambda v: gradient(v)[0], x.copy())
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
 def test_guided_objective_pulls_towards_the_best_match():
     guide = np.zeros((2, 1, 2))
     guide[:, 0, 0] = (1.0, 0.0)
