@@ -225,7 +225,24 @@ def _mount_data_commands():
     main.add_command(data_group)
 
 
+def _mount_pretrained_commands():
+    from .pretrained_cli import predict, weights_group
+
+    main.add_command(weights_group)
+    main.add_command(predict)
+
+
 _mount_data_commands()
+_mount_pretrained_commands()
+
+
+def _mount_visualize_commands():
+    from .visualize.cli import mount
+
+    mount(main)
+
+
+_mount_visualize_commands()
 
 from .train.runs_cli import mount as _mount_run_commands  # noqa: E402
 
