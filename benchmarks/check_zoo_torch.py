@@ -292,7 +292,7 @@ def load_timing(folder):
     disk_s = time.perf_counter() - start
     print(f"\nVGG-16 .pth: {size / 1e6:.1f} MB; reading its bytes (page cache warm): {disk_s:.3f} s")
     print(f"{'step':<34} {'seconds':>8} {'x read':>7} {'peak MB above imports':>22} {'x size':>7}")
-    for mode, label in (("read", "read_weights (tensors only)"), ("load", "pretrained.load (build + copy)")):
+    for mode, label in (("read", "read_weights (tensors only)"), ("load", "pretrained.load (build + adopt)")):
         out = subprocess.run([sys.executable, __file__, "--load-only", mode, str(path)], capture_output=True, text=True,
                              check=True, cwd=os.getcwd()).stdout.split()
         seconds, peak, _ = map(float, out)

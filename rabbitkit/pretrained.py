@@ -12,6 +12,7 @@ convert``), or a weights file with ``arch`` -- and returns a
 preprocessing (images to model input and back).  Weight files are read by
 :mod:`rabbitkit.weights`, which never executes anything from a file.
 """
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -96,13 +97,32 @@ def _squeezed(shape):
     return tuple(shape)
 
 
-def load_into(model, state, source, arch, strict=True, head=None):
+def _stores(model):
+    """``{name: (store dict, key, layer)}`` of every parameter and buffer."""
+    stores = {name: (layer.params, key, layer) for name, layer, key in model.named_parameters()}
+    stores.update({name: (layer.buffers, key, layer) for name, layer, key in model.named_buffers()})
+    return stores
+
+
+def _put(store, key, layer, value, adopt):
+    """Copy ``value`` into the tensor, or (``adopt``) hold the file's own array when it already
+    is what the layer keeps (C-contiguous, writeable, its dtype, on the CPU): no second copy."""
+    if (adopt and layer.device == "cpu" and isinstance(value, np.ndarray) and value.dtype == layer.dtype
+            and value.flags.c_contiguous and value.flags.writeable):
+        store[key] = value
+    else:
+        layer.backend.copy_into(store[key], np.asarray(value, dtype=layer.dtype))
+
+
+def load_into(model, state, source, arch, strict=True, head=None, adopt=False):
     """Copy ``state`` into ``model`` with one-line errors naming the first tensor that does not fit.
 
     ``strict``: every model tensor must come from ``state`` and every tensor of
     ``state`` must be used.  ``head``: the output layer's name; when its tensors
     differ in shape (another number of classes) they keep their fresh
     initialisation and are reported as a new head instead of an error.
+    ``adopt``: the model may take over ``state``'s arrays instead of copying them
+    (only for a model no optimizer holds yet).
     """
     shapes = expected_shapes(model)
     new_head, mismatched = [], []
@@ -125,9 +145,50 @@ def load_into(model, state, source, arch, strict=True, head=None):
         name = unexpected[0]
         raise CheckpointError(f"{source}: tensor '{name}' of shape {tuple(np.shape(state[name]))} is not a "
                               f"parameter of {arch}{_nearest(name, missing or shapes)}")
-    usable = {name: value for name, value in state.items() if name in shapes and name not in new_head}
-    model.load_state_dict(usable, strict=False)
-    return LoadReport(list(usable), missing, unexpected, sorted({n.rsplit(".", 1)[0] for n in new_head}))
+    stores = _stores(model)
+    loaded = [name for name in shapes if name in state and name not in new_head]
+    for name in loaded:
+        _put(*stores[name], state[name], adopt)
+    return LoadReport(loaded, missing, unexpected, sorted({n.rsplit(".", 1)[0] for n in new_head}))
+
+
+class _Unset:
+    """Stands in for a layer's random generator while a net is built only to receive
+    weights: parameters start as zero pages nobody touches instead of drawn values."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return np.zeros(size, np.float32)
+
+    def standard_normal(self, size=None, *args, **kwargs):
+        return np.zeros(size, np.float32)
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        return np.zeros(size, np.float32)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def _uninitialised():
+    """Build layers without drawing their initial weights (every one is loaded afterwards)."""
+    from . import random as rk_random
+
+    original = rk_random.layer_rng
+    rk_random.layer_rng = lambda: _Unset(original())
+    try:
+        yield
+    finally:
+        rk_random.layer_rng = original
+
+
+def _real_generators(model):
+    for layer in [model] + [layer for _, layer in model.named_layers()]:
+        if isinstance(layer.rng, _Unset):
+            layer.rng = layer.rng.real
 
 
 # -- rabbitkit checkpoints --------------------------------------------------------------
@@ -305,9 +366,15 @@ def load_weights(path, arch="vgg16", strict=True, input_shape=None, num_outputs=
         weights = read_weights(path)
         tensors = weights.tensors
     outputs = num_outputs or _head_outputs(tensors, layout) or (layout.num_outputs if layout else None)
-    model = build(arch, input_shape, outputs, dtype, **options)
+    # strict and no new head: every tensor comes from the file, so nothing is drawn or copied
+    # (the model holds the file's arrays: peak memory about the file's size).
+    skeleton = strict and not num_outputs
+    with _uninitialised() if skeleton else contextlib.nullcontext():
+        model = build(arch, input_shape, outputs, dtype, **options)
+    _real_generators(model)
     state = tensors if weights is None else external_state(model, weights)
-    report = load_into(model, state, path, arch, strict, head=layout.head if (layout and num_outputs) else None)
+    report = load_into(model, state, path, arch, strict, head=layout.head if (layout and num_outputs) else None,
+                       adopt=True)
     shape = tuple(input_shape or layout.input_shape)
     classes = layout.class_names() if layout else None
     if classes is not None and len(classes) != outputs:
@@ -352,9 +419,11 @@ def _from_standalone(path, metadata):
 
     record = metadata[STANDALONE]
     groups, _ = checkpoint.load(path)
-    model = _factory(record["arch"])(tuple(record["input_shape"]), record["num_outputs"],
-                                     dtype=np.dtype(record.get("dtype", "float32")), **record["options"])
-    load_into(model, groups.get("model", {}), path, record["arch"], strict=True)
+    with _uninitialised():  # strict: every tensor comes from the checkpoint
+        model = _factory(record["arch"])(tuple(record["input_shape"]), record["num_outputs"],
+                                         dtype=np.dtype(record.get("dtype", "float32")), **record["options"])
+    _real_generators(model)
+    load_into(model, groups.get("model", {}), path, record["arch"], strict=True, adopt=True)
     prep = record.get("preprocessing")
     preprocessing = model_input.from_dict(prep, groups.get("preprocess")) if prep else None
     return LoadedModel(model, pathlib.Path(path).stem, tuple(record["input_shape"]), record.get("class_names"),
@@ -413,8 +482,7 @@ def _fits(model, state):
 
 def match_architecture(weights):
     """``(arch, options, num_outputs)`` of the zoo net whose names and shapes ``weights``
-    (a WeightFile) fits exactly, or None.  Only nets whose output layer is in the
-    file are built (a VGG takes seconds to build)."""
+    (a WeightFile) fits exactly, or None (nets are built without drawing weights)."""
     from .plugins import registry
 
     for name, factory, _ in registry("architectures").items():
@@ -422,14 +490,15 @@ def match_architecture(weights):
         if layout is None or layout.caffe != (weights.format == "caffe"):
             continue
         for options in layout.variants:
-            model = build(name, None, layout.num_outputs, **options)
-            state = external_state(model, weights)
-            outputs = _head_outputs(state, layout)
-            if outputs is None:
-                break  # no output layer of this net in the file
-            if outputs != layout.num_outputs:
-                model = build(name, None, outputs, **options)
+            with _uninitialised():  # only names and shapes are compared
+                model = build(name, None, layout.num_outputs, **options)
                 state = external_state(model, weights)
+                outputs = _head_outputs(state, layout)
+                if outputs is None:
+                    break  # no output layer of this net in the file
+                if outputs != layout.num_outputs:
+                    model = build(name, None, outputs, **options)
+                    state = external_state(model, weights)
             if _fits(model, state):
                 return name, dict(options), outputs
     return None
