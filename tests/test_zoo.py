@@ -221,7 +221,8 @@ def test_round_trip_import_convert_export_import(tmp_path):
     again = read_weights(exported).tensors
     assert list(again) != [] and set(again) == set(original)
     for name, value in original.items():
-        assert again[name].dtype == value.dtype and again[name].tobytes() == value.tobytes(), name
+        assert (again[name].dtype, again[name].shape) == (value.dtype, value.shape), name
+        assert again[name].tobytes() == value.tobytes(), name
     # Without the aux heads, the file's aux tensors are skipped.
     loaded = pretrained.open_model(source, arch="googlenet")
     assert "aux1.fc1.weight" not in pretrained.expected_shapes(loaded.model)
