@@ -258,6 +258,8 @@ def test_mismatched_weights_are_one_line(tmp_path):
     partial = write_safetensors(tmp_path / "partial.safetensors", random_state(ALEXNET[:2]))
     with pytest.raises(CheckpointError, match=r"no tensor 'features.3.weight' in the file \(alexnet expects shape \(192, 64, 5, 5\)\)"):
         pretrained.load(partial, arch="alexnet")
+    result = invoke("weights", "inspect", bad)
+    assert result.exit_code == 0 and result.output.splitlines()[-1].startswith("architecture: matches no zoo net")
     result = invoke("predict", bad, tmp_path / "cat.png")
     assert result.exit_code == 2 and "is a safetensors weights file: pass --arch NAME" in result.output
 
