@@ -41,7 +41,9 @@ def detect_format(path, head, file_size):
         return TORCH_ZIP
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return TORCH_LEGACY
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 10 and head[8:9] == b"{" and (head[9:10] in (b'"', b"}") or head[4:8] == bytes(4)):
+        # safetensors' JSON opens with '{"' (or '{}'); a corrupt header still has a
+        # length under 4 GB, i.e. zero high bytes, which a caffemodel's name would not.
         return SAFETENSORS
     for magic, what in _OTHER:
         if head.startswith(magic):

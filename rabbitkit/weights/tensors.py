@@ -51,11 +51,13 @@ ELEMENT_TYPES = {
 
 def widen(raw, etype):
     """``raw`` (an array of ``etype.raw``, native order) as a new array of ``etype.out``."""
+    # order="C": astype keeps a strided view's layout otherwise (a transposed view
+    # would come out Fortran-ordered).
     if etype is BFLOAT16:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return (raw.astype(np.uint32, order="C") << 16).view(np.float32)
     if etype.name == "bool":
-        return (raw != 0).astype(np.int64)
-    return raw.astype(etype.out)
+        return (raw != 0).astype(np.int64, order="C")
+    return raw.astype(etype.out, order="C")
 
 
 def native(raw, big_endian):
@@ -68,7 +70,7 @@ def native(raw, big_endian):
 class StorageRef:
     """One storage a pickle refers to: its key, element type and declared element count."""
 
-    __slots__ = ("key", "etype", "numel", "location")
+    __slots__ = ("key", "etype", "numel", "location", "_retyped")
     pickle_kind = "storage"
 
     def __init__(self, key, etype, numel, location):
@@ -76,6 +78,14 @@ class StorageRef:
         self.etype = etype
         self.numel = numel
         self.location = location
+        self._retyped = {}
+
+    def retyped(self, etype):
+        """This (untyped, byte) storage seen as elements of ``etype``; one object per type."""
+        view = self._retyped.get(etype.name)
+        if view is None:
+            view = self._retyped[etype.name] = StorageRef(self.key, etype, self.numel // etype.itemsize, self.location)
+        return view
 
 
 class TensorRef:

@@ -4,8 +4,10 @@ A state_dict pickle names only a handful of globals: ``collections.OrderedDict``
 (the dict type of a state_dict and of a tensor's empty backward-hook table),
 ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_tensor`` / ``_rebuild_parameter``
 (how a tensor or Parameter reduces), the storage types (``torch.FloatStorage`` ...)
-that name a storage's element type in its persistent id, and the ``torch.float32``
-style dtypes. Each maps to a stand-in defined here that checks its arguments and
+that name a storage's element type in its persistent id, and - for dtypes with no
+storage class (uint16, uint32), which torch >= 2 saves as
+``_rebuild_tensor_v3(UntypedStorage, ..., torch.uint16)`` - ``UntypedStorage`` and
+the ``torch.float32`` style dtypes. Each maps to a stand-in defined here that checks its arguments and
 builds plain data (``TensorRef``, ``PickledOrderedDict``); nothing here imports or
 calls anything the file names, and torch itself is never imported.
 
@@ -25,7 +27,9 @@ STORAGE_TYPES = {
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
 }
 
-# torch dtype names (and their aliases) -> element type.
+# torch dtype names (and their aliases) -> element type. They name the element type
+# of a tensor on an untyped storage (_rebuild_tensor_v3, torch >= 2) and may stand
+# where a storage type does.
 DTYPES = {
     "float64": "float64", "double": "float64", "float32": "float32", "float": "float32",
     "float16": "float16", "half": "float16", "bfloat16": "bfloat16", "int64": "int64", "long": "int64",
@@ -72,6 +76,20 @@ def _rebuild_tensor_v2(args, vm):
     return _tensor(vm, "_rebuild_tensor_v2", storage, offset, size, stride)
 
 
+def _rebuild_tensor_v3(args, vm):
+    # torch >= 2 for dtypes without a legacy storage class (uint16, uint32, ...):
+    # (untyped storage, offset, size, stride, requires_grad, backward_hooks, dtype[, metadata]);
+    # offset and strides count elements of ``dtype``.
+    if len(args) not in (7, 8):
+        vm.fail(f"_rebuild_tensor_v3 takes 7 or 8 arguments, got {len(args)}")
+    storage, dtype = args[0], args[6]
+    if not isinstance(dtype, Global) or dtype.value is None:
+        vm.fail("_rebuild_tensor_v3 expects a dtype as its seventh argument")
+    if not isinstance(storage, StorageRef) or storage.etype.name != "uint8":
+        vm.fail("_rebuild_tensor_v3 expects an untyped storage")
+    return _rebuild_tensor_v2((storage.retyped(dtype.value), *args[1:6], *args[7:]), vm)
+
+
 def _rebuild_tensor(args, vm):
     # PyTorch < 1.0: (storage, storage_offset, size, stride)
     if len(args) != 4:
@@ -99,6 +117,7 @@ def allowed_globals():
     table = {
         "collections.OrderedDict": Global("collections.OrderedDict", _ordered_dict),
         "torch._utils._rebuild_tensor_v2": Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2),
+        "torch._utils._rebuild_tensor_v3": Global("torch._utils._rebuild_tensor_v3", _rebuild_tensor_v3),
         "torch._utils._rebuild_tensor": Global("torch._utils._rebuild_tensor", _rebuild_tensor),
         "torch._utils._rebuild_parameter": Global("torch._utils._rebuild_parameter", _rebuild_parameter),
         "torch._utils._rebuild_parameter_with_state":

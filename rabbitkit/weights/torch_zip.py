@@ -33,10 +33,10 @@ def read_torch_zip(path, handle, file_size):
         raise WeightsError(f"{where}: corrupt zip archive ({err})") from None
     entries = {info.filename: info for info in infos}
     pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in entries):
+        raise WeightsError(f"{where}: a TorchScript archive (torch.jit.save), not a state_dict; "
+                           "save the model's state_dict() instead")
     if len(pickles) != 1:
-        if any(name.endswith("/constants.pkl") or "/code/" in name for name in entries):
-            raise WeightsError(f"{where}: a TorchScript archive (torch.jit.save), not a state_dict; "
-                               "save the model's state_dict() instead")
         if not pickles:
             raise WeightsError(f"{where}: zip archive without a <folder>/data.pkl entry: not a PyTorch file "
                                "(a .npz or another zip?)")
@@ -96,15 +96,15 @@ def materialize_all(refs, ranges, handle, big_endian, file_size, where):
     Storages are read one at a time and dropped once their tensors are built, so
     memory holds the results plus at most one storage being sliced.
     """
-    by_storage = {}
+    by_storage = {}  # one group per storage and element type it is read as
     for name, ref in refs.items():
-        by_storage.setdefault(ref.storage.key, []).append(name)
+        by_storage.setdefault((ref.storage.key, ref.storage.etype.name), []).append(name)
     total = sum(size for _, size in ranges.values())
     if total > file_size:
         # Entries overlapping one another could make a small file expand without bound.
         raise WeightsError(f"{where}: storages add up to {total} bytes, more than the file's {file_size}")
     out = {}
-    for key, names in by_storage.items():
+    for (key, _), names in by_storage.items():
         start, size = ranges[key]
         storage = refs[names[0]].storage
         available = size // storage.etype.itemsize
