@@ -171,7 +171,8 @@ def head_name(config, model, manager=None):
 
 def load_pretrained(config, model, manager=None):
     """Copy ``[model] weights`` into the model; returns the log line (None without weights)."""
-    from ..pretrained import load_into, read_state
+    from ..loading import load_into
+    from ..pretrained import read_state
 
     model_cfg = config["model"]
     path = model_cfg["weights"]
