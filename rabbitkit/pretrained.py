@@ -176,6 +176,8 @@ def build(arch, input_shape=None, num_outputs=None, dtype=np.float32, **options)
     if layout is None and input_shape is None:
         raise ConfigError(f"architecture {arch} has no pretrained layout: give its input_shape "
                           f"(zoo nets: {', '.join(zoo_names())})")
+    if layout is None and num_outputs is None:
+        raise ConfigError(f"architecture {arch} has no pretrained layout: give its num_outputs")
     input_shape = tuple(input_shape or layout.input_shape)
     num_outputs = int(num_outputs or layout.num_outputs)
     return _factory(arch)(input_shape, num_outputs, dtype=dtype, **options)

@@ -192,3 +192,20 @@ def test_export_refuses_layers_without_a_torch_layout():
     model = rabbitkit.Sequential({"rnn": LSTM(3, 4)})
     with pytest.raises(ExportError, match=r"layer 'rnn' \(LSTM\) has no PyTorch layout rabbitkit can export"):
         torch_state_dict(model)
+
+
+def test_weights_for_an_architecture_without_a_pretrained_layout(tmp_path):
+    from safetensors.numpy import save_file
+
+    from rabbitkit.errors import ConfigError
+    from rabbitkit.plugins import registry
+
+    source = registry("architectures").get("lenet5")((1, 32, 32), 10)
+    save_file(source.state_dict(), str(tmp_path / "lenet.safetensors"))
+    with pytest.raises(ConfigError, match="lenet5 has no pretrained layout: give its input_shape"):
+        pretrained.load(tmp_path / "lenet.safetensors", arch="lenet5")
+    with pytest.raises(ConfigError, match="lenet5 has no pretrained layout: give its num_outputs"):
+        pretrained.load(tmp_path / "lenet.safetensors", arch="lenet5", input_shape=(1, 32, 32))
+    model = pretrained.load(tmp_path / "lenet.safetensors", arch="lenet5", input_shape=(1, 32, 32), num_outputs=10)
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(model.forward(x, training=False), source.forward(x, training=False))
