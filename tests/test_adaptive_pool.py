@@ -33,3 +33,21 @@ def test_gradients(size, shape):
 def test_bad_size():
     with pytest.raises(ConfigError, match="output_size must be positive"):
         AdaptiveAvgPool2D(0)
+
+
+@pytest.mark.parametrize("size,shape", [((3, 2), (2, 2, 5, 4)), (7, (1, 2, 1, 1)), (2, (1, 1, 2, 2))])
+def test_cuda_matches_cpu(size, shape):
+    from rabbitkit.testing import check_cuda_parity
+
+    check_cuda_parity(lambda: AdaptiveAvgPool2D(size), shape)
+
+
+def test_channel_affine_cpu_cuda_and_gradients():
+    from rabbitkit.models._zoo_layers import ChannelAffine
+    from rabbitkit.testing import check_cuda_parity
+
+    make = lambda: ChannelAffine([0.5, 2.0, -1.0], [0.1, 0.0, 3.0])  # noqa: E731
+    x = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    np.testing.assert_allclose(make().forward(x)[1, 2], x[1, 2] * -1.0 + 3.0)
+    check_cuda_parity(make, (2, 3, 2, 2))
+    assert "input" in check_gradients(ChannelAffine([0.5, 2.0], [1.0, -1.0], dtype=np.float64), (2, 2, 3)).checked
