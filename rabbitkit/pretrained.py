@@ -322,8 +322,8 @@ def _fits(model, state):
 
 
 def match_architecture(weights):
-    """``(arch, options, num_outputs)`` of the zoo net whose names and shapes ``weights``
-    (a WeightFile) fits exactly, or None (nets are built without drawing weights)."""
+    """``(arch, options, num_outputs, parameters)`` of the zoo net whose names and shapes
+    ``weights`` (a WeightFile) fits exactly, or None (nets are built without drawing weights)."""
     from .plugins import registry
 
     for name, factory, _ in registry("architectures").items():
@@ -341,5 +341,5 @@ def match_architecture(weights):
                     model = build(name, None, outputs, **options)
                     state = external_state(model, weights)
             if _fits(model, state):
-                return name, dict(options), outputs
+                return name, dict(options), outputs, model.num_parameters()
     return None

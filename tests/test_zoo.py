@@ -212,7 +212,7 @@ def test_round_trip_import_convert_export_import(tmp_path):
     source = write_safetensors(tmp_path / "googlenet.safetensors", original)
     result = invoke("weights", "inspect", source)
     assert result.exit_code == 0, result.output
-    assert "architecture: googlenet (1000 outputs) --option aux_logits=true" in result.output
+    assert "architecture: googlenet (1000 outputs, 13,004,888 parameters) --option aux_logits=true" in result.output
     assert re.search(r"\n  conv1\.bn\.num_batches_tracked +int64 +scalar\n", result.output)
     converted = tmp_path / "g.safetensors"
     result = invoke("weights", "convert", source, "--arch", "googlenet", "--option", "aux_logits=true", "-o", converted)
@@ -297,7 +297,7 @@ def test_round_trip_through_pytorch_files(fmt, tmp_path):
     else:
         weights_writers.write_checkpoint_legacy(path, ckpt, wrap="state_dict")
     result = invoke("weights", "inspect", path)
-    assert result.exit_code == 0 and "architecture: squeezenet1_1 (1000 outputs)" in result.output, result.output
+    assert result.exit_code == 0 and "architecture: squeezenet1_1 (1000 outputs, 1,235,496 parameters)" in result.output, result.output
     converted, exported = tmp_path / "rk.safetensors", tmp_path / "torch.safetensors"
     assert invoke("weights", "convert", path, "--arch", "squeezenet1_1", "-o", converted).exit_code == 0
     assert invoke("weights", "export", converted, "-o", exported).exit_code == 0
@@ -314,7 +314,7 @@ def test_bvlc_googlenet_from_a_caffemodel(tmp_path):
     path.write_bytes(caffemodel(blobs))
     result = invoke("weights", "inspect", path)
     assert result.exit_code == 0 and "caffe" in result.output.splitlines()[0]
-    assert "architecture: bvlc_googlenet (1000 outputs)" in result.output
+    assert "architecture: bvlc_googlenet (1000 outputs, 6,998,552 parameters)" in result.output
     loaded = pretrained.open_model(path, arch="bvlc_googlenet")
     model = loaded.model
     np.testing.assert_array_equal(model.get_layer("conv2/3x3").params["weight"], blobs["conv2/3x3/0"])
