@@ -6,7 +6,9 @@ installed beside this torch), give it random weights (batch-norm statistics
 too) in eval mode, ``torch.save`` its state_dict (zip format), load that file
 with ``rabbitkit.pretrained.load`` (rabbitkit's own pickle reader: nothing from
 the file runs), and compare the logits of one random 224x224 image in float32:
-relative difference = max |rabbitkit - torch| / max |torch|.
+relative difference = max |rabbitkit - torch| / max |torch|.  Then the other
+way: a fresh reference's strict ``load_state_dict`` takes rabbitkit's
+``torch_state_dict`` export and gives the same logits bit for bit.
 
 ``bvlc_googlenet`` has no torchvision module: its reference is the Caffe net in
 torch (LRN, ceil-mode pools, biases) with rabbitkit's parameter names.
@@ -238,12 +240,21 @@ def check(arch, folder):
     torch.save(reference.state_dict(), path)  # the zip format (PyTorch >= 1.6)
     x = torch.randn(1, 3, 224, 224, generator=generator)
     with torch.no_grad():
+        reference(x)  # warm-up, as rabbitkit's first call compiles
         start = time.perf_counter()
         expected = reference(x).numpy()
         torch_s = time.perf_counter() - start
+    options = {"aux_logits": True} if arch == "googlenet" else {}  # the reference holds the aux heads
     start = time.perf_counter()
-    model = pretrained.load(path, arch=arch)
+    model = pretrained.load(path, arch=arch, **options)
     load_s = time.perf_counter() - start
+    # Export: the reference module's strict load_state_dict takes rabbitkit's torch_state_dict.
+    from rabbitkit.export import torch_state_dict
+
+    again = REFERENCES[arch]().eval()
+    again.load_state_dict({k: torch.from_numpy(v) for k, v in torch_state_dict(model).items()}, strict=True)
+    with torch.no_grad():
+        export_same = bool(torch.equal(again(x), reference(x)))
     model.forward(x.numpy(), training=False)  # compile the kernels for these shapes
     start = time.perf_counter()
     got = model.forward(x.numpy(), training=False)
@@ -252,7 +263,7 @@ def check(arch, folder):
     same_top5 = list(np.argsort(-got[0])[:5]) == list(np.argsort(-expected[0])[:5])
     size_mb = path.stat().st_size / 1e6
     path.unlink()
-    return arch, size_mb, load_s, rel, same_top5, forward_s, torch_s
+    return arch, size_mb, load_s, rel, same_top5, forward_s, torch_s, export_same
 
 
 def rss_kb(field):
@@ -292,7 +303,7 @@ def load_timing(folder):
     disk_s = time.perf_counter() - start
     print(f"\nVGG-16 .pth: {size / 1e6:.1f} MB; reading its bytes (page cache warm): {disk_s:.3f} s")
     print(f"{'step':<34} {'seconds':>8} {'x read':>7} {'peak MB above imports':>22} {'x size':>7}")
-    for mode, label in (("read", "read_weights (tensors only)"), ("load", "pretrained.load (build + copy)")):
+    for mode, label in (("read", "read_weights (tensors only)"), ("load", "pretrained.load (build + adopt)")):
         out = subprocess.run([sys.executable, __file__, "--load-only", mode, str(path)], capture_output=True, text=True,
                              check=True, cwd=os.getcwd()).stdout.split()
         seconds, peak, _ = map(float, out)
@@ -318,11 +329,11 @@ def main():
         archs = args.archs or ([] if args.load_timing else list(REFERENCES))
         if archs:
             print(f"{'arch':<15} {'.pth MB':>8} {'load s':>7} {'rel. diff':>10} {'top-5 same':>10} "
-                  f"{'rabbitkit fwd s':>15} {'torch fwd s':>11}")
+                  f"{'rabbitkit fwd s':>15} {'torch fwd s':>11} {'export loads':>12}")
             for arch in archs:
-                name, size, load_s, rel, same, fwd, tfwd = check(arch, folder)
-                print(f"{name:<15} {size:>8.1f} {load_s:>7.2f} {rel:>10.2e} {str(same):>10} {fwd:>15.3f} {tfwd:>11.3f}",
-                      flush=True)
+                name, size, load_s, rel, same, fwd, tfwd, exported = check(arch, folder)
+                print(f"{name:<15} {size:>8.1f} {load_s:>7.2f} {rel:>10.2e} {str(same):>10} {fwd:>15.3f} {tfwd:>11.3f}"
+                      f" {str(exported):>12}", flush=True)
         if args.load_timing:
             load_timing(folder)
 

@@ -24,7 +24,7 @@ class ExportError(RabbitError):
 
 
 def _host(layer, array):
-    return np.ascontiguousarray(layer.backend.to_host(array))
+    return np.asarray(layer.backend.to_host(array), order="C")
 
 
 def torch_state_dict(model):
@@ -51,5 +51,6 @@ def save_safetensors(path, tensors, metadata=None):
     """A plain safetensors file (no rabbitkit checkpoint record): what ``safetensors.torch.load_file`` reads."""
     from safetensors.numpy import save_file
 
-    save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(path),
+    # np.asarray(order="C"), not ascontiguousarray: that would turn the 0-d counters into shape (1,)
+    save_file({name: np.asarray(array, order="C") for name, array in tensors.items()}, str(path),
               metadata={k: str(v) for k, v in (metadata or {}).items()})

@@ -12,9 +12,8 @@ convert``), or a weights file with ``arch`` -- and returns a
 preprocessing (images to model input and back).  Weight files are read by
 :mod:`rabbitkit.weights`, which never executes anything from a file.
 """
+import contextlib
 import dataclasses
-import difflib
-import fnmatch
 import json
 import pathlib
 
@@ -22,112 +21,13 @@ import numpy as np
 
 from . import model_input
 from .errors import CheckpointError, ConfigError, RabbitError
+from .loading import LoadReport, expected_shapes, external_state, load_into, real_generators, uninitialised  # noqa: F401
 
 STANDALONE = "standalone"  # metadata key of a standalone rabbitkit checkpoint
 
 
 class ModelSpecError(RabbitError):
     """MODEL is not a run directory, a rabbitkit checkpoint or a weights file."""
-
-
-# -- weights into a model ---------------------------------------------------------------
-@dataclasses.dataclass
-class LoadReport:
-    """What a load did: tensors loaded, names left out, and a re-initialised head."""
-
-    loaded: list
-    missing: list
-    unexpected: list
-    new_head: list
-
-    def summary(self):
-        parts = [f"loaded {len(self.loaded)} tensors"]
-        if self.new_head:
-            parts.append(f"new head {', '.join(self.new_head)} (re-initialised)")
-        if self.missing:
-            parts.append(f"{len(self.missing)} left at their initial values (first: {self.missing[0]})")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} in the file unused (first: {self.unexpected[0]})")
-        return "; ".join(parts)
-
-
-def expected_shapes(model):
-    """``{name: shape}`` of every parameter and buffer, in the model's order (nothing copied)."""
-    shapes = {name: tuple(layer.params[key].shape) for name, layer, key in model.named_parameters()}
-    shapes.update({name: tuple(layer.buffers[key].shape) for name, layer, key in model.named_buffers()})
-    return shapes
-
-
-def _nearest(name, names):
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
-    return f" (nearest: {', '.join(close)})" if close else ""
-
-
-def external_state(model, weights):
-    """A :class:`~rabbitkit.weights.WeightFile`'s tensors under the model's names.
-
-    A model may declare ``external_names`` (``{format: {file name: model name}}``,
-    e.g. Caffe's ``"conv1/7x7_s2/0"`` -> ``"conv1.weight"``) and
-    ``ignored_weights`` (patterns of file tensors it does not hold, such as
-    GoogLeNet's auxiliary heads when built without them).  PyTorch's
-    ``num_batches_tracked`` counters are dropped: rabbitkit's batch norm has no
-    such buffer.  Caffe's legacy 4-D blob shapes (1, 1, out, in) are reshaped to
-    the model's when only leading 1s differ.
-    """
-    names = getattr(model, "external_names", {}).get(weights.format, {})
-    ignored = tuple(getattr(model, "ignored_weights", ()))
-    shapes = expected_shapes(model) if weights.format == "caffe" else {}
-    state = {}
-    for file_name, array in weights.tensors.items():
-        name = names.get(file_name, file_name)
-        if name.endswith("num_batches_tracked") or any(fnmatch.fnmatchcase(name, p) for p in ignored):
-            continue
-        want = shapes.get(name)
-        if want is not None and array.shape != want and _squeezed(array.shape) == _squeezed(want):
-            array = array.reshape(want)
-        state[name] = array
-    return state
-
-
-def _squeezed(shape):
-    shape = list(shape)
-    while len(shape) > 1 and shape[0] == 1:
-        shape.pop(0)
-    return tuple(shape)
-
-
-def load_into(model, state, source, arch, strict=True, head=None):
-    """Copy ``state`` into ``model`` with one-line errors naming the first tensor that does not fit.
-
-    ``strict``: every model tensor must come from ``state`` and every tensor of
-    ``state`` must be used.  ``head``: the output layer's name; when its tensors
-    differ in shape (another number of classes) they keep their fresh
-    initialisation and are reported as a new head instead of an error.
-    """
-    shapes = expected_shapes(model)
-    new_head, mismatched = [], []
-    for name, want in shapes.items():
-        if name in state and tuple(np.shape(state[name])) != want:
-            if head is not None and name.rsplit(".", 1)[0] == head:
-                new_head.append(name)
-            else:
-                mismatched.append(name)
-    if mismatched:
-        name = mismatched[0]
-        raise CheckpointError(f"{source}: '{name}' has shape {tuple(np.shape(state[name]))}, {arch} expects {shapes[name]}")
-    missing = [name for name in shapes if name not in state]
-    unexpected = [name for name in state if name not in shapes]
-    if strict and missing:
-        name = missing[0]
-        raise CheckpointError(f"{source}: no tensor '{name}' in the file ({arch} expects shape {shapes[name]})"
-                              f"{_nearest(name, unexpected or state)}")
-    if strict and unexpected:
-        name = unexpected[0]
-        raise CheckpointError(f"{source}: tensor '{name}' of shape {tuple(np.shape(state[name]))} is not a "
-                              f"parameter of {arch}{_nearest(name, missing or shapes)}")
-    usable = {name: value for name, value in state.items() if name in shapes and name not in new_head}
-    model.load_state_dict(usable, strict=False)
-    return LoadReport(list(usable), missing, unexpected, sorted({n.rsplit(".", 1)[0] for n in new_head}))
 
 
 # -- rabbitkit checkpoints --------------------------------------------------------------
@@ -276,6 +176,8 @@ def build(arch, input_shape=None, num_outputs=None, dtype=np.float32, **options)
     if layout is None and input_shape is None:
         raise ConfigError(f"architecture {arch} has no pretrained layout: give its input_shape "
                           f"(zoo nets: {', '.join(zoo_names())})")
+    if layout is None and num_outputs is None:
+        raise ConfigError(f"architecture {arch} has no pretrained layout: give its num_outputs")
     input_shape = tuple(input_shape or layout.input_shape)
     num_outputs = int(num_outputs or layout.num_outputs)
     return _factory(arch)(input_shape, num_outputs, dtype=dtype, **options)
@@ -305,9 +207,15 @@ def load_weights(path, arch="vgg16", strict=True, input_shape=None, num_outputs=
         weights = read_weights(path)
         tensors = weights.tensors
     outputs = num_outputs or _head_outputs(tensors, layout) or (layout.num_outputs if layout else None)
-    model = build(arch, input_shape, outputs, dtype, **options)
+    # strict and no new head: every tensor comes from the file, so nothing is drawn or copied
+    # (the model holds the file's arrays: peak memory about the file's size).
+    skeleton = strict and not num_outputs
+    with uninitialised() if skeleton else contextlib.nullcontext():
+        model = build(arch, input_shape, outputs, dtype, **options)
+    real_generators(model)
     state = tensors if weights is None else external_state(model, weights)
-    report = load_into(model, state, path, arch, strict, head=layout.head if (layout and num_outputs) else None)
+    report = load_into(model, state, path, arch, strict, head=layout.head if (layout and num_outputs) else None,
+                       adopt=True)
     shape = tuple(input_shape or layout.input_shape)
     classes = layout.class_names() if layout else None
     if classes is not None and len(classes) != outputs:
@@ -352,9 +260,11 @@ def _from_standalone(path, metadata):
 
     record = metadata[STANDALONE]
     groups, _ = checkpoint.load(path)
-    model = _factory(record["arch"])(tuple(record["input_shape"]), record["num_outputs"],
-                                     dtype=np.dtype(record.get("dtype", "float32")), **record["options"])
-    load_into(model, groups.get("model", {}), path, record["arch"], strict=True)
+    with uninitialised():  # strict: every tensor comes from the checkpoint
+        model = _factory(record["arch"])(tuple(record["input_shape"]), record["num_outputs"],
+                                         dtype=np.dtype(record.get("dtype", "float32")), **record["options"])
+    real_generators(model)
+    load_into(model, groups.get("model", {}), path, record["arch"], strict=True, adopt=True)
     prep = record.get("preprocessing")
     preprocessing = model_input.from_dict(prep, groups.get("preprocess")) if prep else None
     return LoadedModel(model, pathlib.Path(path).stem, tuple(record["input_shape"]), record.get("class_names"),
@@ -412,9 +322,8 @@ def _fits(model, state):
 
 
 def match_architecture(weights):
-    """``(arch, options, num_outputs)`` of the zoo net whose names and shapes ``weights``
-    (a WeightFile) fits exactly, or None.  Only nets whose output layer is in the
-    file are built (a VGG takes seconds to build)."""
+    """``(arch, options, num_outputs, parameters)`` of the zoo net whose names and shapes
+    ``weights`` (a WeightFile) fits exactly, or None (nets are built without drawing weights)."""
     from .plugins import registry
 
     for name, factory, _ in registry("architectures").items():
@@ -422,14 +331,15 @@ def match_architecture(weights):
         if layout is None or layout.caffe != (weights.format == "caffe"):
             continue
         for options in layout.variants:
-            model = build(name, None, layout.num_outputs, **options)
-            state = external_state(model, weights)
-            outputs = _head_outputs(state, layout)
-            if outputs is None:
-                break  # no output layer of this net in the file
-            if outputs != layout.num_outputs:
-                model = build(name, None, outputs, **options)
+            with uninitialised():  # only names and shapes are compared
+                model = build(name, None, layout.num_outputs, **options)
                 state = external_state(model, weights)
+                outputs = _head_outputs(state, layout)
+                if outputs is None:
+                    break  # no output layer of this net in the file
+                if outputs != layout.num_outputs:
+                    model = build(name, None, outputs, **options)
+                    state = external_state(model, weights)
             if _fits(model, state):
-                return name, dict(options), outputs
+                return name, dict(options), outputs, model.num_parameters()
     return None

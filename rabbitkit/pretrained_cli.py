@@ -31,7 +31,7 @@ def weights_group():
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--no-match", is_flag=True, help="Skip looking for the zoo architecture the file fits.")
 def inspect_command(file, no_match):
-    """Format, tensors (shapes, dtypes), parameter count, and the architecture FILE fits."""
+    """Format, tensors (shapes, dtypes), value count, and the zoo architecture FILE fits (with its parameter count)."""
     import numpy as np
 
     from .pretrained import match_architecture
@@ -49,9 +49,9 @@ def inspect_command(file, no_match):
     if match is None:
         click.echo("architecture: matches no zoo net (load it with --arch and strict = false to see what differs)")
     else:
-        arch, options, outputs = match
+        arch, options, outputs, parameters = match
         extra = "".join(f" --option {k}={str(v).lower()}" for k, v in options.items())
-        click.echo(f"architecture: {arch} ({outputs} outputs){extra}")
+        click.echo(f"architecture: {arch} ({outputs} outputs, {parameters:,} parameters){extra}")
 
 
 @weights_group.command("convert")

@@ -76,5 +76,5 @@ def test_bad_keys_are_one_line(tmp_path, source_run):
         rabbitkit.run(experiment(folder, 3, weights="x", strict="yes"), out=tmp_path / "runs", quiet=True)
     from rabbitkit.errors import WeightsError
 
-    with pytest.raises(WeightsError, match="missing.pth: weight file not found"):
+    with pytest.raises(WeightsError, match=r"^<dict>: model.weights: .*missing.pth: weight file not found$"):
         rabbitkit.run(experiment(folder, 3, weights=str(tmp_path / "missing.pth")), out=tmp_path / "runs", quiet=True)

@@ -146,3 +146,66 @@ def test_load_into_names_the_first_tensor_that_does_not_fit():
     before = np.array(model[1].params["weight"])
     head = pretrained.load_into(model, bad_shape, "f.pth", "tiny", head="1")
     assert head.new_head == ["1"] and np.array_equal(model[1].params["weight"], before)
+
+
+def test_predict_and_export_a_run_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from rabbitkit.cli import main
+    from rabbitkit.train import checkpoint
+    from rabbitkit.weights import read_weights
+
+    folder = make_image_folder(tmp_path / "images")
+    experiment = {
+        "experiment": {"name": "bn", "seed": 2},
+        "data": {"dataset": "image_folder", "path": str(folder), "image_size": 8, "cache": False},
+        "model": {"layers": [{"type": "Conv2D", "out_channels": 3, "kernel_size": 3}, {"type": "BatchNorm"},
+                             {"type": "ReLU"}, {"type": "Flatten"}, {"type": "Dense", "out_features": 2}]},
+        "train": {"epochs": 1, "batch_size": 4},
+        "output": {"visualizers": []},
+    }
+    run_dir = rabbitkit.run(experiment, out=tmp_path / "runs", quiet=True).run_dir
+    runner = CliRunner()
+    result = runner.invoke(main, ["predict", str(run_dir), str(folder / "dark" / "0.png"), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    assert {line.split()[1] for line in result.output.splitlines()[1:]} == {"dark", "light"}
+    out = tmp_path / "torch.safetensors"
+    result = runner.invoke(main, ["weights", "export", str(run_dir), "-o", str(out), "--names", "torch"])
+    assert result.exit_code == 0, result.output
+    exported = read_weights(out).tensors
+    torch_order = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                   "1.num_batches_tracked", "4.weight", "4.bias"]  # Module.state_dict's order
+    assert set(exported) == set(torch_order)  # (safetensors files keep their own order)
+    from rabbitkit.export import torch_state_dict
+
+    assert list(torch_state_dict(pretrained.open_model(run_dir).model)) == torch_order
+    saved = checkpoint.load(run_dir / "checkpoints" / BEST)[0]["model"]
+    for name, value in saved.items():
+        assert exported[name].tobytes() == value.tobytes(), name
+    assert exported["1.num_batches_tracked"].dtype == np.int64 and exported["1.num_batches_tracked"].shape == ()
+
+
+def test_export_refuses_layers_without_a_torch_layout():
+    from rabbitkit.export import ExportError, torch_state_dict
+    from rabbitkit.layers.recurrent import LSTM
+
+    model = rabbitkit.Sequential({"rnn": LSTM(3, 4)})
+    with pytest.raises(ExportError, match=r"layer 'rnn' \(LSTM\) has no PyTorch layout rabbitkit can export"):
+        torch_state_dict(model)
+
+
+def test_weights_for_an_architecture_without_a_pretrained_layout(tmp_path):
+    from safetensors.numpy import save_file
+
+    from rabbitkit.errors import ConfigError
+    from rabbitkit.plugins import registry
+
+    source = registry("architectures").get("lenet5")((1, 32, 32), 10)
+    save_file(source.state_dict(), str(tmp_path / "lenet.safetensors"))
+    with pytest.raises(ConfigError, match="lenet5 has no pretrained layout: give its input_shape"):
+        pretrained.load(tmp_path / "lenet.safetensors", arch="lenet5")
+    with pytest.raises(ConfigError, match="lenet5 has no pretrained layout: give its num_outputs"):
+        pretrained.load(tmp_path / "lenet.safetensors", arch="lenet5", input_shape=(1, 32, 32))
+    model = pretrained.load(tmp_path / "lenet.safetensors", arch="lenet5", input_shape=(1, 32, 32), num_outputs=10)
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(model.forward(x, training=False), source.forward(x, training=False))

@@ -21,6 +21,8 @@ from rabbitkit.plugins import registry
 from rabbitkit.probe import FeatureProbe
 from rabbitkit.weights import read_weights
 
+import weights_writers
+
 
 # -- the published layouts ---------------------------------------------------------------
 def conv(name, cout, cin, k, bias=True):
@@ -210,7 +212,7 @@ def test_round_trip_import_convert_export_import(tmp_path):
     source = write_safetensors(tmp_path / "googlenet.safetensors", original)
     result = invoke("weights", "inspect", source)
     assert result.exit_code == 0, result.output
-    assert "architecture: googlenet (1000 outputs) --option aux_logits=true" in result.output
+    assert "architecture: googlenet (1000 outputs, 13,004,888 parameters) --option aux_logits=true" in result.output
     assert re.search(r"\n  conv1\.bn\.num_batches_tracked +int64 +scalar\n", result.output)
     converted = tmp_path / "g.safetensors"
     result = invoke("weights", "convert", source, "--arch", "googlenet", "--option", "aux_logits=true", "-o", converted)
@@ -221,7 +223,8 @@ def test_round_trip_import_convert_export_import(tmp_path):
     again = read_weights(exported).tensors
     assert list(again) != [] and set(again) == set(original)
     for name, value in original.items():
-        assert again[name].dtype == value.dtype and again[name].tobytes() == value.tobytes(), name
+        assert (again[name].dtype, again[name].shape) == (value.dtype, value.shape), name
+        assert again[name].tobytes() == value.tobytes(), name
     # Without the aux heads, the file's aux tensors are skipped.
     loaded = pretrained.open_model(source, arch="googlenet")
     assert "aux1.fc1.weight" not in pretrained.expected_shapes(loaded.model)
@@ -257,44 +260,51 @@ def test_mismatched_weights_are_one_line(tmp_path):
     partial = write_safetensors(tmp_path / "partial.safetensors", random_state(ALEXNET[:2]))
     with pytest.raises(CheckpointError, match=r"no tensor 'features.3.weight' in the file \(alexnet expects shape \(192, 64, 5, 5\)\)"):
         pretrained.load(partial, arch="alexnet")
+    result = invoke("weights", "inspect", bad)
+    assert result.exit_code == 0 and result.output.splitlines()[-1].startswith("architecture: matches no zoo net")
     result = invoke("predict", bad, tmp_path / "cat.png")
     assert result.exit_code == 2 and "is a safetensors weights file: pass --arch NAME" in result.output
 
 
-# -- a caffemodel written field by field ------------------------------------------------------
-def varint(value):
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number, payload):
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
-def blob_proto(array, legacy=False):
-    if legacy:  # num/channels/height/width, as files written before BlobShape
-        dims = (1,) * (4 - array.ndim) + array.shape
-        head = b"".join(varint(number << 3) + varint(d) for number, d in zip((1, 2, 3, 4), dims))
-    else:
-        head = field(7, field(1, b"".join(varint(d) for d in array.shape)))
-    return head + field(5, array.astype("<f4").tobytes())
-
-
+# -- real-format files written by the weights tests' writers (opcode by opcode, field by field) ----
 def caffemodel(blobs):
+    """A NetParameter with one LayerParameter per Caffe layer; loss3/classifier keeps the legacy 4-D dims."""
     layers = {}
     for name, array in blobs.items():
-        layer, _ = name.rsplit("/", 1)
-        layers.setdefault(layer, []).append(array)
-    body = b""
-    for layer, arrays in layers.items():
-        kind = b"InnerProduct" if "fc" in layer or "classifier" in layer else b"Convolution"
-        legacy = layer == "loss3/classifier"
-        body += field(100, field(1, layer.encode()) + field(2, kind) + b"".join(field(7, blob_proto(a, legacy)) for a in arrays))
-    return field(1, b"GoogleNet") + body
+        layers.setdefault(name.rsplit("/", 1)[0], []).append(array)
+    encoded = []
+    for name, arrays in layers.items():
+        kind = "InnerProduct" if "fc" in name or "classifier" in name else "Convolution"
+        if name == "loss3/classifier":
+            protos = [weights_writers.blob(a, legacy_dims=(1,) * (4 - a.ndim) + a.shape) for a in arrays]
+        else:
+            protos = [weights_writers.blob(a, shape=a.shape) for a in arrays]
+        encoded.append(weights_writers.layer(name, kind, protos))
+    return weights_writers.net("GoogleNet", encoded)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_round_trip_through_pytorch_files(fmt, tmp_path):
+    """A torch.save-format state_dict (DataParallel's module. prefix, inside {"state_dict": ...})
+    -> convert -> export -> the same tensors bit for bit."""
+    original = random_state(squeezenet1_1_layout(), seed=7)
+    ckpt = weights_writers.Checkpoint()
+    for name, value in original.items():
+        ckpt.add(f"module.{name}", value, parameter=True)
+    path = tmp_path / "squeezenet.pth"
+    if fmt == "zip":
+        weights_writers.write_checkpoint_zip(path, ckpt, wrap="state_dict")
+    else:
+        weights_writers.write_checkpoint_legacy(path, ckpt, wrap="state_dict")
+    result = invoke("weights", "inspect", path)
+    assert result.exit_code == 0 and "architecture: squeezenet1_1 (1000 outputs, 1,235,496 parameters)" in result.output, result.output
+    converted, exported = tmp_path / "rk.safetensors", tmp_path / "torch.safetensors"
+    assert invoke("weights", "convert", path, "--arch", "squeezenet1_1", "-o", converted).exit_code == 0
+    assert invoke("weights", "export", converted, "-o", exported).exit_code == 0
+    again = read_weights(exported).tensors
+    assert set(again) == set(original)
+    for name, value in original.items():
+        assert (again[name].dtype, again[name].shape) == (value.dtype, value.shape) and again[name].tobytes() == value.tobytes()
 
 
 def test_bvlc_googlenet_from_a_caffemodel(tmp_path):
@@ -304,7 +314,7 @@ def test_bvlc_googlenet_from_a_caffemodel(tmp_path):
     path.write_bytes(caffemodel(blobs))
     result = invoke("weights", "inspect", path)
     assert result.exit_code == 0 and "caffe" in result.output.splitlines()[0]
-    assert "architecture: bvlc_googlenet (1000 outputs)" in result.output
+    assert "architecture: bvlc_googlenet (1000 outputs, 6,998,552 parameters)" in result.output
     loaded = pretrained.open_model(path, arch="bvlc_googlenet")
     model = loaded.model
     np.testing.assert_array_equal(model.get_layer("conv2/3x3").params["weight"], blobs["conv2/3x3/0"])

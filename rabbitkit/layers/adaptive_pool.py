@@ -10,10 +10,13 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel
+from ..backend.cuda import cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
 from .conv2d import pair
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 @kernel
@@ -48,6 +51,44 @@ def adaptive_avg_backward(dy, dx):
                         dx[plane, r, c] += share
 
 
+@cuda_kernel
+def adaptive_avg_forward_cuda(x, y):
+    """One thread per output cell."""
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = y.shape[1], y.shape[2]
+    for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        plane = k // (ho * wo)
+        i = (k // wo) % ho
+        j = k % wo
+        r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
+        c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
+        total = 0.0
+        for r in range(r0, r1):
+            for c in range(c0, c1):
+                total += x[plane, r, c]
+        y[plane, i, j] = total / ((r1 - r0) * (c1 - c0))
+
+
+@cuda_kernel
+def adaptive_avg_backward_cuda(dy, dx):
+    """One thread per input pixel, gathering the bins that cover it (no atomics)."""
+    h, w = dx.shape[1], dx.shape[2]
+    ho, wo = dy.shape[1], dy.shape[2]
+    for k in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        plane = k // (h * w)
+        r = (k // w) % h
+        c = k % w
+        acc = 0.0
+        for i in range(ho):
+            r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
+            if r0 <= r < r1:
+                for j in range(wo):
+                    c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
+                    if c0 <= c < c1:
+                        acc += dy[plane, i, j] / ((r1 - r0) * (c1 - c0))
+        dx[plane, r, c] = acc
+
+
 class AdaptiveAvgPool2D(Layer):
     """(N, C, H, W) -> (N, C, *output_size): the mean over each adaptive bin."""
 
@@ -62,11 +103,14 @@ class AdaptiveAvgPool2D(Layer):
             raise ConfigError(f"AdaptiveAvgPool2D expects a (C, H, W) input shape, got {tuple(input_shape)}")
         return (input_shape[0], *self.output_size)
 
-    def forward_cpu(self, x, training):
+    def _check(self, x):
         if x.ndim != 4:
             raise ConfigError(f"AdaptiveAvgPool2D expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-        self._x_shape = x.shape
-        n, c, h, w = x.shape
+        self._x_shape = tuple(x.shape)
+        return self._x_shape
+
+    def forward_cpu(self, x, training):
+        n, c, h, w = self._check(x)
         if (h, w) == self.output_size:
             return x
         y = np.empty((n, c, *self.output_size), dtype=self.dtype)
@@ -79,6 +123,22 @@ class AdaptiveAvgPool2D(Layer):
             return dy
         dx = np.empty(self._x_shape, dtype=self.dtype)
         adaptive_avg_backward(dy.reshape(n * c, *self.output_size), dx.reshape(n * c, h, w))
+        return dx
+
+    def forward_cuda(self, x, training):
+        n, c, h, w = self._check(x)
+        if (h, w) == self.output_size:
+            return x
+        y = self.backend.empty((n, c, *self.output_size), self.dtype)
+        adaptive_avg_forward_cuda.launch(y.size, x.reshape(n * c, h, w), y.reshape(n * c, *self.output_size))
+        return y
+
+    def backward_cuda(self, dy):
+        n, c, h, w = self._x_shape
+        if (h, w) == self.output_size:
+            return dy
+        dx = self.backend.empty(self._x_shape, self.dtype)
+        adaptive_avg_backward_cuda.launch(dx.size, dy.reshape(n * c, *self.output_size), dx.reshape(n * c, h, w))
         return dx
 
     def extra_repr(self):

@@ -10,9 +10,22 @@
 """
 import numpy as np
 
+from ..backend.cuda import cuda_kernel
 from ..errors import ConfigError
 from ..layers.base import Layer
 from ..layers.sequential import Sequential
+
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
+
+
+@cuda_kernel
+def channel_affine_cuda(x, scale, shift, plane, y):
+    """y = x * scale[c] + shift[c] on flat NC... arrays; ``plane`` = size of the axes after C."""
+    channels = scale.size
+    for k in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        c = (k // plane) % channels
+        y[k] = x[k] * scale[c] + shift[c]
 
 
 class Regrouped(Sequential):
@@ -55,8 +68,6 @@ class Regrouped(Sequential):
 class ChannelAffine(Layer):
     """``y[:, c] = x[:, c] * scale[c] + shift[c]`` with constant (not trainable) coefficients."""
 
-    device_agnostic = False
-
     def __init__(self, scale, shift, dtype=np.float32):
         super().__init__(dtype)
         self.scale = np.asarray(scale, dtype=self.dtype)
@@ -67,13 +78,30 @@ class ChannelAffine(Layer):
     def _column(self, values, ndim):
         return values.reshape(1, -1, *([1] * (ndim - 2)))
 
-    def forward_cpu(self, x, training):
+    def _check(self, x):
         if x.ndim < 2 or x.shape[1] != self.scale.size:
             raise ConfigError(f"ChannelAffine expects {self.scale.size} channels, got input {tuple(x.shape)}")
+
+    def forward_cpu(self, x, training):
+        self._check(x)
         return x * self._column(self.scale, x.ndim) + self._column(self.shift, x.ndim)
 
     def backward_cpu(self, dy):
         return dy * self._column(self.scale, dy.ndim)
+
+    def _launch(self, x, scale, shift):
+        y = self.backend.empty(tuple(x.shape), self.dtype)
+        plane = x.size // (x.shape[0] * x.shape[1])
+        channel_affine_cuda.launch(x.size, x.reshape(x.size), self.backend.asarray(scale, self.dtype),
+                                   self.backend.asarray(shift, self.dtype), plane, y.reshape(y.size))
+        return y
+
+    def forward_cuda(self, x, training):
+        self._check(x)
+        return self._launch(x, self.scale, self.shift)
+
+    def backward_cuda(self, dy):
+        return self._launch(dy, self.scale, np.zeros_like(self.shift))
 
     def output_shape(self, input_shape):
         return tuple(input_shape)

@@ -8,7 +8,7 @@ import inspect
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, WeightsError
 from ..plugins import get_manager
 from .config import check_plugin_options, factory_parameters, named_spec
 from .schedules import get_schedule
@@ -176,16 +176,20 @@ def head_name(config, model, manager=None):
 
 def load_pretrained(config, model, manager=None):
     """Copy ``[model] weights`` into the model; returns the log line (None without weights)."""
-    from ..pretrained import load_into, read_state
+    from ..loading import load_into
+    from ..pretrained import read_state
 
     model_cfg = config["model"]
     path = model_cfg["weights"]
     if path is None:
         return None
     label = model_cfg["architecture"] or "the model"
-    with blame(config, "model.weights"):
-        state = read_state(path, model, label)
-        report = load_into(model, state, path, label, model_cfg["strict"], head=head_name(config, model, manager))
+    try:
+        with blame(config, "model.weights"):
+            state = read_state(path, model, label)
+            report = load_into(model, state, path, label, model_cfg["strict"], head=head_name(config, model, manager))
+    except (CheckpointError, WeightsError) as err:  # the file's own one line, said where it came from
+        raise type(err)(f"{config['source']}: model.weights: {err}") from None
     return f"pretrained weights {path}: {report.summary()}"
 
 
