@@ -1,9 +1,27 @@
 """Pooling on NCHW images: max, average and global average.
 
-Windows follow PyTorch's defaults (floor mode): output size per axis is
-``(size + 2*padding - kernel) // stride + 1``.  Every kernel is parallel over
-(sample, channel) planes, so the overlapping windows of one plane are handled
-by one thread and the backward scatter has no races.
+Windows follow PyTorch: in floor mode (the default) the output size per axis is
+``(size + 2*padding - kernel) // stride + 1``; with ``ceil_mode=True`` (Caffe's
+shapes) it is ``ceil((size + 2*padding - kernel) / stride) + 1``, less one where the
+last window would start past the input and its left padding (PyTorch's rule,
+``(out - 1) * stride >= size + padding``), so every window holds input entries.
+
+Windows that run past the edge: max pooling ignores positions outside the input
+(padding acts as -inf); average pooling divides by the part of the window inside
+the zero-padded input, ``(min(start + kernel, size + padding) - start)`` per axis
+with ``start = o * stride - padding``.  That is PyTorch's ``count_include_pad=True``
+(its default) and Caffe's AVE pooling, in both modes: in floor mode no window
+leaves the padded input, so the divisor is always ``kh * kw``; in ceil mode the
+part of a last window beyond the right/bottom padding does not count.
+
+CPU kernels are parallel over (sample, channel) planes, so the overlapping
+windows of one plane are handled by one thread and the backward scatter has no
+races.  CUDA kernels run one thread per output (forward) and one per input entry
+(backward: a gather over the windows that hold it), so no two threads write one
+entry and nothing needs atomics; the sums are deterministic.
+
+:func:`swap_max_to_avg` turns every MaxPool2D of a model into an AvgPool2D of the
+same geometry (average pooling for style transfer, Gatys et al. 2016).
 """
 import math
 
@@ -11,15 +29,27 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel
+from ..backend.cuda import cuda_device, cuda_kernel, device_pair
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
 from .conv2d import conv_output_size, pair, valid_output_range
 
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
-# -- CPU kernels ----------------------------------------------------------------
-@kernel(parallel=False)
-def later_wins(value, best):
+
+def pool_output_size(size, kernel_size, stride, padding, ceil_mode=False):
+    """Output length of a pooling window along one axis (PyTorch's floor or ceil mode)."""
+    if not ceil_mode:
+        return conv_output_size(size, kernel_size, stride, padding)
+    out = -(-(size + 2 * padding - kernel_size) // stride) + 1
+    if (out - 1) * stride >= size + padding:  # the last window would start in the right padding
+        out -= 1
+    return out
+
+
+# -- helpers shared by the CPU and CUDA kernels -----------------------------------
+def _later_wins(value, best):
     """Whether a value later in scan order replaces the running maximum.
 
     Strictly greater only, so ties keep the first maximum; a NaN replaces a
@@ -27,6 +57,28 @@ def later_wins(value, best):
     on real data the comparison is a coin flip the branch predictor loses.
     """
     return (value > best) | ((value != value) & (best == best))
+
+
+def _padded_extent(start, kernel_size, size, padding):
+    """Length of the window [start, start + kernel) inside the padded input [-padding, size + padding):
+    the average's divisor along one axis (``start >= -padding`` always)."""
+    return min(start + kernel_size, size + padding) - start
+
+
+def _covering_outputs(index, kernel_size, stride, padding, size_out):
+    """[lo, hi) of the outputs whose window o*stride - padding + [0, kernel) holds input ``index``."""
+    first = index + padding - kernel_size + 1
+    lo = 0 if first <= 0 else (first + stride - 1) // stride
+    hi = min(size_out, (index + padding) // stride + 1)
+    return lo, max(lo, hi)
+
+
+later_wins, later_wins_cuda = device_pair(_later_wins)
+padded_extent, padded_extent_cuda = device_pair(_padded_extent)
+covering_outputs_cuda = cuda_device(_covering_outputs)  # the CPU backward scatters instead
+
+
+# -- CPU kernels ----------------------------------------------------------------
 
 
 @kernel
@@ -110,15 +162,17 @@ def max_pool_backward(dy, argmax, dx):
 
 @kernel
 def avg_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
-    """y = window sums / (kh*kw): zero padding counts in the divisor (count_include_pad)."""
+    """y = window sums / the window's extent inside the padded input (count_include_pad;
+    kh*kw except for ceil-mode windows past the right/bottom padding)."""
     planes, h, w = x.shape
     ho, wo = y.shape[1], y.shape[2]
-    scale = 1.0 / (kh * kw)
     for plane in prange(planes):
         for oh in range(ho):
             h0 = oh * sh - ph
+            rows = padded_extent(h0, kh, h, ph)
             for ow in range(wo):
                 w0 = ow * sw - pw
+                scale = 1.0 / (rows * padded_extent(w0, kw, w, pw))
                 total = 0.0
                 for i in range(max(0, h0), min(h, h0 + kh)):
                     for j in range(max(0, w0), min(w, w0 + kw)):
@@ -128,17 +182,17 @@ def avg_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
 
 @kernel
 def avg_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
-    """dx = each output's gradient / (kh*kw) spread over its window."""
+    """dx = each output's gradient / its divisor (as in avg_pool_forward) spread over its window."""
     planes, h, w = dx.shape
     ho, wo = dy.shape[1], dy.shape[2]
-    scale = 1.0 / (kh * kw)
     for plane in prange(planes):
         dx[plane, :, :] = 0.0
         for oh in range(ho):
             h0 = oh * sh - ph
+            rows = padded_extent(h0, kh, h, ph)
             for ow in range(wo):
                 w0 = ow * sw - pw
-                share = dy[plane, oh, ow] * scale
+                share = dy[plane, oh, ow] * (1.0 / (rows * padded_extent(w0, kw, w, pw)))
                 for i in range(max(0, h0), min(h, h0 + kh)):
                     for j in range(max(0, w0), min(w, w0 + kw)):
                         dx[plane, i, j] += share
@@ -165,16 +219,127 @@ def spread_plane_means(dy, dx):
             dx[plane, k] = share
 
 
+# -- CUDA kernels ---------------------------------------------------------------
+# Arrays as the CPU kernels take them: x (planes, H, W), y and argmax (planes, Ho, Wo).
+@cuda_kernel
+def max_pool_forward_cuda(x, y, argmax, kh, kw, sh, sw, ph, pw):
+    """One thread per output: the window's first maximum in row-major scan order."""
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = y.shape[1], y.shape[2]
+    for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        plane = k // (ho * wo)
+        oh = (k // wo) % ho
+        ow = k % wo
+        h0 = oh * sh - ph
+        w0 = ow * sw - pw
+        i0 = max(0, h0)
+        j0 = max(0, w0)
+        best = x[plane, i0, j0]  # every window holds an input entry (padding <= kernel/2)
+        where = i0 * w + j0
+        for i in range(i0, min(h, h0 + kh)):
+            for j in range(j0, min(w, w0 + kw)):
+                value = x[plane, i, j]
+                if later_wins_cuda(value, best):
+                    best = value
+                    where = i * w + j
+        y[plane, oh, ow] = best
+        argmax[plane, oh, ow] = where
+
+
+@cuda_kernel
+def max_pool_backward_cuda(dy, argmax, dx, kh, kw, sh, sw, ph, pw):
+    """One thread per input entry: the sum of dy over the windows whose arg-max it is
+    (a gather in output order, so no atomics and a deterministic sum)."""
+    h, w = dx.shape[1], dx.shape[2]
+    ho, wo = dy.shape[1], dy.shape[2]
+    for k in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        plane = k // (h * w)
+        i = (k // w) % h
+        j = k % w
+        oh_lo, oh_hi = covering_outputs_cuda(i, kh, sh, ph, ho)
+        ow_lo, ow_hi = covering_outputs_cuda(j, kw, sw, pw, wo)
+        target = i * w + j
+        acc = 0.0
+        for oh in range(oh_lo, oh_hi):
+            for ow in range(ow_lo, ow_hi):
+                if argmax[plane, oh, ow] == target:
+                    acc += dy[plane, oh, ow]
+        dx[plane, i, j] = acc
+
+
+@cuda_kernel
+def avg_pool_forward_cuda(x, y, kh, kw, sh, sw, ph, pw):
+    """One thread per output: the window sum over the divisor of avg_pool_forward."""
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = y.shape[1], y.shape[2]
+    for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        plane = k // (ho * wo)
+        oh = (k // wo) % ho
+        ow = k % wo
+        h0 = oh * sh - ph
+        w0 = ow * sw - pw
+        total = 0.0
+        for i in range(max(0, h0), min(h, h0 + kh)):
+            for j in range(max(0, w0), min(w, w0 + kw)):
+                total += x[plane, i, j]
+        y[plane, oh, ow] = total * (1.0 / (padded_extent_cuda(h0, kh, h, ph) * padded_extent_cuda(w0, kw, w, pw)))
+
+
+@cuda_kernel
+def avg_pool_backward_cuda(dy, dx, kh, kw, sh, sw, ph, pw):
+    """One thread per input entry: the shares of every window that holds it (a gather)."""
+    h, w = dx.shape[1], dx.shape[2]
+    ho, wo = dy.shape[1], dy.shape[2]
+    for k in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        plane = k // (h * w)
+        i = (k // w) % h
+        j = k % w
+        oh_lo, oh_hi = covering_outputs_cuda(i, kh, sh, ph, ho)
+        ow_lo, ow_hi = covering_outputs_cuda(j, kw, sw, pw, wo)
+        acc = 0.0
+        for oh in range(oh_lo, oh_hi):
+            rows = padded_extent_cuda(oh * sh - ph, kh, h, ph)
+            for ow in range(ow_lo, ow_hi):
+                acc += dy[plane, oh, ow] * (1.0 / (rows * padded_extent_cuda(ow * sw - pw, kw, w, pw)))
+        dx[plane, i, j] = acc
+
+
+@cuda_kernel
+def plane_means_cuda(x, y):
+    """One thread per plane: y[plane] = mean of x[plane, :] (serial sum, deterministic)."""
+    size = x.shape[1]
+    for plane in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        total = 0.0
+        for k in range(size):
+            total += x[plane, k]
+        y[plane] = total / size
+
+
+@cuda_kernel
+def spread_plane_means_cuda(dy, dx):
+    size = dx.shape[1]
+    for k in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        plane = k // size
+        dx[plane, k - plane * size] = dy[plane] / size
+
+
 # -- layers ---------------------------------------------------------------------
 class Pool2D(Layer):
-    """Shared window geometry and checks of MaxPool2D and AvgPool2D."""
+    """Shared window geometry and checks of MaxPool2D and AvgPool2D.
 
-    def __init__(self, kernel_size, stride=None, padding=0, dtype=np.float32):
+    ``ceil_mode=True`` gives Caffe's (and PyTorch's ceil-mode) output shapes; see the
+    module docstring for the windows that then run past the edge.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, dtype=np.float32):
         super().__init__(dtype)
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else pair(stride, "stride")
         self.padding = pair(padding, "padding")
         name = type(self).__name__
+        if not isinstance(ceil_mode, (bool, np.bool_)):
+            raise ConfigError(f"{name} ceil_mode must be true or false, got {ceil_mode!r}")
+        self.ceil_mode = bool(ceil_mode)
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
             raise ConfigError(
                 f"{name} needs kernel_size >= 1, stride >= 1, padding >= 0; got "
@@ -188,8 +353,8 @@ class Pool2D(Layer):
         if len(input_shape) != 3:
             raise ConfigError(f"{type(self).__name__} expects a (C, H, W) input shape, got {tuple(input_shape)}")
         channels, height, width = input_shape
-        ho = conv_output_size(height, self.kernel_size[0], self.stride[0], self.padding[0])
-        wo = conv_output_size(width, self.kernel_size[1], self.stride[1], self.padding[1])
+        ho = pool_output_size(height, self.kernel_size[0], self.stride[0], self.padding[0], self.ceil_mode)
+        wo = pool_output_size(width, self.kernel_size[1], self.stride[1], self.padding[1], self.ceil_mode)
         if ho < 1 or wo < 1:
             raise ConfigError(f"{type(self).__name__} window {self.kernel_size} does not fit a {height}x{width} input")
         return (channels, ho, wo)
@@ -210,7 +375,8 @@ class Pool2D(Layer):
         return channels * ho * wo * math.prod(self.kernel_size)
 
     def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        ceil = ", ceil_mode=True" if self.ceil_mode else ""
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}{ceil}"
 
 
 class MaxPool2D(Pool2D):
@@ -221,7 +387,9 @@ class MaxPool2D(Pool2D):
         y = np.empty(out_shape, dtype=self.dtype)
         self._argmax = np.empty(out_shape, dtype=np.int32)
         flat = (planes.shape[0], out_shape[2], out_shape[3])
-        if self._window() == (2, 2, 2, 2, 0, 0):
+        # the 2x2 kernel reads whole windows: not for ceil-mode windows past the edge
+        inside = 2 * out_shape[2] <= x.shape[2] and 2 * out_shape[3] <= x.shape[3]
+        if self._window() == (2, 2, 2, 2, 0, 0) and inside:
             max_pool_2x2_forward(planes, y.reshape(flat), self._argmax.reshape(flat))
         else:
             max_pool_forward(planes, y.reshape(flat), self._argmax.reshape(flat), *self._window())
@@ -234,9 +402,30 @@ class MaxPool2D(Pool2D):
         max_pool_backward(dy.reshape(n * c, -1), self._argmax.reshape(n * c, -1), dx.reshape(n * c, h * w))
         return dx
 
+    def forward_cuda(self, x, training):
+        planes, out_shape = self._planes(x)
+        y = self.backend.empty(out_shape, self.dtype)
+        self._argmax = self.backend.empty(out_shape, np.int32)
+        flat = (planes.shape[0], out_shape[2], out_shape[3])
+        max_pool_forward_cuda.launch(y.size, planes, y.reshape(flat), self._argmax.reshape(flat), *self._window())
+        self._x_shape = x.shape
+        return y
+
+    def backward_cuda(self, dy):
+        n, c, h, w = self._x_shape
+        dx = self.backend.empty(self._x_shape, self.dtype)
+        flat = (n * c, dy.shape[2], dy.shape[3])
+        max_pool_backward_cuda.launch(dx.size, dy.reshape(flat), self._argmax.reshape(flat), dx.reshape(n * c, h, w),
+                                      *self._window())
+        return dx
+
 
 class AvgPool2D(Pool2D):
-    """Mean over each window; padding counts as zeros in the mean (PyTorch's count_include_pad)."""
+    """Mean over each window; padding counts as zeros in the mean (PyTorch's count_include_pad).
+
+    In ceil mode a window past the right/bottom padding divides by its part inside the
+    padded input, as PyTorch's ``nn.AvgPool2d(ceil_mode=True)`` and Caffe's AVE pooling.
+    """
 
     def forward_cpu(self, x, training):
         planes, out_shape = self._planes(x)
@@ -251,23 +440,54 @@ class AvgPool2D(Pool2D):
         avg_pool_backward(dy.reshape(n * c, dy.shape[2], dy.shape[3]), dx.reshape(n * c, h, w), *self._window())
         return dx
 
+    def forward_cuda(self, x, training):
+        planes, out_shape = self._planes(x)
+        y = self.backend.empty(out_shape, self.dtype)
+        avg_pool_forward_cuda.launch(y.size, planes, y.reshape(planes.shape[0], out_shape[2], out_shape[3]),
+                                     *self._window())
+        self._x_shape = x.shape
+        return y
+
+    def backward_cuda(self, dy):
+        n, c, h, w = self._x_shape
+        dx = self.backend.empty(self._x_shape, self.dtype)
+        avg_pool_backward_cuda.launch(dx.size, dy.reshape(n * c, dy.shape[2], dy.shape[3]), dx.reshape(n * c, h, w),
+                                      *self._window())
+        return dx
+
 
 class GlobalAvgPool2D(Layer):
     """(N, C, H, W) -> (N, C): the mean of each channel plane."""
 
-    def forward_cpu(self, x, training):
+    def _check(self, x):
         if x.ndim != 4:
             raise ConfigError(f"GlobalAvgPool2D expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-        n, c, h, w = x.shape
-        y = np.empty((n, c), dtype=self.dtype)
-        plane_means(x.reshape(n * c, h * w), y.reshape(n * c))
         self._x_shape = x.shape
+        n, c, h, w = x.shape
+        return n, c, h * w
+
+    def forward_cpu(self, x, training):
+        n, c, size = self._check(x)
+        y = np.empty((n, c), dtype=self.dtype)
+        plane_means(x.reshape(n * c, size), y.reshape(n * c))
         return y
 
     def backward_cpu(self, dy):
         n, c, h, w = self._x_shape
         dx = np.empty(self._x_shape, dtype=self.dtype)
         spread_plane_means(dy.reshape(n * c), dx.reshape(n * c, h * w))
+        return dx
+
+    def forward_cuda(self, x, training):
+        n, c, size = self._check(x)
+        y = self.backend.empty((n, c), self.dtype)
+        plane_means_cuda.launch(n * c, x.reshape(n * c, size), y.reshape(n * c))
+        return y
+
+    def backward_cuda(self, dy):
+        n, c, h, w = self._x_shape
+        dx = self.backend.empty(self._x_shape, self.dtype)
+        spread_plane_means_cuda.launch(dx.size, dy.reshape(n * c), dx.reshape(n * c, h * w))
         return dx
 
     def output_shape(self, input_shape):
@@ -277,6 +497,48 @@ class GlobalAvgPool2D(Layer):
 
     def flops(self, input_shape):
         return math.prod(input_shape)
+
+
+# -- max to average -------------------------------------------------------------
+def _as_average(pool):
+    """An AvgPool2D with ``pool``'s geometry, dtype and device."""
+    avg = AvgPool2D(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode, dtype=pool.dtype)
+    avg.needs_input_grad = pool.needs_input_grad
+    return avg.to(pool.device) if pool.device != "cpu" else avg
+
+
+def _replace_child(container, index, old, new):
+    """Put ``new`` where ``old`` sits among the container's children, in the container's own storage."""
+    children = container.children()
+    children[index] = new
+    if container.children()[index] is new:  # children() is the container's list (Sequential, branches)
+        return
+    for name, value in vars(container).items():  # a container that builds its list from attributes
+        if value is old:
+            setattr(container, name, new)
+            return
+        if isinstance(value, list) and any(item is old for item in value):
+            value[[i for i, item in enumerate(value) if item is old][0]] = new
+            return
+    raise ConfigError(f"swap_max_to_avg cannot replace child {index} of {type(container).__name__}")
+
+
+def swap_max_to_avg(model):
+    """Turn every MaxPool2D of ``model`` into an AvgPool2D of the same geometry.
+
+    Average pooling gives smoother gradients to the image in neural style transfer
+    (Gatys, Ecker & Bethge 2016).  Containers are changed in place (each pool keeps its
+    position, so every dotted layer and parameter name stays); the model is returned,
+    or the new layer where ``model`` is itself a MaxPool2D.  Padding then counts as
+    zeros in the average (see :class:`AvgPool2D`) where it was ignored by the max.
+    """
+    if isinstance(model, MaxPool2D):
+        return _as_average(model)
+    for index, child in enumerate(list(model.children())):
+        swapped = swap_max_to_avg(child)
+        if swapped is not child:
+            _replace_child(model, index, child, swapped)
+    return model
 
 
 @hookimpl
