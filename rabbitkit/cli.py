@@ -184,6 +184,10 @@ def _mount_data_commands():
 
 _mount_data_commands()
 
+from .train.runs_cli import mount as _mount_run_commands  # noqa: E402
+
+_mount_run_commands(main)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

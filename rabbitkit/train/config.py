@@ -97,6 +97,9 @@ SCHEMA = {
         "l2": Key(float, 0.0, minimum=0.0, help="Shorthand for an L2 regularizer of this strength (lambda/2 ||w||^2)."),
         "l1": Key(float, 0.0, minimum=0.0, help="Shorthand for an L1 regularizer of this strength."),
         "clip_grad_norm": Key(float, None, exclusive_minimum=0.0, help="Clip gradients to this global norm."),
+        "divergence_factor": Key(float, 1000.0, minimum=0.0,
+                                 help="Stop as diverged when an epoch's training loss exceeds this multiple (> 1) of "
+                                      "the first step's loss (char-rnn's rule); 0 turns it off. NaN/inf always stop."),
         "early_stopping": Key(dict, None, help="{patience = N, metric = \"val_loss\", min_delta = 0.0}."),
         "seq_len": Key(int, 50, minimum=1, help="Truncated-BPTT length for language models."),
         "max_steps_per_epoch": Key(int, 0, minimum=0, help="Cap on steps per epoch (0 = whole training set)."),
@@ -107,6 +110,8 @@ SCHEMA = {
         "checkpoint_every": Key(int, 1, minimum=1, help="Write a checkpoint every N epochs (the last and best are kept)."),
         "visualizers": Key(list, ["curves", "filters"], help="Visualizer plugins run at the end of the run."),
         "progress": Key(bool, True, help="Show a progress bar when on a terminal."),
+        "tensorboard": Key(bool, False, help="Also write TensorBoard event files into the run directory "
+                                             "(needs the optional extra: pip install 'rabbitkit[tensorboard]')."),
     },
 }
 

@@ -13,13 +13,13 @@ import time
 import numpy as np
 
 from ..backend import to_host
-from ..errors import RabbitError
+from ..errors import ConfigError, RabbitError
 from ..optim import clip_grad_norm
 from ..plugins import get_manager
-from . import builder, checkpoint
+from ..progress import bar
+from . import builder, checkpoint, status
 from .config import config_hash, dump_toml
 from .feeders import make_feeder
-from .progress import Progress
 from .rundir import RunDirectory
 
 LAST = "last.safetensors"
@@ -27,7 +27,16 @@ BEST = "best.safetensors"
 
 
 class DivergenceError(RabbitError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or grew past ``train.divergence_factor`` times its start.
+
+    ``run_dir`` and ``history`` tell which run it was and what it had done (a sweep
+    records a diverged point and goes on).
+    """
+
+    def __init__(self, message, run_dir=None, history=()):
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.history = list(history)
 
 
 @dataclasses.dataclass
@@ -60,6 +69,7 @@ class Run:
         self.epoch = 0  # epochs completed
         self.step = 0
         self.best = None
+        self.initial_loss = None  # the first step's loss: the reference of train.divergence_factor
         self.interrupted = False
         self._set_threads(config["experiment"]["threads"])
 
@@ -90,6 +100,11 @@ class Run:
         self.monitor = monitor
         self.higher_is_better = "accuracy" in monitor
         self.hash = config_hash(config)
+        factor = config["train"]["divergence_factor"]
+        if 0 < factor <= 1:
+            raise ConfigError(f"{config['source']}: train.divergence_factor: expected 0 (off) or a multiple > 1, "
+                              f"got {factor!r}")
+        self.test_missing = None if self.feeder.has_split("test") else self.dataset.info.get("test_missing")
 
     # -- small services ---------------------------------------------------------------
     @staticmethod
@@ -120,6 +135,7 @@ class Run:
             "history": self.history,
             "best": self.best,
             "lr": self.optimizer.lr,
+            "initial_loss": self.initial_loss,
         }
         return groups, metadata
 
@@ -143,6 +159,7 @@ class Run:
         self.epoch = metadata["epoch"]
         self.step = metadata["step"]
         self.optimizer.lr = metadata["lr"]
+        self.initial_loss = metadata.get("initial_loss")
         return metadata.get("position")
 
     # -- the loop ---------------------------------------------------------------------
@@ -159,6 +176,24 @@ class Run:
             self.directory.write_config(dump_toml(config))
             self.log(f"run {self.run_dir}: {config['data']['dataset']} ({self.task}), "
                      f"{self.model.num_parameters():,} parameters, device {self.device}")
+        if self.test_missing:
+            self.log(f"warning: no test split ({self.test_missing}); the run will end without test metrics")
+        status.mark_running(self.run_dir, self.monitor, train_cfg["epochs"], self.epoch)
+        stopped = "failed"
+        try:
+            stopped, result = self._train_epochs(position)
+        except DivergenceError:
+            stopped = "diverged"
+            raise
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            raise
+        finally:
+            status.write_status(self.run_dir, state=stopped, epochs_done=self.epoch)
+        return result
+
+    def _train_epochs(self, position):
+        train_cfg = self.config["train"]
         self.manager.hook.rabbit_train_start(run=self)
         stopped = "completed"
         previous = signal.getsignal(signal.SIGINT)
@@ -181,18 +216,21 @@ class Run:
                              f"{train_cfg['early_stopping']['patience']} epochs")
                     break
         except DivergenceError as err:
-            stopped = "diverged"
-            self.log(f"stopped: {err}; the last good checkpoint is {self.directory.checkpoints / LAST}")
-            raise
+            last = self.directory.checkpoints / LAST
+            where = (f"the last good checkpoint is {last}" if last.is_file()
+                     else "no checkpoint was written before it (nothing to resume)")
+            message = f"{err}; {where}"
+            self.directory.log(f"stopped: {message}")  # the caller reports the error itself: said once
+            raise DivergenceError(message, self.run_dir, self.history) from None
         finally:
             if installed:
                 signal.signal(signal.SIGINT, previous)
         if stopped == "interrupted":
-            return Result(self.run_dir, self.history[-1] if self.history else {}, self.history, stopped)
+            return stopped, Result(self.run_dir, self.history[-1] if self.history else {}, self.history, stopped)
         final = self.finish()
         result = Result(self.run_dir, final, self.history, stopped)
         self.manager.hook.rabbit_train_end(run=self, result=result)
-        return result
+        return stopped, result
 
     def _on_interrupt(self, signum, frame):
         if self.interrupted:  # a second Ctrl-C stops at once
@@ -209,7 +247,8 @@ class Run:
                                                          "seconds": 0.0}
         limit = train_cfg["max_steps_per_epoch"] or None
         total = self.feeder.num_train_batches(limit)
-        progress = Progress(total, f"epoch {epoch + 1}/{train_cfg['epochs']}", enabled=self.progress_enabled)
+        progress = bar(total, f"epoch {epoch + 1}/{train_cfg['epochs']}", self.progress_enabled, unit="batch",
+                       initial=start_batch)
         self.model.reset_state()
         started = time.perf_counter()
         batch_index = start_batch - 1
@@ -221,7 +260,7 @@ class Run:
             sums["count"] += count
             sums["samples"] += len(yb)
             self.step += 1
-            progress.update(batch_index + 1, sums, started, sums["seconds"])
+            progress.update(1, **self._progress_postfix(sums, started))
             if self.interrupted:
                 sums["seconds"] += time.perf_counter() - started
                 progress.close()
@@ -243,6 +282,7 @@ class Run:
         if self.task == "language_model":
             for key in [k for k in metrics if k.endswith("_loss")]:
                 metrics[key.replace("_loss", "_bpc")] = metrics[key] / math.log(2)
+        self._check_finite_divergence(metrics["train_loss"])
         metrics["samples_per_s"] = sums["samples"] / max(sums["seconds"], 1e-9)
         metrics["epoch_seconds"] = sums["seconds"]
         metrics["wall_seconds"] = (self.history[-1]["wall_seconds"] if self.history else 0.0) + sums["seconds"]
@@ -256,9 +296,28 @@ class Run:
         if self.epoch % self.config["output"]["checkpoint_every"] == 0 or self.epoch == train_cfg["epochs"]:
             self.save_checkpoint(LAST)
         self.directory.write_metrics(self.history)
+        status.write_status(self.run_dir, epochs_done=self.epoch)
         self.log(self._epoch_line(metrics))
         self.manager.hook.rabbit_epoch_end(run=self, epoch=self.epoch, metrics=metrics)
         return metrics
+
+    def _progress_postfix(self, sums, started):
+        postfix = {"loss": sums["loss"] / max(sums["count"], 1)}
+        if self.feeder.has_accuracy:
+            postfix["acc"] = sums["correct"] / max(sums["count"], 1)
+        elapsed = time.perf_counter() - started + sums["seconds"]
+        postfix["samples/s"] = f"{sums['samples'] / max(elapsed, 1e-9):.0f}"
+        return postfix
+
+    def _check_finite_divergence(self, train_loss):
+        """char-rnn's rule: an epoch whose training loss exceeds ``factor`` x the first step's has diverged."""
+        factor = self.config["train"]["divergence_factor"]
+        if not factor or self.initial_loss is None or self.initial_loss <= 0:
+            return
+        if train_loss > factor * self.initial_loss:
+            raise DivergenceError(
+                f"loss is {train_loss:.4g} at epoch {self.epoch + 1}, more than train.divergence_factor = {factor:g} "
+                f"times the first step's {self.initial_loss:.4g}")
 
     def _train_step(self, xb, yb):
         model = self.model
@@ -267,6 +326,8 @@ class Run:
         loss_value = self.loss.forward(out, yb)
         if not math.isfinite(loss_value):
             raise DivergenceError(f"loss is {loss_value} at epoch {self.epoch + 1}, step {self.step + 1}")
+        if self.initial_loss is None:
+            self.initial_loss = float(loss_value)
         model.backward(self.loss.backward())
         for regularizer in self.regularizers:
             regularizer.add_gradients(self.params)
@@ -284,16 +345,18 @@ class Run:
         self.model.reset_state()
         total_loss = correct = count = 0.0
         predictions, targets = [], []
-        for xb, yb in self.feeder.eval_batches(split):
-            out = self.model.forward(xb, training=False)
-            loss_value = self.loss.forward(out, yb)
-            c, n = self.feeder.score(out, yb)
-            total_loss += loss_value * n
-            correct += c
-            count += n
-            if collect:
-                predictions.append(np.asarray(to_host(out)))
-                targets.append(np.asarray(yb))
+        with bar(None, f"evaluating {split}", self.progress_enabled, unit="batch") as progress:
+            for xb, yb in self.feeder.eval_batches(split):
+                out = self.model.forward(xb, training=False)
+                loss_value = self.loss.forward(out, yb)
+                c, n = self.feeder.score(out, yb)
+                total_loss += loss_value * n
+                correct += c
+                count += n
+                if collect:
+                    predictions.append(np.asarray(to_host(out)))
+                    targets.append(np.asarray(yb))
+                progress.update(1)
         metrics = {"loss": total_loss / max(count, 1)}
         if self.feeder.has_accuracy:
             metrics["accuracy"] = correct / max(count, 1)
