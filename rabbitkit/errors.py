@@ -32,6 +32,10 @@ class CheckpointError(RabbitError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+class WeightsError(RabbitError):
+    """A pretrained weight file is missing, corrupt, hostile or in a format rabbitkit does not read."""
+
+
 def did_you_mean(name, known):
     """Return ' (did you mean 'x'?)' for the closest known name, or ''."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
