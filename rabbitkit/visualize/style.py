@@ -84,8 +84,9 @@ class PixelSpace:
     ``input[c] = Σ_k A[c, k] · pixel[k] + b[c]`` (mean/std, RGB or BGR, scale).
 
     ``encode`` is the model's own preprocess, ``(H, W, 3)`` float pixels to a
-    (1, 3, H, W) input; ``A`` and ``b`` are read off it, and an encoder that is
-    not affine is refused.
+    (1, 3, H, W) input; ``A`` and ``b`` are read off it (five pixels: black, the
+    three primaries and one grey-ish), and an encoder that is not affine (LCN,
+    ZCA, colour-space steps) is refused.
     """
 
     def __init__(self, encode, dtype=np.float32):
@@ -94,7 +95,8 @@ class PixelSpace:
         probes = np.zeros((5, 1, 1, 3))
         for k in range(3):
             probes[k + 1, 0, 0, k] = 1.0
-        probes[4] = 0.25 + 0.5 * np.arange(3) / 2
+        probes[4] = (64, 128, 191)
+        probes[4] /= 255.0  # pixel values an encoder of uint8 images sees exactly
         images = [np.asarray(self._encode(p.astype(np.float32)), dtype=np.float64).reshape(-1) for p in probes]
         if any(image.shape != (3,) for image in images):
             raise ConfigError("the model's preprocessing must map an RGB pixel to 3 input channels")
@@ -130,17 +132,23 @@ class PixelSpace:
 
 
 def _pixel_space(loaded, encode):
+    network = loaded_model(loaded)
     if encode is not None:
-        return PixelSpace(encode, loaded_model(loaded).dtype)
+        return PixelSpace(encode, network.dtype)
     preprocess = getattr(loaded, "preprocess", None)
-    if preprocess is None:
-        return PixelSpace(lambda p: np.transpose(p, (2, 0, 1))[None], loaded_model(loaded).dtype)
+    if preprocess is None:  # a bare network: pixels in [0, 1] are its input
+        return PixelSpace(lambda p: np.transpose(p, (2, 0, 1))[None], network.dtype)
+    preprocessing = getattr(loaded, "preprocessing", None)
+    if preprocessing is None and hasattr(loaded, "preprocessing"):
+        raise ConfigError(f"model {getattr(loaded, 'name', '')} does not take images; style transfer needs an image model")
+    if getattr(preprocessing, "channels", 3) != 3:
+        raise ConfigError(f"model {getattr(loaded, 'name', '')} takes {preprocessing.channels}-channel input; "
+                          "style transfer needs an RGB model")
 
-    def through_model(pixels):  # the model's preprocess takes uint8-range or float images
-        images = np.asarray(pixels, dtype=np.float32)[None] * 255.0
-        return preprocess(images)
+    def through_model(pixels):  # a loaded model's preprocess takes uint8 HWC images
+        return preprocess(np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8), size=None)
 
-    return PixelSpace(through_model, loaded_model(loaded).dtype)
+    return PixelSpace(through_model, network.dtype)
 
 
 def loaded_model(loaded):
