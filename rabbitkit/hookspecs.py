@@ -63,6 +63,23 @@ def rabbit_visualizers():
 
 
 @hookspec
+def rabbit_objectives():
+    """Return ``{name: factory}``; ``factory(**options)`` returns an objective of image
+    optimisation (Deep Dream, class models): an object with ``layers`` (the layer
+    names it reads, ``""`` for the model output), ``tileable`` (True if it is a sum
+    over positions) and ``__call__(features) -> (value, {layer: dvalue/doutput})``,
+    the value to maximise (see :mod:`rabbitkit.visualize.objectives`)."""
+
+
+@hookspec
+def rabbit_image_regularizers():
+    """Return ``{name: factory}``; ``factory(**options)`` returns an image regulariser:
+    a callable ``(images, grad, step)`` that changes the float (N, C, H, W) ``images``
+    in place after each optimisation step (``grad``: the objective's input gradient
+    of that step; ``step`` counts from 1; see :mod:`rabbitkit.visualize.regularizers`)."""
+
+
+@hookspec
 def rabbit_train_start(run):
     """Called once before the first epoch; ``run`` is the live training run."""
 

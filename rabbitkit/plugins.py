@@ -28,6 +28,8 @@ BUILTIN_MODULES = (
     "rabbitkit.regularizers",
     "rabbitkit.optim",
     "rabbitkit.losses",
+    "rabbitkit.visualize.objectives",
+    "rabbitkit.visualize.regularizers",
 )
 
 # registry kind -> hook name
@@ -40,6 +42,8 @@ KINDS = {
     "losses": "rabbit_losses",
     "datasets": "rabbit_datasets",
     "visualizers": "rabbit_visualizers",
+    "objectives": "rabbit_objectives",
+    "image_regularizers": "rabbit_image_regularizers",
 }
 
 

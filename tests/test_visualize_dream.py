@@ -1,0 +1,188 @@
+"""Deep Dream, objectives and tiled gradients (rabbitkit.visualize), judged by numbers, not pictures."""
+import numpy as np
+import pytest
+
+from rabbitkit.errors import ConfigError
+from rabbitkit.layers.activations import ReLU
+from rabbitkit.layers.batchnorm import BatchNorm
+from rabbitkit.layers.branches import Concat
+from rabbitkit.layers.conv2d import Conv2D
+from rabbitkit.layers.dense import Dense
+from rabbitkit.layers.flatten import Flatten
+from rabbitkit.layers.pooling import AvgPool2D, MaxPool2D
+from rabbitkit.layers.sequential import Sequential
+from rabbitkit.probe import FeatureProbe
+from rabbitkit.visualize import common
+from rabbitkit.visualize.dream import dream, dream_frames, make_step
+from rabbitkit.visualize.gradients import ImageGradient
+from rabbitkit.visualize.objectives import Channel, Guide, LayerL2, Unit, WeightedSum
+from rabbitkit.visualize.tiling import TilingError, layer_geometries
+
+F64 = np.float64
+
+
+def conv_net(dtype=F64, seed=0):
+    """conv-relu-maxpool-[concat of 1x1 and 3x3 branches]-bn-relu-avgpool-conv: no dense part."""
+    rng = np.random.default_rng(seed)
+    net = Sequential(
+        [
+            Conv2D(3, 6, 3, padding=1, dtype=dtype), ReLU(dtype=dtype), MaxPool2D(2, dtype=dtype),
+            Concat([Conv2D(6, 4, 1, dtype=dtype), Conv2D(6, 4, 3, padding=1, dtype=dtype)], dtype=dtype),
+            BatchNorm(8, dtype=dtype), ReLU(dtype=dtype), AvgPool2D(2, dtype=dtype),
+            Conv2D(8, 5, 3, padding=1, dtype=dtype),
+        ],
+        dtype=dtype,
+    )
+    bn = net[4]
+    bn.buffers["running_mean"][...] = rng.normal(0, 0.1, 8)
+    bn.buffers["running_var"][...] = rng.uniform(0.5, 1.5, 8)
+    return net
+
+
+def test_geometry_of_the_conv_net():
+    table = layer_geometries(conv_net())
+    assert (table["0"].field, table["0"].jump, table["0"].start) == ((3, 3), (1, 1), (-1, -1))
+    assert (table["2"].field, table["2"].jump) == ((4, 4), (2, 2))
+    assert (table["3"].field, table["3"].jump, table["3"].start) == ((8, 8), (2, 2), (-3, -3))
+    assert (table["7"].field, table["7"].jump, table["7"].start) == ((18, 18), (4, 4), (-7, -7))
+
+
+def test_a_dense_layer_cannot_be_tiled():
+    net = Sequential({"features": conv_net(), "flatten": Flatten(dtype=F64), "fc": Dense(5 * 4 * 4, 3, dtype=F64)},
+                     dtype=F64)
+    table = layer_geometries(net)
+    assert isinstance(table["fc"], TilingError) and isinstance(table[""], TilingError)
+    with pytest.raises(TilingError, match="flatten"):
+        ImageGradient(net, LayerL2("fc"), tile_size=8)
+
+
+@pytest.mark.parametrize("layer", ["3", "7"])
+@pytest.mark.parametrize("tile, offset", [(8, (0, 0)), (12, (5, 3)), (16, (7, 1))])
+def test_tiled_gradient_equals_the_whole_image_gradient(layer, tile, offset):
+    net = conv_net()
+    x = np.random.default_rng(1).normal(size=(1, 3, 37, 45))
+    objective = WeightedSum([(1.0, LayerL2(layer)), (0.5, Channel("3", 2))])
+    with ImageGradient(net, objective) as whole:
+        value, grad = whole(x)
+    with ImageGradient(net, objective, tile_size=tile) as tiled:
+        tiled_value, tiled_grad = tiled(x, offset=offset)
+    # float64 throughout: the tiles differ from the whole only in summation order
+    np.testing.assert_allclose(tiled_value, value, rtol=1e-12)
+    np.testing.assert_allclose(tiled_grad, grad, rtol=1e-9, atol=1e-12 * np.abs(grad).max())
+
+
+def test_unit_objective_is_refused_by_tiling():
+    with ImageGradient(conv_net(), Unit("7", 1), tile_size=8) as gradient:
+        with pytest.raises(TilingError, match="not a sum over positions"):
+            gradient(np.zeros((1, 3, 16, 16)))
+
+
+def _finite_difference(f, x, eps=1e-6):
+    grad = np.zeros_like(x)
+    flat, out = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        keep = flat[i]
+        flat[i] = keep + eps
+        plus = f(x)
+        flat[i] = keep - eps
+        minus = f(x)
+        flat[i] = keep
+        out[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def test_guided_objective_gradient_matches_finite_differences():
+    net = conv_net()
+    rng = np.random.default_rng(2)
+    guide_image = rng.normal(size=(1, 3, 12, 10))
+    with FeatureProbe(net, ["3"]) as probe:
+        guide = Guide("3", probe.forward(guide_image)["3"])
+    x = rng.normal(size=(1, 3, 8, 8))
+    with ImageGradient(net, guide) as gradient:
+        _, grad = gradient(x)
+        numeric = _finite_difference(lambda v: gradient(v)[0], x.copy())
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_guided_objective_pulls_towards_the_best_match():
+    guide = np.zeros((2, 1, 2))
+    guide[:, 0, 0] = (1.0, 0.0)
+    guide[:, 0, 1] = (0.0, 1.0)
+    y = np.array([[[[3.0, 0.1]], [[0.2, 2.0]]]])  # position 0 matches guide 0, position 1 guide 1
+    value, grads = Guide("a", guide)({"a": y})
+    assert value == pytest.approx(3.0 + 2.0)
+    np.testing.assert_array_equal(grads["a"][0, :, 0, :], [[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_dream_objective_rises_at_every_step_without_jitter_or_clipping():
+    net = conv_net()
+    x = np.random.default_rng(3).normal(size=(3, 24, 24))
+    log = common.StepLog()
+    dream(net, x, layer="7", octaves=1, steps=12, step_size=0.01, jitter=0, clip=False, log=log, progress=False)
+    values = log.column("objective")
+    assert len(values) == 12
+    assert all(b > a for a, b in zip(values, values[1:])), values
+
+
+def test_minimised_dream_objective_falls():
+    log = common.StepLog()
+    x = np.random.default_rng(3).normal(size=(3, 24, 24))
+    dream(conv_net(), x, layer="3", minimise=True, octaves=1, steps=6, step_size=0.01, jitter=0, clip=False,
+          log=log, progress=False)
+    values = log.column("objective")  # the maximised quantity: minus the L2
+    assert all(b > a for a, b in zip(values, values[1:])) and values[0] < 0
+
+
+def test_dream_octaves_keep_the_size_and_clip_to_the_range():
+    x = np.random.default_rng(4).uniform(-1, 1, size=(3, 40, 30))
+    out = dream(conv_net(), x, layer=["3", "7"], weights=[1.0, 0.25], octaves=3, steps=3, jitter=4,
+                input_range=([-1.0] * 3, [1.0] * 3), seed=0, progress=False)
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    assert not np.allclose(out, x)
+
+
+def test_make_step_normalises_the_step_by_the_mean_gradient():
+    net = conv_net()
+    x = np.random.default_rng(5).normal(size=(3, 16, 16))
+    with ImageGradient(net, LayerL2("3")) as gradient:
+        _, g = gradient(x[None])
+        before = x.copy()
+        make_step(gradient, x, np.random.default_rng(0), step_size=1.5, jitter=0)
+    np.testing.assert_allclose(np.abs(x - before).mean(), 1.5, rtol=1e-9)
+    np.testing.assert_allclose(x - before, 1.5 * g[0] / np.abs(g).mean(), rtol=1e-9)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    x = np.random.default_rng(6).uniform(0, 1, size=(3, 32, 32)).astype(np.float32)
+    net = conv_net(np.float32)
+
+    def png(seed):
+        out = dream(net, x, layer="3", octaves=2, steps=3, jitter=8, tile_size=12, seed=seed,
+                    input_range=([0.0] * 3, [1.0] * 3), progress=False)
+        return common.png_bytes((out.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+
+    assert png(7) == png(7)
+    assert png(7) != png(8)
+
+
+def test_zoom_frames_and_their_log():
+    x = np.random.default_rng(7).normal(size=(3, 20, 20))
+    log = common.StepLog()
+    frames = dream_frames(conv_net(), x, 3, zoom=0.1, layer="3", octaves=2, steps=2, seed=1, log=log,
+                          progress=False)
+    assert len(frames) == 3 and all(f.shape == x.shape for f in frames)
+    assert log.column("frame") == [0] * 4 + [1] * 4 + [2] * 4
+    assert log.column("octave")[:4] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layer="9"), r"no layer named '9'"),
+    (dict(layer="3.0.5"), r"no layer named '3\.0\.5'"),
+    (dict(objective=Channel("3", 99)), r"channel 99 is out of range: layer '3' has 8 channels"),
+    (dict(layer="3", weights=[1, 2]), r"2 layer weights for 1 layers"),
+    (dict(), r"needs a layer"),
+])
+def test_bad_dream_arguments_are_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        dream(conv_net(), np.zeros((3, 16, 16)), steps=1, octaves=1, progress=False, **kwargs)
+    assert "\n" not in str(info.value)
