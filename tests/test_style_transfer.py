@@ -244,3 +244,22 @@ def test_the_whole_objective_matches_finite_differences_in_float64():
             flat[i] = saved
             numeric[i] = (up - down) / 2e-6
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_style_transfer_on_cuda_gives_the_cpu_result():
+    """The device path (probe outputs and losses on the GPU, Numba's simulator here) on a net
+    of layers with CUDA kernels (ReLU, max pooling); gradients come back to scipy on the host."""
+    def net():
+        return Sequential([ReLU(), MaxPool2D(2), ReLU()], names=["relu1", "pool1", "relu2"])
+
+    options = dict(encode=imagenet_encode, content_layers=["relu2"], style_layers=["relu1", "relu2"],
+                   iterations=3, scales=[6], progress=False, init="noise", seed=1)
+    content, style = smooth_image(6, 6, 1), textured_image(6, 6, 2)
+    cpu = style_transfer(net(), content, [style], **options)
+    device_net = net()
+    device_net.to("cuda")
+    gpu = style_transfer(device_net, content, [style], **options)
+    assert set(gpu.losses) == set(cpu.losses)
+    for key, value in cpu.losses.items():
+        np.testing.assert_allclose(gpu.losses[key], value, rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(gpu.image, cpu.image, atol=1e-5)
