@@ -184,6 +184,15 @@ def _mount_data_commands():
 
 _mount_data_commands()
 
+
+def _mount_visualize_commands():
+    from .visualize.cli import mount
+
+    mount(main)
+
+
+_mount_visualize_commands()
+
 from .train.runs_cli import mount as _mount_run_commands  # noqa: E402
 
 _mount_run_commands(main)

@@ -164,7 +164,7 @@ def saliency(model, images, classes=None, *, input_range=None):
     per image, and the classes used.
     """
     subject = Subject(model, input_range)
-    x = np.stack([subject.to_input(image) for image in images])
+    x = np.stack([subject.to_input(image, model_size=True) for image in images])
     from ..probe import FeatureProbe
     from ..backend import to_host
 

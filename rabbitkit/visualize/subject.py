@@ -24,8 +24,10 @@ class Subject:
             self.class_names = None
         else:
             self.loaded, self.network = model, model.model
-            given = input_range if input_range is not None else getattr(model, "input_range", None)
-            self.input_range = None if given is None else _range_arrays(given)
+            if input_range is None:  # the loaded model's: one (low, high) pair per channel
+                pairs = np.asarray(model.input_range, dtype=np.float64).reshape(-1, 2)
+                input_range = (pairs[:, 0], pairs[:, 1])
+            self.input_range = _range_arrays(input_range)
             self.class_names = list(getattr(model, "class_names", None) or []) or None
 
     @property
@@ -33,18 +35,22 @@ class Subject:
         """True when images are uint8 pixels (a loaded model), False for model-space arrays."""
         return self.loaded is not None
 
-    def to_input(self, image):
-        """One image as float (C, H, W) in the model's input space."""
+    def to_input(self, image, model_size=False):
+        """One image as float (C, H, W) in the model's input space.
+
+        A loaded model's pixels keep their own size, or are resized and cropped
+        to the model's input size with ``model_size``; a bare net's arrays pass as they are.
+        """
         if self.loaded is None:
             return np.array(image, dtype=self.network.dtype)
-        x = self.loaded.preprocess(np.asarray(image)[None] if np.ndim(image) == 3 else image)
+        x = self.loaded.preprocess(image, size="default" if model_size else None)
         return np.array(x[0], dtype=self.network.dtype)
 
     def to_output(self, x):
         """A model-space (C, H, W) array as the caller's kind of image."""
         if self.loaded is None:
             return x
-        return np.asarray(self.loaded.deprocess(x[None] if x.ndim == 3 else x))
+        return self.loaded.deprocess(x[None])[0]
 
     def clip(self, x):
         """Clip (…, C, H, W) ``x`` in place to the valid input range (no-op without one)."""
