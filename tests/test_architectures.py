@@ -15,7 +15,8 @@ from rabbitkit.optim import Adam
 from rabbitkit.plugins import registry
 from rabbitkit.testing import check_gradients
 
-ARCHITECTURES = ("lenet5", "gtsrb_cnn", "vgg16", "googlenet_small", "nin")
+ARCHITECTURES = ("lenet5", "gtsrb_cnn", "vgg16", "vgg19", "alexnet", "squeezenet1_1", "googlenet", "bvlc_googlenet",
+                 "googlenet_small", "nin")
 
 # (architecture, options, two input shapes of different sizes and channels)
 BUILDS = [
@@ -24,7 +25,8 @@ BUILDS = [
     ("gtsrb_cnn", {"variant": "ciresan"}, [(3, 48, 48), (1, 32, 36)]),
     ("gtsrb_cnn", {}, [(3, 48, 48), (1, 32, 32)]),
     ("gtsrb_cnn", {"spatial_transformer": True, "channels": [[8], [16]]}, [(3, 32, 32), (1, 20, 24)]),
-    ("vgg16", {}, [(3, 32, 32), (1, 40, 48)]),
+    ("vgg16", {"pool_size": 0}, [(3, 32, 32), (1, 40, 48)]),
+    ("vgg16", {"pool_size": 2, "fc_width": 32}, [(3, 64, 64), (1, 40, 48)]),  # adaptive pool: identity, then spread
     ("googlenet_small", {}, [(3, 32, 32), (1, 48, 48)]),
     ("nin", {}, [(3, 32, 32), (1, 24, 40)]),
 ]
@@ -101,16 +103,19 @@ def test_gtsrb_modern_defaults_and_spatial_transformer():
 
 
 def test_vgg16_layer_table_at_small_input():
-    model = build("vgg16", (3, 32, 32), 10)
-    convs = [layer for layer in model if type(layer).__name__ == "Conv2D"]
+    model = build("vgg16", (3, 32, 32), 10, pool_size=0)
+    assert [name for name, _ in model.named_children()] == ["features", "flatten", "classifier"]
+    convs = [layer for layer in model["features"] if type(layer).__name__ == "Conv2D"]
     assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
-    assert sum(type(layer).__name__ == "MaxPool2D" for layer in model) == 5
-    assert [layer.p for layer in model if type(layer).__name__ == "Dropout"] == [0.5, 0.5]
+    assert sum(type(layer).__name__ == "MaxPool2D" for layer in model["features"]) == 5
+    assert [layer.p for layer in model["classifier"] if type(layer).__name__ == "Dropout"] == [0.5, 0.5]
     conv_params = sum(c.num_parameters() for c in convs)
     assert conv_params == 14_714_688  # torchvision's vgg16().features
     assert model.num_parameters() == conv_params + (512 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 10 + 10)
-    assert type(model[-1]).__name__ == "Dense"  # logits: softmax is fused into the loss
+    assert type(model["classifier"][-1]).__name__ == "Dense"  # logits: softmax is fused into the loss
+    # torchvision's layout: a 7x7 adaptive pool feeds a 25,088-wide classifier at any input size
+    assert build("vgg16", (3, 32, 32), 10, fc_width=8)["classifier"][0].in_features == 512 * 7 * 7
 
 
 @pytest.mark.slow
@@ -122,7 +127,7 @@ def test_vgg16_imagenet_parameter_count_and_one_pass():
     assert y.shape == (1, 1000) and np.isfinite(y).all()
     dx = model.backward(np.full((1, 1000), 1e-3, dtype=np.float32))
     assert dx.shape == x.shape and np.isfinite(dx).all()
-    assert np.any(model[0].grads["weight"])
+    assert np.any(model["features"][0].grads["weight"])
 
 
 def test_inception_module_shapes_and_parameters():
@@ -250,5 +255,5 @@ def test_training_loss_falls(name, options, shape, schedule):
 
 @pytest.mark.slow
 def test_vgg16_training_loss_falls():
-    before, after = training_losses(build("vgg16", (3, 32, 32), 3), (3, 32, 32), count=6, steps=8, lr=1e-4)
+    before, after = training_losses(build("vgg16", (3, 32, 32), 3, pool_size=0), (3, 32, 32), count=6, steps=8, lr=1e-4)
     assert np.isfinite(after) and after < 0.7 * before, (before, after)
