@@ -96,3 +96,27 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, tmp_path, extra, mess
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_neural_style_defaults_on_the_zoos_vgg19_checkpoint(tmp_path):
+    """The defaults (relu4_2 / relu1_1 … relu5_1) resolve on the zoo's VGG-19 (random weights, a small
+    classifier) read back from a standalone checkpoint with torchvision's preprocessing."""
+    from rabbitkit import model_input, pretrained
+    from rabbitkit.models._zoo import TORCHVISION_INPUT
+    from rabbitkit.models.vgg import vgg19
+
+    net = vgg19((3, 32, 32), 10, fc_width=16, pool_size=0)
+    loaded = pretrained.LoadedModel(net, "vgg19-small", (3, 32, 32), None, model_input.from_dict(TORCHVISION_INPUT),
+                                    "vgg19", {"fc_width": 16, "pool_size": 0}, 10)
+    checkpoint = pretrained.save_model(tmp_path / "vgg19.safetensors", loaded)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3)).astype(np.uint8)).save(tmp_path / "c.png")
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3)).astype(np.uint8)).save(tmp_path / "s.png")
+    result = CliRunner().invoke(main, ["style", str(checkpoint), "--content", str(tmp_path / "c.png"),
+                                       "--style", str(tmp_path / "s.png"), "-o", str(tmp_path / "o.png"),
+                                       "--image-size", "32", "--iterations", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    header = (tmp_path / "o.csv").read_text().splitlines()[0].split(",")
+    assert "content:features.22" in header
+    assert [h for h in header if h.startswith("style:")] == [f"style:features.{i}" for i in (1, 6, 11, 20, 29)]
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (24, 32, 3)
