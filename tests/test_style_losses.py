@@ -209,3 +209,20 @@ def test_cuda_total_variation_matches_cpu():
     x = np.random.default_rng(13).normal(size=(1, 3, 5, 4)).astype(np.float32)
     cpu, gpu = TotalVariationLoss(1e-3), TotalVariationLoss(1e-3)
     _compare(cpu.forward(x), cpu.backward(), gpu.forward(_on_cuda(x)), gpu.backward())
+
+
+def test_a_second_forward_reuses_the_gradient_buffer_and_gives_the_same_numbers():
+    rng = np.random.default_rng(14)
+    f, g = rng.normal(size=(1, 3, 4, 5)), rng.normal(size=(1, 3, 4, 5))
+    for make in (lambda: StyleLoss(reference_gram(g)[0], 3.0), lambda: ContentLoss(g, 2.0),
+                 lambda: TotalVariationLoss(0.5)):
+        loss, fresh = make(), make()
+        loss.forward(g)
+        first = loss.backward()
+        value = loss.forward(f)
+        assert np.shares_memory(loss.backward(), first)  # the same memory, overwritten
+        assert value == fresh.forward(f)
+        np.testing.assert_array_equal(loss.backward(), fresh.backward())
+        if not isinstance(loss, ContentLoss):  # (its target fixes the shape)
+            loss.forward(f[:, :, :3])  # another shape: a new array
+            assert not np.shares_memory(loss.backward(), first)

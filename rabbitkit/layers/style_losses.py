@@ -155,6 +155,18 @@ def _host_or_device(x):
     return get_backend(device), x
 
 
+def _reused(buffer, shape, dtype, backend):
+    """``buffer`` when it has this shape, dtype and device (the last call's gradient), else a new array.
+
+    A loss's gradient is overwritten by its next ``forward`` (as in :mod:`rabbitkit.losses`), so an
+    image optimiser that calls it a thousand times touches the pages of its gradients only once.
+    """
+    if (buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == np.dtype(dtype)
+            and device_of(buffer) == backend.name):
+        return buffer
+    return backend.empty(tuple(shape), dtype)
+
+
 def _raw_products(f3, backend):
     """(N, C, C) array of F_n F_nᵀ (unscaled) for features viewed as (N, C, P)."""
     n, c, _ = f3.shape
@@ -167,8 +179,8 @@ def _raw_products(f3, backend):
     return g
 
 
-def _gram_backward(dg, f3, backend, scale):
-    """dF_n = (dG_n + dG_nᵀ) F_n * scale, as (N, C, P)."""
+def _gram_backward(dg, f3, backend, scale, out=None):
+    """dF_n = (dG_n + dG_nᵀ) F_n * scale, as (N, C, P) (into ``out`` when it fits)."""
     n, c, p = f3.shape
     s = backend.empty((n, c, c), f3.dtype)
     flat_dg, flat_s = dg.reshape(dg.size), s.reshape(s.size)
@@ -176,7 +188,7 @@ def _gram_backward(dg, f3, backend, scale):
         symmetrise_kernel_cuda.launch(s.size, flat_dg, flat_s, c, scale)
     else:
         symmetrise_kernel_cpu(s.size, flat_dg, flat_s, c, scale)
-    df = backend.empty((n, c, p), f3.dtype)
+    df = _reused(out, (n, c, p), f3.dtype, backend)
     for k in range(n):
         if backend.name == "cuda":
             backend.gemm(s[k], f3[k], df[k])
@@ -300,7 +312,9 @@ class StyleLoss:
         else:
             total = gram_residual_kernel_cpu(g.size, flat_g, target, flat_dg, c * c, scale, grad_scale)
         self.gram = g
-        self._dy = _gram_backward(dg, f3, backend, scale).reshape(n, c, h, w)
+        reuse = self._dy is not None and tuple(self._dy.shape) == (n, c, h, w)
+        previous = self._dy.reshape(n, c, h * w) if reuse else None
+        self._dy = _gram_backward(dg, f3, backend, scale, previous).reshape(n, c, h, w)
         return self.weight * total / (c * c)
 
     def backward(self):
@@ -335,7 +349,7 @@ class ContentLoss:
         backend, features = _host_or_device(features)
         size = features.size
         target = self._target_on(backend, features.dtype)
-        dy = backend.empty(tuple(features.shape), features.dtype)
+        dy = _reused(self._dy, features.shape, features.dtype, backend)
         scale = 2.0 * self.weight / size
         flat, flat_dy = features.reshape(size), dy.reshape(size)
         if backend.name == "cuda":
@@ -366,7 +380,7 @@ class TotalVariationLoss:
     def forward(self, x):
         n, c, h, w = _features(x, "TotalVariationLoss")
         backend, x = _host_or_device(x)
-        dx = backend.empty((n, c, h, w), x.dtype)
+        dx = _reused(self._dy, (n, c, h, w), x.dtype, backend)
         flat, flat_dx = x.reshape(x.size), dx.reshape(x.size)
         if backend.name == "cuda":
             terms = backend.empty(x.size, np.float64)
