@@ -263,3 +263,13 @@ def test_style_transfer_on_cuda_gives_the_cpu_result():
     for key, value in cpu.losses.items():
         np.testing.assert_allclose(gpu.losses[key], value, rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(gpu.image, cpu.image, atol=1e-5)
+
+
+def test_init_from_an_image_starts_there():
+    content = smooth_image(20, 24, 1)
+    from_content = run(content=content, init="content", iterations=4, scales=[24])
+    from_array = run(content=content, init=content.copy(), iterations=4, scales=[24])
+    np.testing.assert_array_equal(from_array.pixels, from_content.pixels)
+    other = run(content=content, init=textured_image(10, 12, 9), iterations=4, scales=[24])
+    assert other.initial_losses["content"] > from_content.initial_losses["content"]
+    assert from_content.initial_losses["content"] == 0.0  # the content image itself
