@@ -182,7 +182,15 @@ def _mount_data_commands():
     main.add_command(data_group)
 
 
+def _mount_pretrained_commands():
+    from .pretrained_cli import predict, weights_group
+
+    main.add_command(weights_group)
+    main.add_command(predict)
+
+
 _mount_data_commands()
+_mount_pretrained_commands()
 
 
 def _mount_visualize_commands():

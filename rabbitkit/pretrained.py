@@ -403,3 +403,33 @@ def open_model(spec, arch=None, which="best", strict=True, **options):
         raise ModelSpecError(f"{spec} is neither a run directory, a rabbitkit checkpoint, nor a weights file "
                              "(pass --arch with weights)")
     return load_weights(path, arch, strict, **options)[0]
+
+
+# -- which zoo net a file holds -------------------------------------------------------------
+def _fits(model, state):
+    shapes = expected_shapes(model)
+    return set(shapes) == set(state) and all(tuple(np.shape(state[n])) == s for n, s in shapes.items())
+
+
+def match_architecture(weights):
+    """``(arch, options, num_outputs)`` of the zoo net whose names and shapes ``weights``
+    (a WeightFile) fits exactly, or None.  Only nets whose output layer is in the
+    file are built (a VGG takes seconds to build)."""
+    from .plugins import registry
+
+    for name, factory, _ in registry("architectures").items():
+        layout = getattr(factory, "pretrained", None)
+        if layout is None or layout.caffe != (weights.format == "caffe"):
+            continue
+        for options in layout.variants:
+            model = build(name, None, layout.num_outputs, **options)
+            state = external_state(model, weights)
+            outputs = _head_outputs(state, layout)
+            if outputs is None:
+                break  # no output layer of this net in the file
+            if outputs != layout.num_outputs:
+                model = build(name, None, outputs, **options)
+                state = external_state(model, weights)
+            if _fits(model, state):
+                return name, dict(options), outputs
+    return None

@@ -13,7 +13,7 @@ from rabbitkit.layers.pooling import AvgPool2D, MaxPool2D
 from rabbitkit.layers.sequential import Sequential
 from rabbitkit.probe import FeatureProbe
 from rabbitkit.visualize import common
-from rabbitkit.visualize.dream import dream, dream_frames, make_step
+from rabbitkit.visualize.deepdream import dream, dream_frames, make_step
 from rabbitkit.visualize.gradients import ImageGradient
 from rabbitkit.visualize.objectives import Channel, Guide, LayerL2, Unit, WeightedSum
 from rabbitkit.visualize.tiling import TilingError, layer_geometries

@@ -25,7 +25,9 @@ class PretrainedLayout:
 
     ``head``: the parameter-holding layer that gives the logits (re-initialised
     when a fine-tuning run has another number of classes); ``classes``: a class
-    list file in this package (or None).
+    list file in this package (or None); ``caffe``: the weights come as a
+    caffemodel (otherwise as a PyTorch state dict); ``variants``: the options
+    ``rabbit weights inspect`` tries when matching a file (first fit wins).
     """
 
     preprocessing: dict
@@ -33,6 +35,8 @@ class PretrainedLayout:
     input_shape: tuple = (3, 224, 224)
     num_outputs: int = 1000
     classes: str | None = "imagenet_classes.txt"
+    caffe: bool = False
+    variants: tuple = ({},)
 
     def class_names(self):
         return class_names(self.classes) if self.classes else None

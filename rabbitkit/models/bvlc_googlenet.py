@@ -97,7 +97,7 @@ def lrn(dtype):
     return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0, dtype=dtype)
 
 
-@pretrained_layout(preprocessing=CAFFE_INPUT, head="loss3_classifier")
+@pretrained_layout(preprocessing=CAFFE_INPUT, head="loss3_classifier", caffe=True)
 def bvlc_googlenet(input_shape, num_outputs, dtype=np.float32, dropout: float = 0.4):
     """BVLC GoogLeNet logits (Caffe layout, see the module docstring)."""
     shape = image_shape("bvlc_googlenet", input_shape)

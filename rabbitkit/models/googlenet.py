@@ -78,7 +78,7 @@ def transform_input_layer(dtype):
     return ChannelAffine([s / 0.5 for s in std], [(m - 0.5) / 0.5 for m in mean], dtype=dtype)
 
 
-@pretrained_layout(preprocessing=TORCHVISION_INPUT, head="fc")
+@pretrained_layout(preprocessing=TORCHVISION_INPUT, head="fc", variants=({"aux_logits": True}, {}))
 def googlenet(input_shape, num_outputs, dtype=np.float32, aux_logits: bool = False, transform_input: bool = True,
               dropout: float = 0.2):
     """GoogLeNet logits in torchvision's layout (see the module docstring)."""

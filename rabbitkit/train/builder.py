@@ -157,6 +157,45 @@ def initialize(config, model, rng):
         apply_initializers(model, default=init["default"], overrides=init["overrides"], rng=rng, bias=init["bias"])
 
 
+def head_name(config, model, manager=None):
+    """The output layer a new number of classes replaces: the architecture's pretrained
+    head, else the last layer holding parameters."""
+    name = config["model"]["architecture"]
+    if name is not None:
+        layout = getattr((manager or get_manager()).registry("architectures").get(name), "pretrained", None)
+        if layout is not None:
+            return layout.head
+    holders = [path for path, layer in model.named_layers() if layer.params]
+    return holders[-1] if holders else None
+
+
+def load_pretrained(config, model, manager=None):
+    """Copy ``[model] weights`` into the model; returns the log line (None without weights)."""
+    from ..pretrained import load_into, read_state
+
+    model_cfg = config["model"]
+    path = model_cfg["weights"]
+    if path is None:
+        return None
+    label = model_cfg["architecture"] or "the model"
+    with blame(config, "model.weights"):
+        state = read_state(path, model, label)
+        report = load_into(model, state, path, label, model_cfg["strict"], head=head_name(config, model, manager))
+    return f"pretrained weights {path}: {report.summary()}"
+
+
+def freeze_layers(config, model):
+    """Freeze ``[train] freeze`` patterns; returns the log line (None when nothing is frozen)."""
+    patterns = config["train"]["freeze"]
+    if not patterns:
+        return None
+    from ..layers.base import freeze
+
+    with blame(config, "train.freeze"):
+        names = freeze(model, [str(p) for p in patterns])
+    return f"frozen: {len(names)} layers matching {', '.join(map(str, patterns))}"
+
+
 def build_visualizers(config, manager=None):
     manager = manager or get_manager()
     registry = manager.registry("visualizers")

@@ -78,6 +78,8 @@ SCHEMA = {
     "model": {
         "architecture": Key(str, None, help="Architecture plugin name; its options go in this table too."),
         "layers": Key(list, None, help="Explicit layer list instead of an architecture: [[model.layers]] type = \"Dense\" ..."),
+        "weights": Key(str, None, help="Start from these weights: a weights file (safetensors, PyTorch, Caffe) or a rabbitkit checkpoint, relative to the working directory (docs/pretrained.md)."),
+        "strict": Key(bool, True, help="With `weights`: every parameter must come from the file and every tensor in it be used (a head of another size is re-initialised either way)."),
     },
     "init": {
         "default": Key((str, dict), None, help="Initializer for every weight (name or {name=..., options}); unset keeps each layer's own."),
@@ -104,6 +106,7 @@ SCHEMA = {
         "seq_len": Key(int, 50, minimum=1, help="Truncated-BPTT length for language models."),
         "max_steps_per_epoch": Key(int, 0, minimum=0, help="Cap on steps per epoch (0 = whole training set)."),
         "monitor": Key(str, None, help="Metric that picks the best checkpoint (default: val_accuracy or val_loss)."),
+        "freeze": Key(list, [], help="Layer-name patterns to keep fixed, e.g. [\"features.*\"]: frozen layers compute no weight gradients."),
     },
     "output": {
         "dir": Key(str, "runs", help="Folder that receives run directories (relative to the working directory)."),
@@ -371,9 +374,15 @@ def named_spec(value, where, path):
     raise ConfigError(f"{path}: {where}: expected a name or a table with a 'name' key, got {value!r}")
 
 
+LATER_MODEL_KEYS = ("weights", "strict")
+
+
 def config_hash(config):
     """Stable hash of the parts of a config that define the model and data."""
     relevant = {k: config[k] for k in ("data", "model", "init") if k in config}
+    if "model" in relevant:  # keys added later hash as before while they keep their defaults
+        relevant["model"] = {k: v for k, v in relevant["model"].items()
+                             if not (k in LATER_MODEL_KEYS and v == SCHEMA["model"][k].default)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -83,6 +83,7 @@ class Run:
         self.input_shape = self.feeder.input_shape
         self.model = builder.build_model(config, self.input_shape, self.feeder.num_outputs, self.manager)
         builder.initialize(config, self.model, np.random.default_rng(derived_seed(self.seed, 0)))
+        self._frozen = builder.freeze_layers(config, self.model)  # before the optimizer sees the parameters
         self.model.skip_input_grad()  # nothing uses the gradient w.r.t. the data
         if self.device != "cpu":
             self.model.to(self.device)
@@ -176,6 +177,9 @@ class Run:
             self.directory.write_config(dump_toml(config))
             self.log(f"run {self.run_dir}: {config['data']['dataset']} ({self.task}), "
                      f"{self.model.num_parameters():,} parameters, device {self.device}")
+            for line in (builder.load_pretrained(config, self.model, self.manager), self._frozen):
+                if line:
+                    self.log(line)
         if self.test_missing:
             self.log(f"warning: no test split ({self.test_missing}); the run will end without test metrics")
         status.mark_running(self.run_dir, self.monitor, train_cfg["epochs"], self.epoch)

@@ -18,7 +18,7 @@ plugin loaded at start-up; this package is imported only when used.
 import importlib
 
 _EXPORTS = {
-    "dream": "dream", "dream_frames": "dream", "class_models": "classes", "saliency": "classes",
+    "dream": "deepdream", "dream_frames": "deepdream", "class_models": "classes", "saliency": "classes",
     "layer_rows": "layer_table",
 }
 _EXPORTS.update({"style_transfer": "style", "StyleResult": "style"})  # neural style transfer (style.py)

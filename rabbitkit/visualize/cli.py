@@ -107,7 +107,7 @@ def build_objective(layers, layer_weights, channel, unit, class_index, objective
     elif not layers:
         raise ConfigError("give --layer NAME (see `rabbit layers MODEL`), --class K or --objective NAME")
     if objective is None:
-        from .dream import resolve_objective
+        from .deepdream import resolve_objective
 
         weights = parse_number_list(layer_weights, "--layer-weights") if layer_weights else None
         objective = resolve_objective(None, layers if len(layers) > 1 else layers[0], weights)
@@ -147,7 +147,7 @@ def dream_command(model, image, out, layers, layer_weights, channel, unit, class
     MODEL: a run directory (its best checkpoint), a rabbitkit checkpoint, or a weights file with --arch.
     """
     from . import common
-    from .dream import dream_frames
+    from .deepdream import dream_frames
     from .subject import Subject
 
     out = output_path(out)

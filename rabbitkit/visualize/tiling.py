@@ -30,12 +30,13 @@ from ..layers.batchnorm import BatchNorm
 from ..layers.branches import Branches, Identity
 from ..layers.conv2d import Conv2D
 from ..layers.dropout import Dropout
+from ..layers.lrn import LocalResponseNorm
 from ..layers.pooling import Pool2D
 from ..layers.sequential import Sequential
 from ..probe import MODEL_OUTPUT
 
-POINTWISE = (Elementwise, PReLU, BatchNorm, Dropout, Identity)
-POINTWISE_NAMES = ("LocalResponseNorm",)  # across channels only (the `layers` branch's LRN)
+# Layers that keep each position to itself (LRN normalises across channels only).
+POINTWISE = (Elementwise, PReLU, BatchNorm, Dropout, Identity, LocalResponseNorm)
 
 
 class TilingError(RabbitError):
@@ -92,7 +93,7 @@ def layer_geometries(model):
             out = failed[0] if failed else _join(outs, name or type(layer).__name__)
         elif isinstance(layer, (Conv2D, Pool2D)):
             out = geometry.through(layer.kernel_size, layer.stride, layer.padding)
-        elif isinstance(layer, POINTWISE) or type(layer).__name__ in POINTWISE_NAMES:
+        elif isinstance(layer, POINTWISE):
             out = geometry
         else:
             out = TilingError(f"layer '{name}' ({type(layer).__name__}) mixes image positions; "
