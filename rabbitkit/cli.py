@@ -249,5 +249,13 @@ from .train.runs_cli import mount as _mount_run_commands  # noqa: E402
 _mount_run_commands(main)
 
 
+def _mount_style_command():
+    from .visualize.style_cli import mount
+    mount(main)
+
+
+_mount_style_command()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -21,6 +21,7 @@ _EXPORTS = {
     "dream": "deepdream", "dream_frames": "deepdream", "class_models": "classes", "saliency": "classes",
     "layer_rows": "layer_table",
 }
+_EXPORTS.update({"style_transfer": "style", "StyleResult": "style"})  # neural style transfer (style.py)
 __all__ = list(_EXPORTS)
 
 
