@@ -66,7 +66,7 @@ def test_bad_inputs(tmp_path, corpus, monkeypatch):
         load_text(path=str(latin))
     assert load_text(path=str(latin), encoding="latin-1").decode(load_text(path=str(latin), encoding="latin-1").splits["train"].x)
     monkeypatch.setenv("RABBIT_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match=r"dataset 'text' not found: .*nowhere/text"):
+    with pytest.raises(DataError, match=r"dataset 'text' not found \(looked in .*nowhere/text"):
         load_text()
 
 
