@@ -34,3 +34,35 @@ def test_batchnorm_cuda_matches_cpu(shape, training):
     gpu.forward(x, training=training)
     for name in ("running_mean", "running_var"):
         np.testing.assert_allclose(gpu.buffers[name].copy_to_host(), cpu.buffers[name], rtol=1e-5, atol=1e-6)
+
+
+# -- Embedding / OneHot ------------------------------------------------------------
+def test_embedding_and_one_hot_cuda_match_cpu():
+    from rabbitkit.layers.embedding import Embedding, OneHot
+
+    # repeated indices: the weight gradient adds several rows into one
+    tokens = np.array([[3, 0, 3], [1, 3, 4]])
+    results = check_cuda_parity(lambda: Embedding(6, 5), tokens.shape, inputs=tokens)
+    np.testing.assert_array_equal(results["cuda"]["grad weight"], results["cpu"]["grad weight"])  # the CPU's order
+    check_cuda_parity(lambda: OneHot(5), (1, 3), inputs=np.array([[4, 0, 4]]))
+
+
+# -- spatial transformer -----------------------------------------------------------
+def _transformer(out_size=None):
+    """A transformer whose localization (Flatten -> Dense) starts off the identity, so
+    the sampler reads between pixels and past the border."""
+    from rabbitkit.layers.dense import Dense
+    from rabbitkit.layers.flatten import Flatten
+    from rabbitkit.layers.spatial_transformer import SpatialTransformer
+
+    def make():
+        dense = Dense(2 * 4 * 5, 6)
+        dense.params["weight"][...] *= 0.3
+        dense.params["bias"][...] = (0.9, 0.2, 0.1, -0.15, 1.1, -0.05)
+        return SpatialTransformer(rabbitkit.Sequential([Flatten(), dense]), output_size=out_size)
+    return make
+
+
+@pytest.mark.parametrize("out_size", [None, (3, 6)])
+def test_spatial_transformer_cuda_matches_cpu(out_size):
+    check_cuda_parity(_transformer(out_size), (2, 2, 4, 5))

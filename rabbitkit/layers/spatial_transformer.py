@@ -28,6 +28,7 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel
+from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .activations import ReLU
@@ -37,6 +38,8 @@ from .dense import Dense
 from .flatten import Flatten
 from .pooling import MaxPool2D
 from .sequential import Sequential
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 # -- CPU kernels ----------------------------------------------------------------
@@ -125,6 +128,126 @@ def bilinear_sample_grid_grad_cpu(x, dy, grid, dgrid):
             # ix = ((x_s + 1) W - 1) / 2, so d ix / d x_s = W / 2
             dgrid[n, i, j, 0] = dix * (0.5 * width)
             dgrid[n, i, j, 1] = diy * (0.5 * height)
+
+
+# -- CUDA kernels -----------------------------------------------------------------
+# The per-point helpers above, compiled for the device: both devices find the
+# neighbours and blend weights with the same code.
+source_position_cuda = cuda_device(source_position.py_func)
+pixel_or_zero_cuda = cuda_device(pixel_or_zero.py_func)
+add_if_inside_cuda = cuda_device(add_if_inside.py_func)
+
+
+@cuda_device
+def target_coordinate(index, size):
+    """Normalised centre of output pixel ``index`` of ``size`` (align_corners=False), as base_grid."""
+    return (2.0 * index + 1.0) / size - 1.0
+
+
+@cuda_kernel
+def affine_grid_cuda(theta, grid):
+    """grid[n, i, j] = theta[n] (as 2 x 3, row-major in a row of 6) @ (x_t, y_t, 1)."""
+    out_height = grid.shape[1]
+    out_width = grid.shape[2]
+    for e in range(cuda.grid(1), grid.shape[0] * out_height * out_width, cuda.gridsize(1)):
+        n = e // (out_height * out_width)
+        rest = e - n * out_height * out_width
+        i = rest // out_width
+        j = rest - i * out_width
+        xt = target_coordinate(j, out_width)
+        yt = target_coordinate(i, out_height)
+        grid[n, i, j, 0] = theta[n, 0] * xt + theta[n, 1] * yt + theta[n, 2]
+        grid[n, i, j, 1] = theta[n, 3] * xt + theta[n, 4] * yt + theta[n, 5]
+
+
+@cuda_kernel
+def affine_grid_backward_cuda(dgrid, dtheta):
+    """Block n: dtheta[n, 3r + k] = sum over output pixels of dgrid[n, ., ., r] * (x_t, y_t, 1)[k],
+    six fixed-order tree sums (deterministic)."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    n = cuda.blockIdx.x
+    out_height = dgrid.shape[1]
+    out_width = dgrid.shape[2]
+    for slot in range(6):
+        r = slot // 3
+        k = slot - r * 3
+        acc = 0.0
+        for e in range(cuda.threadIdx.x, out_height * out_width, cuda.blockDim.x):
+            i = e // out_width
+            j = e - i * out_width
+            if k == 0:
+                basis = target_coordinate(j, out_width)
+            elif k == 1:
+                basis = target_coordinate(i, out_height)
+            else:
+                basis = 1.0
+            acc += dgrid[n, i, j, r] * basis
+        total = block_reduce_sum(partial, acc)
+        if cuda.threadIdx.x == 0:
+            dtheta[n, slot] = total
+
+
+@cuda_kernel
+def bilinear_sample_cuda(x, grid, y):
+    """y[n, c, i, j] = bilinear read of x[n, c] at grid[n, i, j] (one thread per output)."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    out_height, out_width = y.shape[2], y.shape[3]
+    for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        j = e % out_width
+        i = (e // out_width) % out_height
+        c = (e // (out_width * out_height)) % channels
+        n = e // (out_width * out_height * channels)
+        x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+        top = (1.0 - fx) * pixel_or_zero_cuda(x, n, c, y0, x0) + fx * pixel_or_zero_cuda(x, n, c, y0, x0 + 1)
+        bottom = (1.0 - fx) * pixel_or_zero_cuda(x, n, c, y0 + 1, x0) + fx * pixel_or_zero_cuda(x, n, c, y0 + 1, x0 + 1)
+        y[n, c, i, j] = (1.0 - fy) * top + fy * bottom
+
+
+@cuda_kernel
+def bilinear_sample_input_grad_cuda(dy, grid, dx):
+    """dx += the sampler's scatter of dy (dx zeroed by the caller), by ownership: one
+    thread per (n, c) plane walks the plane's outputs in the CPU's order and adds
+    into its own plane only.  No atomics, the CPU's order of additions: the same
+    bits on every run.  The price is parallelism N*C (the transformer sits on small
+    images in front of a net, where that is a few hundred to thousands of threads)."""
+    n_batch, channels, height, width = dx.shape
+    out_height, out_width = dy.shape[2], dy.shape[3]
+    for nc in range(cuda.grid(1), n_batch * channels, cuda.gridsize(1)):
+        n = nc // channels
+        c = nc - n * channels
+        for i in range(out_height):
+            for j in range(out_width):
+                x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+                g = dy[n, c, i, j]
+                add_if_inside_cuda(dx, n, c, y0, x0, (1.0 - fy) * (1.0 - fx) * g)
+                add_if_inside_cuda(dx, n, c, y0, x0 + 1, (1.0 - fy) * fx * g)
+                add_if_inside_cuda(dx, n, c, y0 + 1, x0, fy * (1.0 - fx) * g)
+                add_if_inside_cuda(dx, n, c, y0 + 1, x0 + 1, fy * fx * g)
+
+
+@cuda_kernel
+def bilinear_sample_grid_grad_cuda(x, dy, grid, dgrid):
+    """dgrid[n, i, j] = d(loss)/d(x_s, y_s), summed over channels (one thread per point)."""
+    n_batch, channels, height, width = x.shape
+    out_height, out_width = dy.shape[2], dy.shape[3]
+    for e in range(cuda.grid(1), n_batch * out_height * out_width, cuda.gridsize(1)):
+        n = e // (out_height * out_width)
+        rest = e - n * out_height * out_width
+        i = rest // out_width
+        j = rest - i * out_width
+        x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+        dix = 0.0
+        diy = 0.0
+        for c in range(channels):
+            v00 = pixel_or_zero_cuda(x, n, c, y0, x0)
+            v01 = pixel_or_zero_cuda(x, n, c, y0, x0 + 1)
+            v10 = pixel_or_zero_cuda(x, n, c, y0 + 1, x0)
+            v11 = pixel_or_zero_cuda(x, n, c, y0 + 1, x0 + 1)
+            g = dy[n, c, i, j]
+            dix += g * ((1.0 - fy) * (v01 - v00) + fy * (v11 - v10))
+            diy += g * ((1.0 - fx) * (v10 - v00) + fx * (v11 - v01))
+        dgrid[n, i, j, 0] = dix * (0.5 * width)
+        dgrid[n, i, j, 1] = diy * (0.5 * height)
 
 
 # -- grid generator and sampler as functions ---------------------------------------
@@ -222,6 +345,33 @@ class SpatialTransformer(Layer):
         dx, dgrid = grid_sample_backward(x, grid, dy)
         dtheta = affine_grid_backward(dgrid).reshape(x.shape[0], 6)
         dx += self.localization.backward(np.ascontiguousarray(dtheta, dtype=self.dtype))
+        return dx
+
+    def forward_cuda(self, x, training):
+        if x.ndim != 4:
+            raise ConfigError(f"SpatialTransformer expects (N, C, H, W) input, got shape {x.shape}")
+        n_batch, channels, height, width = x.shape
+        params = self.backend.asarray(self.localization.forward(x, training), self.dtype)
+        if tuple(params.shape) != (n_batch, 6):
+            raise ConfigError(f"the localization net must output (N, 6) affine parameters, got {tuple(params.shape)}")
+        self.theta = params.reshape(n_batch, 2, 3)  # on the device: to_host() it to inspect
+        out_height, out_width = self._out_size(height, width)
+        grid = self.backend.empty((n_batch, out_height, out_width, 2), self.dtype)
+        affine_grid_cuda.launch(n_batch * out_height * out_width, params, grid)
+        y = self.backend.empty((n_batch, channels, out_height, out_width), self.dtype)
+        bilinear_sample_cuda.launch(y.size, x, grid, y)
+        self._saved = (x, grid)
+        return y
+
+    def backward_cuda(self, dy):
+        x, grid = self._saved
+        dx = self.backend.zeros(x.shape, self.dtype)
+        bilinear_sample_input_grad_cuda.launch(x.shape[0] * x.shape[1], dy, grid, dx)
+        dgrid = self.backend.empty(grid.shape, self.dtype)
+        bilinear_sample_grid_grad_cuda.launch(grid.shape[0] * grid.shape[1] * grid.shape[2], x, dy, grid, dgrid)
+        dtheta = self.backend.empty((x.shape[0], 6), self.dtype)
+        affine_grid_backward_cuda.launch_blocks(x.shape[0], dgrid, dtheta)
+        self.backend.add_into(dx, self.backend.asarray(self.localization.backward(dtheta), self.dtype))
         return dx
 
     def output_shape(self, input_shape):
