@@ -66,3 +66,11 @@ def _transformer(out_size=None):
 @pytest.mark.parametrize("out_size", [None, (3, 6)])
 def test_spatial_transformer_cuda_matches_cpu(out_size):
     check_cuda_parity(_transformer(out_size), (2, 2, 4, 5))
+
+
+# -- LCN ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, size", [((2, 3, 5, 7), 3), ((1, 2, 4, 3), 5)])
+def test_lcn_cuda_matches_cpu(shape, size):
+    from rabbitkit.layers.lcn import LocalContrastNorm
+
+    check_cuda_parity(lambda: LocalContrastNorm(shape[1], kernel_size=size), shape)
