@@ -8,6 +8,14 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 # Tests never download: a dataset without a local copy fails fast with its message.
 os.environ.setdefault("RABBIT_OFFLINE", "1")
 
+import sys  # noqa: E402
+
+# The simulator runs a block's CUDA threads as Python threads and its block runner
+# polls them; at Python's default 5 ms GIL switch interval every syncthreads() then
+# waits milliseconds for a switch.  A 0.1 ms interval makes the CUDA tests 7-12x
+# faster (measured on a block reduction and a GEMM) and changes nothing else here.
+sys.setswitchinterval(1e-4)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -7,11 +7,11 @@ from rabbitkit.layers.conv2d import Conv2D
 from rabbitkit.testing import check_cuda_parity
 
 
-@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 13, 5), (17, 9, 11)])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 13, 5), (17, 9, 11), (5, 35, 20)])
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
 def test_gemm_matches_numpy(m, n, k, trans_a, trans_b, rng):
-    """Partial tiles in every direction (the simulator's tiles are 8 x 8 x 4), both
-    transposes, alpha and beta."""
+    """Partial tiles in every direction, several blocks and k slices, both
+    transposes, alpha and beta."""  # simulator tiles: 16 x 16, 8 deep, 4 x 4 per thread
     backend = get_backend("cuda")
     a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)

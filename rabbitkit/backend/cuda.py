@@ -30,7 +30,7 @@ _SIMULATOR = simulating()
 
 #: Threads of a reduction block (a power of two): one block per channel / sample /
 #: slot, each thread strides over its share, then a fixed-order tree in shared memory.
-REDUCE_THREADS = 32 if _SIMULATOR else 256
+REDUCE_THREADS = 8 if _SIMULATOR else 256
 
 #: GEMM tiling.  A block computes a GEMM_BM x GEMM_BN tile of C with
 #: (GEMM_BM / GEMM_TM) x (GEMM_BN / GEMM_TN) threads; each thread keeps a
@@ -38,7 +38,7 @@ REDUCE_THREADS = 32 if _SIMULATOR else 256
 #: shared-memory tiles, loads GEMM_TM + GEMM_TN operands for GEMM_TM * GEMM_TN
 #: multiply-adds (register blocking: 4x4 gives 2 FMAs per shared load instead of 1/2).
 if _SIMULATOR:
-    GEMM_BM, GEMM_BN, GEMM_BK, GEMM_TM, GEMM_TN = 8, 8, 4, 2, 2  # 16 threads per block
+    GEMM_BM, GEMM_BN, GEMM_BK, GEMM_TM, GEMM_TN = 16, 16, 8, 4, 4  # 16 threads per block
 else:
     GEMM_BM, GEMM_BN, GEMM_BK, GEMM_TM, GEMM_TN = 64, 64, 16, 4, 4  # 256 threads per block
 GEMM_THREADS_M = GEMM_BM // GEMM_TM
@@ -221,14 +221,17 @@ def _gemm_kernel(a, b, c, trans_a, trans_b, alpha, beta):
             else:
                 tile_b[kk, q] = 0
         cuda.syncthreads()
-        for kk in range(GEMM_BK):
-            for i in range(GEMM_TM):
-                a_frag[i] = tile_a[kk, ty + i * GEMM_THREADS_M]
-            for j in range(GEMM_TN):
-                b_frag[j] = tile_b[kk, tx + j * GEMM_THREADS_N]
-            for i in range(GEMM_TM):
+        # A thread whose first row or column lies past the edge of c owns nothing (a
+        # partial tile at the border): it helps load but skips the products.
+        if row0 + ty < m and col0 + tx < n:
+            for kk in range(GEMM_BK):
+                for i in range(GEMM_TM):
+                    a_frag[i] = tile_a[kk, ty + i * GEMM_THREADS_M]
                 for j in range(GEMM_TN):
-                    acc[i, j] += a_frag[i] * b_frag[j]
+                    b_frag[j] = tile_b[kk, tx + j * GEMM_THREADS_N]
+                for i in range(GEMM_TM):
+                    for j in range(GEMM_TN):
+                        acc[i, j] += a_frag[i] * b_frag[j]
         cuda.syncthreads()
     for i in range(GEMM_TM):
         row = row0 + ty + i * GEMM_THREADS_M
@@ -277,15 +280,30 @@ def _sum_squares_partials_kernel(x, partials):
 
 
 @cuda_kernel
-def _sum_kernel(values, out, slot):
-    """out[slot] = sum(values) by one block (fixed order)."""
+def _sum_kernel(values, out, slot, negatives):
+    """out[slot] = sum(values), or with ``negatives`` how many are < 0; one block, fixed order."""
     partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
     acc = 0.0
     for i in range(cuda.threadIdx.x, values.size, cuda.blockDim.x):
-        acc += values[i]
+        if negatives:
+            acc += 1.0 if values[i] < 0 else 0.0
+        else:
+            acc += values[i]
     total = block_reduce_sum(partial, acc)
     if cuda.threadIdx.x == 0:
         out[slot] = total
+
+
+@cuda_kernel
+def _argmax_matches_kernel(scores, targets, matches):
+    """matches[r] = 1 where the first largest score of row r is at targets[r], else 0."""
+    classes = scores.shape[1]
+    for r in range(cuda.grid(1), scores.shape[0], cuda.gridsize(1)):
+        best = 0
+        for j in range(1, classes):
+            if scores[r, j] > scores[r, best]:
+                best = j
+        matches[r] = 1.0 if best == targets[r] else 0.0
 
 
 @cuda_kernel
@@ -373,10 +391,32 @@ class CUDABackend:
             blocks, _ = launch_config(array.size, REDUCE_THREADS)
             partials = self.empty(blocks, np.float64)
             _sum_squares_partials_kernel[blocks, REDUCE_THREADS](flat, partials)
-            _sum_kernel[1, REDUCE_THREADS](partials, slots, index)
+            _sum_kernel[1, REDUCE_THREADS](partials, slots, index, False)
         total = self.empty(1, np.float64)
-        _sum_kernel[1, REDUCE_THREADS](slots, total, 0)
+        _sum_kernel[1, REDUCE_THREADS](slots, total, 0, False)
         return float(total.copy_to_host()[0])
+
+    def reduce_to_host(self, *terms):
+        """Scalars of device arrays in one transfer: each term ``(array, "sum")`` or
+        ``(array, "negatives")`` (how many entries are < 0); a tuple of Python floats.
+        Fixed-order block sums (float64): deterministic."""
+        out = self.empty(max(1, len(terms)), np.float64)
+        for slot, (array, kind) in enumerate(terms):
+            if kind not in ("sum", "negatives"):
+                raise ValueError(f"reduce_to_host: unknown reduction {kind!r}")
+            _sum_kernel[1, REDUCE_THREADS](array.reshape(array.size), out, slot, kind == "negatives")
+        return tuple(float(v) for v in out.copy_to_host()[:len(terms)])
+
+    def count_argmax_matches(self, scores, targets):
+        """How many rows of ``scores`` (rows x classes, on the device) have their first
+        maximum at the host or device ``targets`` (one class index per row): one
+        number back, the scores stay on the device."""
+        rows = scores.shape[0]
+        targets = self.asarray(np.asarray(targets).reshape(rows) if not hasattr(targets, "copy_to_host") else
+                               targets.reshape(rows), np.int64)
+        matches = self.empty(rows, np.float64)
+        _argmax_matches_kernel.launch(rows, scores, targets, matches)
+        return self.reduce_to_host((matches, "sum"))[0]
 
     def add_into(self, dst, src):
         """dst += src (same shape, device arrays)."""

@@ -104,7 +104,7 @@ def relu_backward_cuda(x, dy, dx):
 class ReLU(Elementwise):
     """max(0, x); the gradient at exactly 0 is taken as 0.
 
-    ``absorbed`` (set by :class:`Sequential` on the CPU): the layer before this one
+    ``absorbed`` (set by :class:`Sequential`): the layer before this one
     already applied the ReLU in its output pass and masks the gradient itself, so
     forward and backward pass their argument through.
     """
@@ -121,6 +121,16 @@ class ReLU(Elementwise):
         if self.absorbed:
             return dy
         return super().backward_cpu(dy)
+
+    def forward_cuda(self, x, training):
+        if self.absorbed:
+            return x
+        return super().forward_cuda(x, training)
+
+    def backward_cuda(self, dy):
+        if self.absorbed:
+            return dy
+        return super().backward_cuda(dy)
 
 
 # -- Tanh ---------------------------------------------------------------------------
