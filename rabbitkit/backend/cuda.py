@@ -95,18 +95,21 @@ class CudaKernel:
     def compiled(self):
         if self._compiled is None:
             module = cuda_module()
-            # Kernel bodies name the module-level global ``cuda``; bind it to the real
-            # numba.cuda module now (the simulator recognises it by identity).
-            self.pyfunc.__globals__["cuda"] = module
-            # Device functions this kernel calls are compiled first and bound in place
-            # of their lazy wrappers, so the kernel's compiler sees real device functions.
-            for name in self.pyfunc.__code__.co_names:
-                helper = self.pyfunc.__globals__.get(name)
-                if isinstance(helper, CudaKernel) and helper.device:
-                    self.pyfunc.__globals__[name] = helper.compiled()
+            self.bind(module, lambda helper: helper.compiled())
             options = {} if simulating() else {"cache": True}
             self._compiled = module.jit(device=self.device, **options)(self.pyfunc)
         return self._compiled
+
+    def bind(self, module, build):
+        """Prepare the Python function for numba.cuda's compiler: the module-level
+        global ``cuda`` becomes the real numba.cuda ``module`` (the simulator
+        recognises it by identity), and every device function it calls is replaced by
+        ``build(helper)``, its compiled form, so the compiler sees real device functions."""
+        self.pyfunc.__globals__["cuda"] = module
+        for name in self.pyfunc.__code__.co_names:
+            helper = self.pyfunc.__globals__.get(name)
+            if isinstance(helper, CudaKernel) and helper.device:
+                self.pyfunc.__globals__[name] = build(helper)
 
     def __getitem__(self, config):
         return self.compiled()[config]
