@@ -234,3 +234,17 @@ def test_cuda_step_is_deterministic():
     np.testing.assert_array_equal(o1, o2)
     for a, b in zip(g1, g2):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cuda_benchmark_without_a_gpu_says_so():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cuda.py"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device, even on a machine with one
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no CUDA GPU or driver found" in done.stdout
