@@ -74,3 +74,23 @@ def test_lcn_cuda_matches_cpu(shape, size):
     from rabbitkit.layers.lcn import LocalContrastNorm
 
     check_cuda_parity(lambda: LocalContrastNorm(shape[1], kernel_size=size), shape)
+
+
+# -- determinism ------------------------------------------------------------------------
+def _lcn():
+    from rabbitkit.layers.lcn import LocalContrastNorm
+
+    return LocalContrastNorm(2, kernel_size=3)
+
+
+@pytest.mark.parametrize("make, shape", [(_batchnorm(3, relu=True), (2, 3, 3, 4)), (_transformer(), (2, 2, 4, 5)),
+                                         (_lcn, (2, 2, 4, 3))], ids=["batchnorm", "transformer", "lcn"])
+def test_cuda_kernels_give_the_same_bits_twice(make, shape):
+    runs = []
+    for _ in range(2):
+        rabbitkit.random.manual_seed(11)  # the same initial weights
+        runs.append(check_cuda_parity(make, shape)["cuda"])
+    first, second = runs
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
