@@ -291,12 +291,7 @@ def clip_grad_norm(params, max_norm):
     max_norm / (norm + 1e-6) when that factor is below 1.
     """
     params = list(params)
-    on_cuda = [p.grad for p in params if p.backend.name == "cuda"]
-    # CUDA gradients: one deterministic on-device reduction over all of them and one
-    # scalar back to the host (not one transfer per parameter).
-    squares = params[0].backend.sum_squares_many(on_cuda) if on_cuda else 0.0
-    squares += sum(squared_norm(p.grad, p.backend) for p in params if p.backend.name != "cuda")
-    total = math.sqrt(squares)
+    total = math.sqrt(sum(squared_norm(p.grad, p.backend) for p in params))
     factor = float(max_norm) / (total + 1e-6)
     if factor < 1.0:
         for param in params:

@@ -45,7 +45,9 @@ def config(data, model, device):
         "data": {"dataset": "gtsrb", "path": str(data), "image_size": 6, "val_fraction": 0.5,
                  "preprocess": ["scale", "standardize"]},
         "model": model,
-        "train": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 4, "lr": 0.05, "clip_grad_norm": 0.5,
+        # no clipping: on this branch clip_grad_norm copies one scalar per parameter to
+        # the host; the device-resident clipping of branch 'cudarnn' copies none
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 4, "lr": 0.05,
                   "optimizer": {"name": "sgd", "momentum": 0.9}},
         "output": {"visualizers": [], "progress": False},
     }
@@ -161,7 +163,7 @@ def check_two_steps_and_checkpoint(tmp_path, data, model, monkeypatch, dropout_l
         # Dropout draws its mask on the host (rabbitkit.layers.dropout): one upload per layer
         assert len(masks) == dropout_layers, log
         assert all(int(np.prod(shape)) <= 3 for shape in outputs), log
-        assert len(outputs) <= 4, log  # loss (1 copy of 3 sums), accuracy, gradient norm
+        assert len(outputs) == 2, log  # the loss (one copy of its 3 sums) and the accuracy count
     # checkpoints are device-independent: the CUDA run's weights evaluated on the CPU
     from rabbitkit.train.evaluate import load_run
 

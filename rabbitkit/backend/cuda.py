@@ -274,7 +274,7 @@ def block_reduce_sum(partial, acc):
 def _sum_squares_partials_kernel(x, partials):
     """partials[block] = sum of x**2 over the block's grid-stride share (float64)."""
     partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
-    acc = 0.0
+    acc = np.float64(0.0)
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
         acc += x[i] * x[i]
     total = block_reduce_sum(partial, acc)
@@ -286,7 +286,7 @@ def _sum_squares_partials_kernel(x, partials):
 def _sum_kernel(values, out, slot, negatives):
     """out[slot] = sum(values), or with ``negatives`` how many are < 0; one block, fixed order."""
     partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
-    acc = 0.0
+    acc = np.float64(0.0)
     for i in range(cuda.threadIdx.x, values.size, cuda.blockDim.x):
         if negatives:
             acc += 1.0 if values[i] < 0 else 0.0

@@ -299,7 +299,7 @@ def prelu_backward_cuda(x, w, dy, dx, dw):
     partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
     c = cuda.blockIdx.x
     inner = x.shape[2]
-    acc = 0.0
+    acc = np.float64(0.0)
     for j in range(cuda.threadIdx.x, x.shape[0] * inner, cuda.blockDim.x):
         n = j // inner
         acc += prelu_grad_cuda(x, w, dy, dx, n, c, j - n * inner)

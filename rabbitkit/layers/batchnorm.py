@@ -133,12 +133,12 @@ def statistics_cuda(x, batch_stats, eps, momentum, unbias, mean, var, inv_std, r
     size = x.shape[2]
     count = x.shape[0] * size
     if batch_stats:
-        acc = 0.0
+        acc = np.float64(0.0)
         for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
             b = e // size
             acc += x[b, c, e - b * size]
         mu = block_reduce_sum(partial, acc) / count
-        acc = 0.0
+        acc = np.float64(0.0)
         for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
             b = e // size
             d = x[b, c, e - b * size] - mu
@@ -183,8 +183,8 @@ def normalize_backward_cuda(x, dy, mean, inv_std, weight, bias, relu, batch_stat
     size = x.shape[2]
     count = x.shape[0] * size
     gain, shift = affine_coefficients_cuda(mean, inv_std, weight, bias, c)
-    sum_dy = 0.0
-    sum_dy_xhat = 0.0
+    sum_dy = np.float64(0.0)
+    sum_dy_xhat = np.float64(0.0)
     for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
         b = e // size
         k = e - b * size

@@ -422,7 +422,7 @@ def channel_sums_cuda(dy, y, relu, dbias):
     partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
     o = cuda.blockIdx.x
     positions = dy.shape[2]
-    acc = 0.0
+    acc = np.float64(0.0)
     for e in range(cuda.threadIdx.x, dy.shape[0] * positions, cuda.blockDim.x):
         n = e // positions
         p = e - n * positions

@@ -276,7 +276,7 @@ def local_deviation_cuda(variance, eps, deviation, mean_deviation):
     partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
     n = cuda.blockIdx.x
     height, width = variance.shape[1], variance.shape[2]
-    acc = 0.0
+    acc = np.float64(0.0)
     for e in range(cuda.threadIdx.x, height * width, cuda.blockDim.x):
         h = e // width
         w = e - h * width
@@ -323,7 +323,7 @@ def divisive_samples_cuda(deviation, mean_deviation, dvariance):
     n = cuda.blockIdx.x
     height, width = deviation.shape[1], deviation.shape[2]
     floor = mean_deviation[n]
-    acc = 0.0
+    acc = np.float64(0.0)
     for e in range(cuda.threadIdx.x, height * width, cuda.blockDim.x):
         h = e // width
         w = e - h * width

@@ -171,7 +171,7 @@ def affine_grid_backward_cuda(dgrid, dtheta):
     for slot in range(6):
         r = slot // 3
         k = slot - r * 3
-        acc = 0.0
+        acc = np.float64(0.0)
         for e in range(cuda.threadIdx.x, out_height * out_width, cuda.blockDim.x):
             i = e // out_width
             j = e - i * out_width
