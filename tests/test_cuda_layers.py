@@ -48,24 +48,28 @@ def test_embedding_and_one_hot_cuda_match_cpu():
 
 
 # -- spatial transformer -----------------------------------------------------------
-def _transformer(out_size=None):
+def _transformer(out_size=None, identity=False):
     """A transformer whose localization (Flatten -> Dense) starts off the identity, so
-    the sampler reads between pixels and past the border."""
+    the sampler reads between pixels and past the border; or, with ``identity``, at
+    the identity as the default localization does (every point on a pixel centre,
+    where the sampler's derivative jumps)."""
     from rabbitkit.layers.dense import Dense
     from rabbitkit.layers.flatten import Flatten
-    from rabbitkit.layers.spatial_transformer import SpatialTransformer
+    from rabbitkit.layers.spatial_transformer import IDENTITY_THETA, SpatialTransformer
 
     def make():
         dense = Dense(2 * 4 * 5, 6)
-        dense.params["weight"][...] *= 0.3
-        dense.params["bias"][...] = (0.9, 0.2, 0.1, -0.15, 1.1, -0.05)
+        dense.params["weight"][...] *= 0.0 if identity else 0.3
+        dense.params["bias"][...] = IDENTITY_THETA if identity else (0.9, 0.2, 0.1, -0.15, 1.1, -0.05)
         return SpatialTransformer(rabbitkit.Sequential([Flatten(), dense]), output_size=out_size)
     return make
 
 
-@pytest.mark.parametrize("out_size", [None, (3, 6)])
-def test_spatial_transformer_cuda_matches_cpu(out_size):
-    check_cuda_parity(_transformer(out_size), (2, 2, 4, 5))
+@pytest.mark.parametrize("out_size, identity", [(None, False), ((3, 6), False), (None, True)])
+def test_spatial_transformer_cuda_matches_cpu(out_size, identity):
+    results = check_cuda_parity(_transformer(out_size, identity), (2, 2, 4, 5))
+    if identity:
+        np.testing.assert_array_equal(results["cuda"]["output"], results["cpu"]["output"])
 
 
 # -- LCN ------------------------------------------------------------------------------

@@ -43,11 +43,33 @@ cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 # -- CPU kernels ----------------------------------------------------------------
+def snap_tolerance(dtype):
+    """Pixel distance below which a source coordinate counts as a pixel centre
+    (see :func:`source_position`): a few float32 roundings of an image 100 pixels
+    wide; float64's is far below any finite-difference step."""
+    return 1e-5 if np.dtype(dtype) == np.float32 else 1e-12
+
+
 @kernel(parallel=False)
-def source_position(gx, gy, height, width):
-    """Top-left neighbour (x0, y0) and blend fractions (fx, fy) of a normalised point."""
-    ix = ((gx + 1.0) * width - 1.0) * 0.5
-    iy = ((gy + 1.0) * height - 1.0) * 0.5
+def source_position(gx, gy, height, width, snap):
+    """Top-left neighbour (x0, y0) and blend fractions (fx, fy) of a normalised point.
+
+    A source coordinate at a pixel centre is where the sampler's derivative jumps,
+    and the identity transform (the transformer's start) puts every point exactly
+    there, give or take a rounding of the grid.  Coordinates within ``snap`` of a
+    centre are therefore put on it, so that both devices (and both roundings) take
+    the same neighbours and the same one-sided derivative; the sample changes by
+    at most ``snap`` times a pixel difference.  float64 arithmetic on every device.
+    """
+    ix = ((float(gx) + 1.0) * width - 1.0) * 0.5
+    iy = ((float(gy) + 1.0) * height - 1.0) * 0.5
+    # (inline, not a helper: the CUDA build of this function must call no CPU function)
+    nearest = math.floor(ix + 0.5)
+    if abs(ix - nearest) <= snap:
+        ix = float(nearest)
+    nearest = math.floor(iy + 0.5)
+    if abs(iy - nearest) <= snap:
+        iy = float(nearest)
     fx0 = math.floor(ix)
     fy0 = math.floor(iy)
     return int(fx0), int(fy0), ix - fx0, iy - fy0
@@ -68,7 +90,7 @@ def add_if_inside(dx, n, c, row, col, value):
 
 
 @kernel
-def bilinear_sample_cpu(x, grid, y):
+def bilinear_sample_cpu(x, grid, y, snap):
     """y[n, c, i, j] = bilinear read of x[n, c] at grid[n, i, j] = (x_s, y_s)."""
     n_batch, channels, height, width = x.shape
     out_height, out_width = y.shape[2], y.shape[3]
@@ -77,14 +99,14 @@ def bilinear_sample_cpu(x, grid, y):
         c = nc - n * channels
         for i in range(out_height):
             for j in range(out_width):
-                x0, y0, fx, fy = source_position(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+                x0, y0, fx, fy = source_position(grid[n, i, j, 0], grid[n, i, j, 1], height, width, snap)
                 top = (1.0 - fx) * pixel_or_zero(x, n, c, y0, x0) + fx * pixel_or_zero(x, n, c, y0, x0 + 1)
                 bottom = (1.0 - fx) * pixel_or_zero(x, n, c, y0 + 1, x0) + fx * pixel_or_zero(x, n, c, y0 + 1, x0 + 1)
                 y[n, c, i, j] = (1.0 - fy) * top + fy * bottom
 
 
 @kernel
-def bilinear_sample_input_grad_cpu(dy, grid, dx):
+def bilinear_sample_input_grad_cpu(dy, grid, dx, snap):
     """dx += the sampler's scatter of dy (dx zeroed by the caller).
 
     Parallel over (n, c) planes: every plane is written by one thread only, so
@@ -97,7 +119,7 @@ def bilinear_sample_input_grad_cpu(dy, grid, dx):
         c = nc - n * channels
         for i in range(out_height):
             for j in range(out_width):
-                x0, y0, fx, fy = source_position(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+                x0, y0, fx, fy = source_position(grid[n, i, j, 0], grid[n, i, j, 1], height, width, snap)
                 g = dy[n, c, i, j]
                 add_if_inside(dx, n, c, y0, x0, (1.0 - fy) * (1.0 - fx) * g)
                 add_if_inside(dx, n, c, y0, x0 + 1, (1.0 - fy) * fx * g)
@@ -106,7 +128,7 @@ def bilinear_sample_input_grad_cpu(dy, grid, dx):
 
 
 @kernel
-def bilinear_sample_grid_grad_cpu(x, dy, grid, dgrid):
+def bilinear_sample_grid_grad_cpu(x, dy, grid, dgrid, snap):
     """dgrid[n, i, j] = d(loss)/d(x_s, y_s), summed over channels (one row per thread)."""
     n_batch, channels, height, width = x.shape
     out_height, out_width = dy.shape[2], dy.shape[3]
@@ -114,7 +136,7 @@ def bilinear_sample_grid_grad_cpu(x, dy, grid, dgrid):
         n = ni // out_height
         i = ni - n * out_height
         for j in range(out_width):
-            x0, y0, fx, fy = source_position(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+            x0, y0, fx, fy = source_position(grid[n, i, j, 0], grid[n, i, j, 1], height, width, snap)
             dix = 0.0
             diy = 0.0
             for c in range(channels):
@@ -188,7 +210,7 @@ def affine_grid_backward_cuda(dgrid, dtheta):
 
 
 @cuda_kernel
-def bilinear_sample_cuda(x, grid, y):
+def bilinear_sample_cuda(x, grid, y, snap):
     """y[n, c, i, j] = bilinear read of x[n, c] at grid[n, i, j] (one thread per output)."""
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     out_height, out_width = y.shape[2], y.shape[3]
@@ -197,14 +219,14 @@ def bilinear_sample_cuda(x, grid, y):
         i = (e // out_width) % out_height
         c = (e // (out_width * out_height)) % channels
         n = e // (out_width * out_height * channels)
-        x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+        x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width, snap)
         top = (1.0 - fx) * pixel_or_zero_cuda(x, n, c, y0, x0) + fx * pixel_or_zero_cuda(x, n, c, y0, x0 + 1)
         bottom = (1.0 - fx) * pixel_or_zero_cuda(x, n, c, y0 + 1, x0) + fx * pixel_or_zero_cuda(x, n, c, y0 + 1, x0 + 1)
         y[n, c, i, j] = (1.0 - fy) * top + fy * bottom
 
 
 @cuda_kernel
-def bilinear_sample_input_grad_cuda(dy, grid, dx):
+def bilinear_sample_input_grad_cuda(dy, grid, dx, snap):
     """dx += the sampler's scatter of dy (dx zeroed by the caller), by ownership: one
     thread per (n, c) plane walks the plane's outputs in the CPU's order and adds
     into its own plane only.  No atomics, the CPU's order of additions: the same
@@ -217,7 +239,7 @@ def bilinear_sample_input_grad_cuda(dy, grid, dx):
         c = nc - n * channels
         for i in range(out_height):
             for j in range(out_width):
-                x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+                x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width, snap)
                 g = dy[n, c, i, j]
                 add_if_inside_cuda(dx, n, c, y0, x0, (1.0 - fy) * (1.0 - fx) * g)
                 add_if_inside_cuda(dx, n, c, y0, x0 + 1, (1.0 - fy) * fx * g)
@@ -226,7 +248,7 @@ def bilinear_sample_input_grad_cuda(dy, grid, dx):
 
 
 @cuda_kernel
-def bilinear_sample_grid_grad_cuda(x, dy, grid, dgrid):
+def bilinear_sample_grid_grad_cuda(x, dy, grid, dgrid, snap):
     """dgrid[n, i, j] = d(loss)/d(x_s, y_s), summed over channels (one thread per point)."""
     n_batch, channels, height, width = x.shape
     out_height, out_width = dy.shape[2], dy.shape[3]
@@ -235,7 +257,7 @@ def bilinear_sample_grid_grad_cuda(x, dy, grid, dgrid):
         rest = e - n * out_height * out_width
         i = rest // out_width
         j = rest - i * out_width
-        x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width)
+        x0, y0, fx, fy = source_position_cuda(grid[n, i, j, 0], grid[n, i, j, 1], height, width, snap)
         dix = 0.0
         diy = 0.0
         for c in range(channels):
@@ -279,7 +301,7 @@ def grid_sample(x, grid):
     x = np.ascontiguousarray(x)
     grid = np.ascontiguousarray(grid, dtype=x.dtype)
     y = np.empty((x.shape[0], x.shape[1], grid.shape[1], grid.shape[2]), dtype=x.dtype)
-    bilinear_sample_cpu(x, grid, y)
+    bilinear_sample_cpu(x, grid, y, snap_tolerance(x.dtype))
     return y
 
 
@@ -289,9 +311,9 @@ def grid_sample_backward(x, grid, dy):
     grid = np.ascontiguousarray(grid, dtype=x.dtype)
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     dx = np.zeros_like(x)
-    bilinear_sample_input_grad_cpu(dy, grid, dx)
+    bilinear_sample_input_grad_cpu(dy, grid, dx, snap_tolerance(x.dtype))
     dgrid = np.empty_like(grid)
-    bilinear_sample_grid_grad_cpu(x, dy, grid, dgrid)
+    bilinear_sample_grid_grad_cpu(x, dy, grid, dgrid, snap_tolerance(x.dtype))
     return dx, dgrid
 
 
@@ -359,16 +381,17 @@ class SpatialTransformer(Layer):
         grid = self.backend.empty((n_batch, out_height, out_width, 2), self.dtype)
         affine_grid_cuda.launch(n_batch * out_height * out_width, params, grid)
         y = self.backend.empty((n_batch, channels, out_height, out_width), self.dtype)
-        bilinear_sample_cuda.launch(y.size, x, grid, y)
+        bilinear_sample_cuda.launch(y.size, x, grid, y, snap_tolerance(self.dtype))
         self._saved = (x, grid)
         return y
 
     def backward_cuda(self, dy):
         x, grid = self._saved
         dx = self.backend.zeros(x.shape, self.dtype)
-        bilinear_sample_input_grad_cuda.launch(x.shape[0] * x.shape[1], dy, grid, dx)
+        bilinear_sample_input_grad_cuda.launch(x.shape[0] * x.shape[1], dy, grid, dx, snap_tolerance(self.dtype))
         dgrid = self.backend.empty(grid.shape, self.dtype)
-        bilinear_sample_grid_grad_cuda.launch(grid.shape[0] * grid.shape[1] * grid.shape[2], x, dy, grid, dgrid)
+        bilinear_sample_grid_grad_cuda.launch(grid.shape[0] * grid.shape[1] * grid.shape[2], x, dy, grid, dgrid,
+                                              snap_tolerance(self.dtype))
         dtheta = self.backend.empty((x.shape[0], 6), self.dtype)
         affine_grid_backward_cuda.launch_blocks(x.shape[0], dgrid, dtheta)
         self.backend.add_into(dx, self.backend.asarray(self.localization.backward(dtheta), self.dtype))
