@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import rabbitkit
-from rabbitkit.backend import get_backend
 from rabbitkit.layers.batchnorm import BatchNorm
 from rabbitkit.testing import check_cuda_parity
 
