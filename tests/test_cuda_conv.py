@@ -59,3 +59,20 @@ def test_conv2d_cuda_chunks_fused_relu_and_skipped_input_grad():
 
     results = check_cuda_parity(first_layer, (3, 2, 4, 5))
     assert "input grad" not in results["cuda"]
+
+
+def test_sequential_fuses_relu_on_cuda_too():
+    """Sequential lets Conv2D and BatchNorm apply the ReLU after them on both devices;
+    the fused CUDA model matches the CPU's."""
+    import rabbitkit
+    from rabbitkit.layers.activations import ReLU
+    from rabbitkit.layers.batchnorm import BatchNorm
+
+    def make():
+        rabbitkit.random.manual_seed(2)
+        return rabbitkit.Sequential([Conv2D(2, 3, 3, padding=1), ReLU(), BatchNorm(3), ReLU()])
+
+    model = make().to("cuda")
+    model.forward(np.zeros((2, 2, 4, 3), np.float32))
+    assert model[0].fused_relu and model[1].absorbed and model[2].fused_relu and model[3].absorbed
+    check_cuda_parity(make, (2, 2, 4, 3))
