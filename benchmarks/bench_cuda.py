@@ -89,7 +89,10 @@ class AllocationMeter:
             pointer = original(size, *args, **kwargs)
             self.live += size
             self.peak = max(self.peak, self.live)
-            weakref.finalize(pointer, self._release, size)
+            try:
+                weakref.finalize(pointer, self._release, size)
+            except TypeError:  # a pointer type without weak references: count it as held
+                pass
             return pointer
 
         self.context.memalloc = memalloc
