@@ -109,22 +109,6 @@ def squared_error_cuda(y, t, dy, squares, scale):
         squares[i] = d * d
 
 
-_reducers = {}
-
-
-def _cuda_reduce(kind):
-    """numba.cuda's library reductions (compiled once): "sum" and "min" over a flat array."""
-    if kind not in _reducers:
-        from .backend.cuda import cuda_module
-
-        module = cuda_module()
-        if kind == "sum":
-            _reducers[kind] = module.reduce(lambda a, b: a + b)
-        else:
-            _reducers[kind] = module.reduce(lambda a, b: min(a, b))
-    return _reducers[kind]
-
-
 # -- losses ---------------------------------------------------------------------
 class Loss:
     """Base class: ``forward(y, target) -> float`` then ``backward() -> dy``.
@@ -223,10 +207,13 @@ class SoftmaxCrossEntropy(Loss):
         softmax_rows_cuda.launch(rows[0], y2, dy2, log_sum_exp)
         cross_entropy_from_softmax_cuda.launch(rows[0], y2, log_sum_exp, targets, dy2, row_loss, row_count, ignore,
                                                self.label_smoothing)
-        total = float(_cuda_reduce("sum")(row_loss))
-        if rows[0] and _cuda_reduce("min")(row_count, init=1.0) < 0:
+        # The loss, the invalid targets and the counted rows: three deterministic sums,
+        # one transfer to the host.
+        total, invalid, counted = backend.reduce_to_host((row_loss, "sum"), (row_count, "negatives"),
+                                                         (row_count, "sum"))
+        if rows[0] and invalid:
             raise DataError(self._invalid_message(targets.copy_to_host(), rows[1], ignore))
-        count = rows[0] if self.ignore_index is None else int(round(float(_cuda_reduce("sum")(row_count))))
+        count = rows[0] if self.ignore_index is None else int(round(counted))
         if count:
             backend.scale(dy, 1.0 / count)
         self._dy = dy
@@ -266,7 +253,7 @@ class SquaredError(Loss):
             dy = self._gradient_buffer(y, backend)
             squares = backend.empty(y.size, np.float64)
             squared_error_cuda.launch(y.size, y.reshape(y.size), t.reshape(y.size), dy.reshape(y.size), squares, scale)
-            total = float(_cuda_reduce("sum")(squares))
+            total = backend.reduce_to_host((squares, "sum"))[0]
         else:
             y = np.ascontiguousarray(y)
             if y.dtype not in (np.float32, np.float64):

@@ -11,6 +11,14 @@ os.environ.setdefault("RABBIT_OFFLINE", "1")
 # tests compare runs bit for bit); tests/test_tuning.py turns it on where it is tested.
 os.environ.setdefault("RABBIT_TUNE", "0")
 
+import sys  # noqa: E402
+
+# The simulator runs a block's CUDA threads as Python threads and its block runner
+# polls them; at Python's default 5 ms GIL switch interval every syncthreads() then
+# waits milliseconds for a switch.  A 0.1 ms interval makes the CUDA tests 7-12x
+# faster (measured on a block reduction and a GEMM) and changes nothing else here.
+sys.setswitchinterval(1e-4)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -13,7 +13,7 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import TRANSCENDENTAL_WORK, kernel, sized_kernel
-from ..backend.cuda import block_sum_into, cuda_kernel, device_pair
+from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_kernel, device_pair
 from ..hookspecs import hookimpl
 from ..errors import ConfigError
 from .base import Layer
@@ -104,7 +104,7 @@ def relu_backward_cuda(x, dy, dx):
 class ReLU(Elementwise):
     """max(0, x); the gradient at exactly 0 is taken as 0.
 
-    ``absorbed`` (set by :class:`Sequential` on the CPU): the layer before this one
+    ``absorbed`` (set by :class:`Sequential`): the layer before this one
     already applied the ReLU in its output pass and masks the gradient itself, so
     forward and backward pass their argument through.
     """
@@ -121,6 +121,16 @@ class ReLU(Elementwise):
         if self.absorbed:
             return dy
         return super().backward_cpu(dy)
+
+    def forward_cuda(self, x, training):
+        if self.absorbed:
+            return x
+        return super().forward_cuda(x, training)
+
+    def backward_cuda(self, dy):
+        if self.absorbed:
+            return dy
+        return super().backward_cuda(dy)
 
 
 # -- Tanh ---------------------------------------------------------------------------
@@ -284,19 +294,18 @@ def prelu_forward_cuda(x, w, y):
 
 @cuda_kernel
 def prelu_backward_cuda(x, w, dy, dx, dw):
-    """Grid (blocks, channels): block row ``c`` strides over channel c's entries,
-    reduces its share of dw[c] in shared memory and adds it with one atomic."""
-    partial = cuda.shared.array(shape=256, dtype=np.float64)
-    tid = cuda.threadIdx.x
-    c = cuda.blockIdx.y
+    """One block per channel c (``launch_blocks``): its threads stride over channel c's
+    entries, a fixed-order tree sums their shares of dw[c] (deterministic, no atomics)."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    c = cuda.blockIdx.x
     inner = x.shape[2]
-    acc = 0.0
-    start = cuda.blockIdx.x * cuda.blockDim.x + tid
-    stride = cuda.gridDim.x * cuda.blockDim.x
-    for j in range(start, x.shape[0] * inner, stride):
+    acc = np.float64(0.0)
+    for j in range(cuda.threadIdx.x, x.shape[0] * inner, cuda.blockDim.x):
         n = j // inner
         acc += prelu_grad_cuda(x, w, dy, dx, n, c, j - n * inner)
-    block_sum_into(partial, acc, dw, c)
+    total = block_reduce_sum(partial, acc)
+    if cuda.threadIdx.x == 0:
+        dw[c] += total
 
 
 class PReLU(Layer):
@@ -350,15 +359,11 @@ class PReLU(Layer):
         return y
 
     def backward_cuda(self, dy):
-        from ..backend.cuda import launch_config
-
         x = self._x
         view = self._view_shape(x.shape)
         dx = self.backend.empty(dy.shape, self.dtype)
-        blocks, threads = launch_config(view[0] * view[2])
-        blocks = min(blocks, 64)  # enough to fill the GPU with channels as the second grid axis
-        prelu_backward_cuda[(blocks, view[1]), threads](
-            x.reshape(*view), self.params["weight"], dy.reshape(*view), dx.reshape(*view), self.grads["weight"]
+        prelu_backward_cuda.launch_blocks(
+            view[1], x.reshape(*view), self.params["weight"], dy.reshape(*view), dx.reshape(*view), self.grads["weight"]
         )
         return dx
 

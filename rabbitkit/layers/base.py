@@ -66,7 +66,7 @@ class Layer:
     #: True between zero_grad() and the next backward (see zero_grad).
     grads_zeroed = False
 
-    #: True where the CPU kernels can apply a ReLU that follows the layer in their
+    #: True where the kernels (CPU and CUDA) can apply a ReLU that follows the layer in their
     #: own output pass (and mask the gradient in their first pass over dy), which
     #: saves the ReLU's two passes over memory.  :class:`Sequential` sets
     #: ``fused_relu`` on such a layer and ``absorbed`` on the ReLU after it.

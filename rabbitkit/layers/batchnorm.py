@@ -18,9 +18,12 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel
+from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 @kernel
@@ -110,6 +113,103 @@ def normalize_backward(x, dy, mean, inv_std, weight, bias, relu, batch_stats, dx
                 dx[b, c, k] = gain * (g - mean_dy - xhat * mean_dy_xhat)
 
 
+# -- CUDA kernels -----------------------------------------------------------------
+# One block per channel for both reductions: its threads stride over the channel's
+# N*S entries in a fixed pattern and a fixed-order tree sums them (float64), so the
+# statistics and the parameter gradients are the same bits on every run.
+
+#: The CPU's per-channel (gain, shift), compiled for the device: forward and
+#: backward of both devices take the fused ReLU's pre-activation from one formula.
+affine_coefficients_cuda = cuda_device(affine_coefficients.py_func)
+
+
+@cuda_kernel
+def statistics_cuda(x, batch_stats, eps, momentum, unbias, mean, var, inv_std, running_mean, running_var):
+    """Block c: with ``batch_stats`` the channel's mean and biased variance of x (N, C, S)
+    (two passes, as the CPU), and the running averages updated; otherwise the running
+    statistics.  Then inv_std = 1 / sqrt(var + eps)."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    c = cuda.blockIdx.x
+    size = x.shape[2]
+    count = x.shape[0] * size
+    if batch_stats:
+        acc = np.float64(0.0)
+        for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            b = e // size
+            acc += x[b, c, e - b * size]
+        mu = block_reduce_sum(partial, acc) / count
+        acc = np.float64(0.0)
+        for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            b = e // size
+            d = x[b, c, e - b * size] - mu
+            acc += d * d
+        squares = block_reduce_sum(partial, acc)
+        if cuda.threadIdx.x == 0:
+            mean[c] = mu
+            var[c] = squares / count
+            # in the array's precision, as the CPU's numpy update
+            running_mean[c] = running_mean[c] * (1 - momentum) + momentum * mean[c]
+            running_var[c] = running_var[c] * (1 - momentum) + (momentum * unbias) * var[c]
+    elif cuda.threadIdx.x == 0:
+        mean[c] = running_mean[c]
+        var[c] = running_var[c]
+    if cuda.threadIdx.x == 0:
+        inv_std[c] = 1 / math.sqrt(var[c] + eps)
+
+
+@cuda_kernel
+def normalize_affine_cuda(x, mean, inv_std, weight, bias, relu, y):
+    """y = x * gain + shift per channel of (N, C, S), rectified if ``relu``."""
+    channels = x.shape[1]
+    size = x.shape[2]
+    for e in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        b = e // (channels * size)
+        rest = e - b * channels * size
+        c = rest // size
+        k = rest - c * size
+        gain, shift = affine_coefficients_cuda(mean, inv_std, weight, bias, c)
+        v = x[b, c, k] * gain + shift
+        if relu and not v > 0:
+            v = 0
+        y[b, c, k] = v
+
+
+@cuda_kernel
+def normalize_backward_cuda(x, dy, mean, inv_std, weight, bias, relu, batch_stats, dx, dweight, dbias):
+    """Block c: sums of dy and dy * xhat over the channel (fixed-order trees), the
+    parameter gradients, then dx for the channel's entries (the CPU's formula)."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    c = cuda.blockIdx.x
+    size = x.shape[2]
+    count = x.shape[0] * size
+    gain, shift = affine_coefficients_cuda(mean, inv_std, weight, bias, c)
+    sum_dy = np.float64(0.0)
+    sum_dy_xhat = np.float64(0.0)
+    for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+        b = e // size
+        k = e - b * size
+        g = dy[b, c, k]
+        if relu and not x[b, c, k] * gain + shift > 0:
+            g = 0
+        sum_dy += g
+        sum_dy_xhat += g * ((x[b, c, k] - mean[c]) * inv_std[c])
+    sum_dy = block_reduce_sum(partial, sum_dy)
+    sum_dy_xhat = block_reduce_sum(partial, sum_dy_xhat)
+    if cuda.threadIdx.x == 0:
+        dweight[c] += sum_dy_xhat
+        dbias[c] += sum_dy
+    mean_dy = sum_dy / count if batch_stats else 0.0
+    mean_dy_xhat = sum_dy_xhat / count if batch_stats else 0.0
+    for e in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+        b = e // size
+        k = e - b * size
+        g = dy[b, c, k]
+        if relu and not x[b, c, k] * gain + shift > 0:
+            g = 0
+        xhat = (x[b, c, k] - mean[c]) * inv_std[c]
+        dx[b, c, k] = gain * (g - mean_dy - xhat * mean_dy_xhat)
+
+
 class BatchNorm(Layer):
     """Batch normalisation over axis 1 of (N, F), (N, C, L) or (N, C, H, W) input.
 
@@ -166,6 +266,33 @@ class BatchNorm(Layer):
         normalize_backward(
             x3, dy.reshape(x3.shape), mean, inv_std, self.params["weight"], self.params["bias"], relu, batch_stats,
             dx, self.grads["weight"], self.grads["bias"],
+        )
+        return dx.reshape(shape)
+
+    def forward_cuda(self, x, training):
+        x3 = self._channels_view(x)
+        count = x3.shape[0] * x3.shape[2]
+        if training and count < 2:
+            raise ConfigError(f"BatchNorm needs more than one value per channel in training, got input {tuple(x.shape)}")
+        channels = self.num_features
+        mean, var, inv_std = (self.backend.empty(channels, self.dtype) for _ in range(3))
+        kind = self.dtype.type
+        statistics_cuda.launch_blocks(
+            channels, x3, bool(training), kind(self.eps), kind(self.momentum), kind(count / max(count - 1, 1)),
+            mean, var, inv_std, self.buffers["running_mean"], self.buffers["running_var"],
+        )
+        y = self.backend.empty(x3.shape, self.dtype)
+        relu = self.fused_relu
+        normalize_affine_cuda.launch(x3.size, x3, mean, inv_std, self.params["weight"], self.params["bias"], relu, y)
+        self._saved = (x3, mean, inv_std, training, x.shape, relu)
+        return y.reshape(x.shape)
+
+    def backward_cuda(self, dy):
+        x3, mean, inv_std, batch_stats, shape, relu = self._saved
+        dx = self.backend.empty(x3.shape, self.dtype)
+        normalize_backward_cuda.launch_blocks(
+            self.num_features, x3, dy.reshape(x3.shape), mean, inv_std, self.params["weight"], self.params["bias"],
+            relu, bool(batch_stats), dx, self.grads["weight"], self.grads["bias"],
         )
         return dx.reshape(shape)
 

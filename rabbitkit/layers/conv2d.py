@@ -31,9 +31,12 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import SINGLE_THREADED_BLAS, kernel
+from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 def pair(value, name):
@@ -348,6 +351,132 @@ def raise_batch(dcols, xpad, dx, kh, kw, sh, sw, ph, pw, ho, wo, wide):
 PER_SAMPLE, WHOLE_BATCH = "per-sample", "whole-batch"
 
 
+# -- CUDA kernels ------------------------------------------------------------------
+# The CUDA path lowers a chunk of samples at once to one product on the backend's
+# GEMM: ``product (O, B*P) = W (O, K) @ cols (K, B*P)``, column ``b*P + p`` for
+# sample b of the chunk and output position p.  Backward: ``dW += rows @ cols.T``
+# and ``dcols = W.T @ rows`` (``rows`` = dy of the chunk as (O, B*P)), then col2im
+# as a *gather*: each input pixel sums the column entries that read it, in a fixed
+# order, so dx needs no atomics and is deterministic.  Every kernel is a
+# grid-stride loop over its output, consecutive threads on consecutive positions.
+
+@cuda_device
+def window_target(index, stride, padding, offset, size_out):
+    """The output position whose window reads input ``index`` at tap ``offset``
+    (``o * stride - padding + offset == index``), or -1 if none does."""
+    t = index + padding - offset
+    if t < 0 or t % stride != 0:
+        return -1
+    o = t // stride
+    return o if o < size_out else -1
+
+
+@cuda_device
+def masked_gradient(g, y, relu):
+    """dy through a fused ReLU: 0 where the rectified output ``y`` is 0."""
+    if relu and not y > 0:
+        return 0.0
+    return g
+
+
+@cuda_kernel
+def im2col_cuda(x, cols, first, kh, kw, sh, sw, ph, pw, ho, wo):
+    """cols (K, B*P): row (c, i, j), column (b, oh, ow) = x[first + b, c, oh*sh - ph + i, ow*sw - pw + j] or 0."""
+    height = x.shape[2]
+    width = x.shape[3]
+    columns = cols.shape[1]
+    positions = ho * wo
+    taps = kh * kw
+    for e in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
+        row = e // columns
+        column = e - row * columns
+        b = column // positions
+        p = column - b * positions
+        oh = p // wo
+        ow = p - oh * wo
+        c = row // taps
+        tap = row - c * taps
+        i = tap // kw
+        j = tap - i * kw
+        r = oh * sh - ph + i
+        q = ow * sw - pw + j
+        if 0 <= r < height and 0 <= q < width:
+            cols[row, column] = x[first + b, c, r, q]
+        else:
+            cols[row, column] = 0
+
+
+@cuda_kernel
+def col2im_cuda(dcols, dx, first, count, kh, kw, sh, sw, ph, pw, ho, wo):
+    """dx[first:first+count] (C, H, W each) = the sum of the dcols entries im2col_cuda took from each pixel."""
+    channels = dx.shape[1]
+    height = dx.shape[2]
+    width = dx.shape[3]
+    plane = height * width
+    positions = ho * wo
+    for e in range(cuda.grid(1), count * channels * plane, cuda.gridsize(1)):
+        b = e // (channels * plane)
+        rest = e - b * channels * plane
+        c = rest // plane
+        rest -= c * plane
+        r = rest // width
+        q = rest - r * width
+        acc = 0.0
+        for i in range(kh):
+            oh = window_target(r, sh, ph, i, ho)
+            if oh >= 0:
+                for j in range(kw):
+                    ow = window_target(q, sw, pw, j, wo)
+                    if ow >= 0:
+                        acc += dcols[(c * kh + i) * kw + j, b * positions + oh * wo + ow]
+        dx[first + b, c, r, q] = acc
+
+
+@cuda_kernel
+def store_output_cuda(product, bias, y, first, relu):
+    """y[first + b, o, p] = product[o, b*P + p] + bias[o] (y as (N, O, P)), rectified if ``relu``."""
+    columns = product.shape[1]
+    positions = y.shape[2]
+    for e in range(cuda.grid(1), product.size, cuda.gridsize(1)):
+        o = e // columns
+        column = e - o * columns
+        b = column // positions
+        p = column - b * positions
+        v = product[o, column] + bias[o]
+        if relu and not v > 0:
+            v = 0
+        y[first + b, o, p] = v
+
+
+@cuda_kernel
+def load_output_grad_cuda(dy, y, relu, rows, first):
+    """rows[o, b*P + p] = dy[first + b, o, p] (dy and y as (N, O, P)), masked by a fused ReLU."""
+    columns = rows.shape[1]
+    positions = dy.shape[2]
+    for e in range(cuda.grid(1), rows.size, cuda.gridsize(1)):
+        o = e // columns
+        column = e - o * columns
+        b = column // positions
+        p = column - b * positions
+        rows[o, column] = masked_gradient(dy[first + b, o, p], y[first + b, o, p], relu)
+
+
+@cuda_kernel
+def channel_sums_cuda(dy, y, relu, dbias):
+    """dbias[o] += sum over (n, p) of dy[n, o, p] (masked by a fused ReLU): block o, fixed-order tree."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    o = cuda.blockIdx.x
+    positions = dy.shape[2]
+    acc = np.float64(0.0)
+    for e in range(cuda.threadIdx.x, dy.shape[0] * positions, cuda.blockDim.x):
+        n = e // positions
+        p = e - n * positions
+        acc += masked_gradient(dy[n, o, p], y[n, o, p], relu)
+    total = block_reduce_sum(partial, acc)
+    if cuda.threadIdx.x == 0:
+        dbias[o] += total
+
+
 class Conv2D(Layer):
     """2-D convolution on (N, C, H, W); ``weight`` is (out, in, kh, kw) as in PyTorch.
 
@@ -357,11 +486,7 @@ class Conv2D(Layer):
 
     absorbs_relu = True  # store_output rectifies, load_output_grad masks (see Sequential)
 
-    @property
-    def skips_frozen_grads(self):
-        # The CPU kernels skip a frozen layer's weight product; elsewhere the base
-        # class points grads at scratch arrays.
-        return self.device == "cpu"
+    skips_frozen_grads = True  # both backward paths skip a frozen layer's weight products
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float32):
         super().__init__(dtype)
@@ -516,6 +641,77 @@ class Conv2D(Layer):
             if self.has_bias:
                 self.grads["bias"] += dbias
         return dx if self.needs_input_grad else None
+
+    # -- CUDA -----------------------------------------------------------------------
+    #: Elements of the column matrix per chunk of samples (128 MiB in float32): a
+    #: chunk is as many samples as fit, so the GEMM gets B*P columns to spread over
+    #: the GPU while the scratch stays bounded.  Tests lower it to exercise chunking.
+    cuda_cols_budget = 1 << 25
+
+    def _cuda_plan(self, x):
+        if x.ndim != 4:
+            raise ConfigError(f"Conv2D expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+        _, ho, wo = self.output_shape(tuple(x.shape[1:]))
+        kh, kw = self.kernel_size
+        rows = self.in_channels * kh * kw
+        chunk = max(1, min(x.shape[0], self.cuda_cols_budget // max(1, rows * ho * wo)))
+        geometry = (kh, kw, *self.stride, *self.padding, ho, wo)
+        return geometry, rows, ho * wo, chunk
+
+    def _cuda_chunks(self, x, rows, positions, chunk, geometry):
+        """Yield (first, count, cols) per chunk, cols = the chunk's im2col in device scratch."""
+        for first in range(0, x.shape[0], chunk):
+            count = min(chunk, x.shape[0] - first)
+            cols = self.backend.scratch("conv_cols", (rows, count * positions), self.dtype)
+            im2col_cuda.launch(cols.size, x, cols, first, *geometry)
+            yield first, count, cols
+
+    def _cuda_bias(self):
+        if self.has_bias:
+            return self.params["bias"]
+        if getattr(self, "_zero_bias", None) is None:
+            self._zero_bias = self.backend.zeros(self.out_channels, self.dtype)
+        return self._zero_bias
+
+    def forward_cuda(self, x, training):
+        self._x = x
+        geometry, rows, positions, chunk = self._cuda_plan(x)
+        ho, wo = geometry[6], geometry[7]
+        y = self.backend.empty((x.shape[0], self.out_channels, ho, wo), self.dtype)
+        y3 = y.reshape(x.shape[0], self.out_channels, positions)
+        weight = self.params["weight"].reshape(self.out_channels, rows)
+        bias = self._cuda_bias()
+        relu = self.fused_relu
+        self._y = y if relu else None
+        for first, count, cols in self._cuda_chunks(x, rows, positions, chunk, geometry):
+            product = self.backend.scratch("conv_product", (self.out_channels, count * positions), self.dtype)
+            self.backend.gemm(weight, cols, product)
+            store_output_cuda.launch(product.size, product, bias, y3, first, relu)
+        return y
+
+    def backward_cuda(self, dy):
+        x = self._x
+        geometry, rows, positions, chunk = self._cuda_plan(x)
+        batch = x.shape[0]
+        dy3 = dy.reshape(batch, self.out_channels, positions)
+        relu = self._y is not None
+        mask = self._y.reshape(batch, self.out_channels, positions) if relu else dy3
+        weight = self.params["weight"].reshape(self.out_channels, rows)
+        dweight = self.grads["weight"].reshape(self.out_channels, rows)
+        if self.has_bias and self.weight_grads_wanted:
+            channel_sums_cuda.launch_blocks(self.out_channels, dy3, mask, relu, self.grads["bias"])
+        dx = self.backend.empty(x.shape, self.dtype) if self.needs_input_grad else None
+        for first, count, cols in self._cuda_chunks(x, rows, positions, chunk, geometry):
+            grad_rows = self.backend.scratch("conv_rows", (self.out_channels, count * positions), self.dtype)
+            load_output_grad_cuda.launch(grad_rows.size, dy3, mask, relu, grad_rows, first)
+            if self.weight_grads_wanted:
+                self.backend.gemm(grad_rows, cols, dweight, trans_b=True, beta=1.0)
+            if dx is not None:
+                dcols = self.backend.scratch("conv_dcols", (rows, count * positions), self.dtype)
+                self.backend.gemm(weight, grad_rows, dcols, trans_a=True)
+                col2im_cuda.launch(count * x.shape[1] * x.shape[2] * x.shape[3], dcols, dx, first, count, *geometry)
+        self.grads_zeroed = False
+        return dx
 
     def extra_repr(self):
         return (

@@ -10,10 +10,14 @@ as the (unused) input gradient of the whole model.
 import numpy as np
 from numba import prange
 
+from ..backend import to_host
 from ..backend.cpu import kernel, sized_kernel
+from ..backend.cuda import cuda_kernel
 from ..errors import ConfigError, DataError
 from ..hookspecs import hookimpl
 from .base import Layer
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 def as_indices(x, num_classes, owner):
@@ -67,8 +71,52 @@ def one_hot_cpu(indices, out):
         out[k, indices[k]] = 1.0
 
 
+# -- CUDA kernels -----------------------------------------------------------------------
+@cuda_kernel
+def gather_rows_cuda(indices, table, out):
+    width = table.shape[1]
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        k = e // width
+        j = e - k * width
+        out[k, j] = table[indices[k], j]
+
+
+@cuda_kernel
+def scatter_add_rows_cuda(indices, grad_out, grad_table):
+    """grad_table[indices[k], :] += grad_out[k, :] by ownership: the thread of entry
+    (row, j) scans every index in order and adds the matching gradients itself.  No
+    two threads write one entry (no atomics), and the additions happen in the CPU's
+    order, so the result is the CPU's, bit for bit, on every run.  The scan costs
+    rows x indices reads per column: fine for vocabularies of characters and words
+    in the thousands; a bigger table would sort the indices first."""
+    width = grad_table.shape[1]
+    for e in range(cuda.grid(1), grad_table.size, cuda.gridsize(1)):
+        row = e // width
+        j = e - row * width
+        acc = grad_table[row, j]
+        for k in range(indices.size):
+            if indices[k] == row:
+                acc += grad_out[k, j]
+        grad_table[row, j] = acc
+
+
+@cuda_kernel
+def one_hot_cuda(indices, out):
+    classes = out.shape[1]
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        k = e // classes
+        j = e - k * classes
+        out[k, j] = 1 if indices[k] == j else 0
+
+
 class IndexInput(Layer):
     """Shared plumbing: the forward takes indices instead of casting to float."""
+
+    def _device_indices(self, x, num_classes):
+        """The batch's indices, checked on the host as on the CPU, then on the device
+        as a flat int64 array (the one transfer: the batch going in)."""
+        indices = as_indices(to_host(x), num_classes, repr(self))
+        return indices.shape, self.backend.asarray(indices.reshape(-1), np.int64)
 
     def forward(self, x, training=True):
         if self.device == "cuda":
@@ -108,6 +156,17 @@ class Embedding(IndexInput):
         scatter_add_rows_cpu(self._indices, dy.reshape(-1, self.embedding_dim), self.grads["weight"])
         return None
 
+    def forward_cuda(self, x, training):
+        shape, self._indices = self._device_indices(x, self.num_embeddings)
+        out = self.backend.empty((self._indices.size, self.embedding_dim), self.dtype)
+        gather_rows_cuda.launch(out.size, self._indices, self.params["weight"], out)
+        return out.reshape(*shape, self.embedding_dim)
+
+    def backward_cuda(self, dy):
+        dy2 = self.backend.asarray(dy, self.dtype).reshape(self._indices.size, self.embedding_dim)
+        scatter_add_rows_cuda.launch(self.grads["weight"].size, self._indices, dy2, self.grads["weight"])
+        return None
+
     def output_shape(self, input_shape):
         return (*input_shape, self.embedding_dim)
 
@@ -136,6 +195,15 @@ class OneHot(IndexInput):
         return out.reshape(*indices.shape, self.num_classes)
 
     def backward_cpu(self, dy):
+        return None
+
+    def forward_cuda(self, x, training):
+        shape, indices = self._device_indices(x, self.num_classes)
+        out = self.backend.empty((indices.size, self.num_classes), self.dtype)
+        one_hot_cuda.launch(out.size, indices, out)
+        return out.reshape(*shape, self.num_classes)
+
+    def backward_cuda(self, dy):
         return None
 
     def output_shape(self, input_shape):

@@ -30,9 +30,12 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel
+from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
+
+cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
 # -- CPU kernels ----------------------------------------------------------------
@@ -194,6 +197,170 @@ def add_over_channels_cpu(dv, dsum, dx):
                 dx[n, c, h, w] = dv[n, c, h, w] + dsum[n, h, w]
 
 
+# -- CUDA kernels ---------------------------------------------------------------
+# One thread per pixel (n, h, w) where the CPU loops over channels for it, one per
+# element where it is elementwise, and one block per sample for the per-sample
+# mean deviation, summed by a fixed-order tree: deterministic, no atomics.
+
+@cuda_device
+def pixel_of(e, height, width):
+    """(n, h, w) of flat pixel index e of (N, H, W) planes."""
+    n = e // (height * width)
+    rest = e - n * height * width
+    h = rest // width
+    return n, h, rest - h * width
+
+
+@cuda_kernel
+def channel_sum_cuda(x, out):
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        n, h, w = pixel_of(e, height, width)
+        acc = 0.0
+        for c in range(channels):
+            acc += x[n, c, h, w]
+        out[n, h, w] = acc
+
+
+@cuda_kernel
+def window_rows_cuda(src, taps, scale, scale_after, tmp):
+    """The row pass of window_sum_cpu: tmp = taps along w (of scale * src when not scale_after)."""
+    height, width = src.shape[1], src.shape[2]
+    radius = taps.size // 2
+    for e in range(cuda.grid(1), src.size, cuda.gridsize(1)):
+        n, h, w = pixel_of(e, height, width)
+        acc = 0.0
+        for k in range(taps.size):
+            ww = w + k - radius
+            if 0 <= ww < width:
+                value = src[n, h, ww]
+                if not scale_after:
+                    value *= scale[h, ww]
+                acc += taps[k] * value
+        tmp[n, h, w] = acc
+
+
+@cuda_kernel
+def window_columns_cuda(tmp, taps, scale, scale_after, out):
+    """The column pass: out = taps along h of tmp (times scale when scale_after)."""
+    height, width = tmp.shape[1], tmp.shape[2]
+    radius = taps.size // 2
+    for e in range(cuda.grid(1), tmp.size, cuda.gridsize(1)):
+        n, h, w = pixel_of(e, height, width)
+        acc = 0.0
+        for k in range(taps.size):
+            hh = h + k - radius
+            if 0 <= hh < height:
+                acc += taps[k] * tmp[n, hh, w]
+        if scale_after:
+            acc *= scale[h, w]
+        out[n, h, w] = acc
+
+
+@cuda_kernel
+def subtract_mean_cuda(x, mean, v, square_sum):
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    for e in range(cuda.grid(1), mean.size, cuda.gridsize(1)):
+        n, h, w = pixel_of(e, height, width)
+        acc = 0.0
+        for c in range(channels):
+            value = x[n, c, h, w] - mean[n, h, w]
+            v[n, c, h, w] = value
+            acc += value * value
+        square_sum[n, h, w] = acc
+
+
+@cuda_kernel
+def local_deviation_cuda(variance, eps, deviation, mean_deviation):
+    """Block n: deviation = sqrt(variance + eps) and its mean over the image."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    n = cuda.blockIdx.x
+    height, width = variance.shape[1], variance.shape[2]
+    acc = np.float64(0.0)
+    for e in range(cuda.threadIdx.x, height * width, cuda.blockDim.x):
+        h = e // width
+        w = e - h * width
+        value = math.sqrt(variance[n, h, w] + eps)
+        deviation[n, h, w] = value
+        acc += value
+    total = block_reduce_sum(partial, acc)
+    if cuda.threadIdx.x == 0:
+        mean_deviation[n] = total / (height * width)
+
+
+@cuda_kernel
+def divide_by_deviation_cuda(v, deviation, mean_deviation, y):
+    channels, height, width = v.shape[1], v.shape[2], v.shape[3]
+    for e in range(cuda.grid(1), v.size, cuda.gridsize(1)):
+        w = e % width
+        h = (e // width) % height
+        n = e // (width * height * channels)
+        c = (e // (width * height)) % channels
+        y[n, c, h, w] = v[n, c, h, w] / max(mean_deviation[n], deviation[n, h, w])
+
+
+@cuda_kernel
+def divisive_rows_cuda(dy, y, deviation, mean_deviation, dv, dvariance):
+    """First pass of divisive_backward_cpu, one thread per pixel."""
+    channels, height, width = dy.shape[1], dy.shape[2], dy.shape[3]
+    for e in range(cuda.grid(1), deviation.size, cuda.gridsize(1)):
+        n, h, w = pixel_of(e, height, width)
+        divisor = max(mean_deviation[n], deviation[n, h, w])
+        acc = 0.0
+        for c in range(channels):
+            dv[n, c, h, w] = dy[n, c, h, w] / divisor
+            acc -= dy[n, c, h, w] * y[n, c, h, w] / divisor
+        dvariance[n, h, w] = acc
+
+
+@cuda_kernel
+def divisive_samples_cuda(deviation, mean_deviation, dvariance):
+    """Block n: the second pass of divisive_backward_cpu.  The pixels where the mean
+    deviation won the max send their gradient to it (a fixed-order tree sum), which
+    spreads evenly; then d sqrt(var + eps) = 1 / (2 dev).  Each thread updates only
+    the pixels it read, so the in-place update needs no further barrier."""
+    partial = cuda.shared.array(shape=REDUCE_THREADS, dtype=np.float64)
+    n = cuda.blockIdx.x
+    height, width = deviation.shape[1], deviation.shape[2]
+    floor = mean_deviation[n]
+    acc = np.float64(0.0)
+    for e in range(cuda.threadIdx.x, height * width, cuda.blockDim.x):
+        h = e // width
+        w = e - h * width
+        if deviation[n, h, w] <= floor:
+            acc += dvariance[n, h, w]
+    dfloor = block_reduce_sum(partial, acc) / (height * width)
+    for e in range(cuda.threadIdx.x, height * width, cuda.blockDim.x):
+        h = e // width
+        w = e - h * width
+        own = dvariance[n, h, w] if deviation[n, h, w] > floor else 0.0
+        dvariance[n, h, w] = (own + dfloor) / (2.0 * deviation[n, h, w])
+
+
+@cuda_kernel
+def subtractive_backward_cuda(v, dsquare_sum, dv, dmean):
+    channels, height, width = v.shape[1], v.shape[2], v.shape[3]
+    for e in range(cuda.grid(1), dmean.size, cuda.gridsize(1)):
+        n, h, w = pixel_of(e, height, width)
+        acc = 0.0
+        for c in range(channels):
+            grad = dv[n, c, h, w] + 2.0 * v[n, c, h, w] * dsquare_sum[n, h, w]
+            dv[n, c, h, w] = grad
+            acc -= grad
+        dmean[n, h, w] = acc
+
+
+@cuda_kernel
+def add_over_channels_cuda(dv, dsum, dx):
+    channels, height, width = dv.shape[1], dv.shape[2], dv.shape[3]
+    for e in range(cuda.grid(1), dv.size, cuda.gridsize(1)):
+        w = e % width
+        h = (e // width) % height
+        n = e // (width * height * channels)
+        c = (e // (width * height)) % channels
+        dx[n, c, h, w] = dv[n, c, h, w] + dsum[n, h, w]
+
+
 # -- the layer ------------------------------------------------------------------
 def gaussian_taps(kernel_size, sigma):
     """1-D Gaussian taps summing to 1; their outer product is the 2-D window."""
@@ -276,6 +443,60 @@ class LocalContrastNorm(Layer):
         dsum = self._window_average(dmean, scale, False)
         dx = np.empty_like(dy)
         add_over_channels_cpu(dv, dsum, dx)
+        return dx
+
+    # -- CUDA (the same stages, on the device) -------------------------------------
+    def _device_constants(self, height, width):
+        key = ("cuda", height, width)
+        if key not in self._scales:
+            self._scales[key] = (self.backend.asarray(self.taps, self.dtype),
+                                 self.backend.asarray(self._scale(height, width), self.dtype))
+        return self._scales[key]
+
+    def _window_average_cuda(self, src, scale_after):
+        taps, scale = self._device_constants(src.shape[1], src.shape[2])
+        tmp = self.backend.empty(src.shape, self.dtype)
+        out = self.backend.empty(src.shape, self.dtype)
+        window_rows_cuda.launch(src.size, src, taps, scale, scale_after, tmp)
+        window_columns_cuda.launch(src.size, tmp, taps, scale, scale_after, out)
+        return out
+
+    def forward_cuda(self, x, training):
+        if x.ndim != 4 or x.shape[1] != self.num_channels:
+            raise ConfigError(
+                f"LocalContrastNorm({self.num_channels}) expects (N, {self.num_channels}, H, W) input, got {x.shape}"
+            )
+        n_batch, _, height, width = x.shape
+        plane = (n_batch, height, width)
+        empty = self.backend.empty
+        total = empty(plane, self.dtype)
+        channel_sum_cuda.launch(total.size, x, total)
+        mean = self._window_average_cuda(total, True)
+        v = empty(x.shape, self.dtype)
+        square_sum = empty(plane, self.dtype)
+        subtract_mean_cuda.launch(mean.size, x, mean, v, square_sum)
+        variance = self._window_average_cuda(square_sum, True)
+        deviation = empty(plane, self.dtype)
+        mean_deviation = empty(n_batch, self.dtype)
+        local_deviation_cuda.launch_blocks(n_batch, variance, self.dtype.type(self.eps), deviation, mean_deviation)
+        y = empty(x.shape, self.dtype)
+        divide_by_deviation_cuda.launch(y.size, v, deviation, mean_deviation, y)
+        self._saved = (v, y, deviation, mean_deviation)
+        return y
+
+    def backward_cuda(self, dy):
+        v, y, deviation, mean_deviation = self._saved
+        empty = self.backend.empty
+        dv = empty(dy.shape, self.dtype)
+        dvariance = empty(deviation.shape, self.dtype)
+        divisive_rows_cuda.launch(deviation.size, dy, y, deviation, mean_deviation, dv, dvariance)
+        divisive_samples_cuda.launch_blocks(deviation.shape[0], deviation, mean_deviation, dvariance)
+        dsquare_sum = self._window_average_cuda(dvariance, False)
+        dmean = empty(deviation.shape, self.dtype)
+        subtractive_backward_cuda.launch(dmean.size, v, dsquare_sum, dv, dmean)
+        dsum = self._window_average_cuda(dmean, False)
+        dx = empty(dy.shape, self.dtype)
+        add_over_channels_cuda.launch(dx.size, dv, dsum, dx)
         return dx
 
     def output_shape(self, input_shape):

@@ -27,7 +27,7 @@ class Sequential(Layer):
         if names is not None:
             self.set_child_names(names)
         #: Let a layer that can (``absorbs_relu``: Conv2D, BatchNorm) apply the ReLU
-        #: after it in its own kernels on the CPU.  Results are identical; only the
+        #: after it in its own kernels (CPU and CUDA).  Results are identical; only the
         #: producing layer's own output is then already rectified.
         self.fuse_relu = bool(fuse_relu)
 
@@ -60,8 +60,9 @@ class Sequential(Layer):
         for index, producer in enumerate(self.layers):
             consumer = self.layers[index + 1] if index + 1 < len(self.layers) else None
             relu_next = type(consumer) is ReLU
+            # Both devices: Conv2D's and BatchNorm's CUDA kernels rectify and mask too.
             fuse = (self.fuse_relu and relu_next and producer.absorbs_relu
-                    and producer.device == "cpu" and consumer.device == "cpu")
+                    and producer.device == consumer.device)
             if producer.absorbs_relu:
                 producer.fused_relu = fuse
             if relu_next:

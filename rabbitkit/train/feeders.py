@@ -48,8 +48,11 @@ class Feeder:
         """(correct, count) of a batch; count is what the loss averages over."""
         if not self.has_accuracy:
             return 0.0, float(len(yb))
-        from ..backend import to_host
+        from ..backend import device_of, get_backend, to_host
 
+        if device_of(out) == "cuda":  # count on the device: one number comes back, not the scores
+            backend = get_backend("cuda")
+            return backend.count_argmax_matches(out.reshape(yb.size, out.size // yb.size), yb), float(yb.size)
         predicted = np.asarray(to_host(out)).argmax(axis=-1)
         return float(np.count_nonzero(predicted == yb)), float(yb.size)
 
