@@ -14,7 +14,7 @@ import numpy as np
 
 from .backend import to_host
 
-__all__ = ["check_gradients", "check_loss_gradients", "check_cuda_parity", "GradientReport"]
+__all__ = ["check_gradients", "check_loss_gradients", "check_cuda_parity", "numeric_gradient", "GradientReport"]
 
 
 @dataclass
@@ -125,6 +125,16 @@ def _central_difference(objective, array, index, eps):
     minus = objective(array)
     array[index] = saved
     return (plus - minus) / (2 * eps)
+
+
+def numeric_gradient(objective, x, eps=1e-6):
+    """Central-difference gradient of the scalar ``objective(x)`` at every entry of x
+    (float64; x is perturbed in place and restored): for checking whole chains, such
+    as an input gradient through a model, that :func:`check_gradients` does not cover."""
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        grad[index] = _central_difference(objective, x, index, eps)
+    return grad
 
 
 def check_loss_gradients(loss, outputs, targets, *, eps=1e-6, rtol=1e-4, atol=1e-7, max_checks=150, seed=0):

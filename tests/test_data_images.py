@@ -184,9 +184,22 @@ def test_decoding_runs_on_a_thread_pool_and_shows_progress_on_a_terminal(monkeyp
     items = [(source, name) for name in arrays]
     threads = set()
     original = images.decode_resized
+    # The first call of each of two threads waits for the other: a pool decodes on
+    # at least two threads at once, however loaded the machine (a serial decoder
+    # breaks the barrier after its timeout and fails the assertion below).
+    meeting = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
 
     def recording(*args, **kwargs):
-        threads.add(threading.get_ident())
+        with lock:
+            first = threading.get_ident() not in threads
+            threads.add(threading.get_ident())
+            waits = first and len(threads) <= 2
+        if waits:
+            try:
+                meeting.wait()
+            except threading.BrokenBarrierError:
+                pass
         return original(*args, **kwargs)
 
     monkeypatch.setattr(images, "decode_resized", recording)

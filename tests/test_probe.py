@@ -13,6 +13,7 @@ from rabbitkit.layers.flatten import Flatten
 from rabbitkit.layers.pooling import AvgPool2D, MaxPool2D
 from rabbitkit.layers.sequential import Sequential
 from rabbitkit.probe import FeatureProbe
+from rabbitkit.testing import numeric_gradient
 
 F64 = np.float64
 
@@ -102,19 +103,6 @@ def test_freeze_pattern_that_matches_nothing_is_refused():
         freeze(small_net(), ["featurs.*"])
 
 
-def _numeric_input_gradient(objective, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        saved = x[index]
-        x[index] = saved + eps
-        up = objective(x)
-        x[index] = saved - eps
-        down = objective(x)
-        x[index] = saved
-        grad[index] = (up - down) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("targets", [["features.2"], ["features.0", "features.4"], ["features.2.left.0", ""]])
 def test_probe_input_gradient_matches_finite_differences(targets):
     """Gradients injected at one or two depths (inside a branch too) through conv, ReLU,
@@ -132,7 +120,7 @@ def test_probe_input_gradient_matches_finite_differences(targets):
 
         probe.forward(x)
         dx = probe.backward(weights)
-        numeric = _numeric_input_gradient(objective, x.copy())
+        numeric = numeric_gradient(objective, x.copy())
     np.testing.assert_allclose(dx, numeric, rtol=1e-5, atol=1e-7)
 
 

@@ -4,21 +4,9 @@ import pytest
 
 from rabbitkit.backend import device_of, get_backend
 from rabbitkit.errors import ConfigError
+from rabbitkit.testing import numeric_gradient
 from rabbitkit.layers.style_losses import (ContentLoss, GramMatrix, StyleLoss, TotalVariationLoss, blend_grams,
                                            gram_matrix, normalised_blend)
-
-
-def numeric_gradient(objective, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        saved = x[index]
-        x[index] = saved + eps
-        up = objective(x)
-        x[index] = saved - eps
-        down = objective(x)
-        x[index] = saved
-        grad[index] = (up - down) / (2 * eps)
-    return grad
 
 
 def reference_gram(f):

@@ -17,6 +17,7 @@ from rabbitkit.visualize.deepdream import dream, dream_frames, make_step
 from rabbitkit.visualize.gradients import ImageGradient
 from rabbitkit.visualize.objectives import Channel, Guide, LayerL2, Unit, WeightedSum
 from rabbitkit.visualize.tiling import TilingError, layer_geometries
+from rabbitkit.testing import numeric_gradient
 
 F64 = np.float64
 
@@ -107,20 +108,6 @@ def test_unit_objective_is_refused_by_tiling():
             gradient(np.zeros((1, 3, 16, 16)))
 
 
-def _finite_difference(f, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    flat, out = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + eps
-        plus = f(x)
-        flat[i] = keep - eps
-        minus = f(x)
-        flat[i] = keep
-        out[i] = (plus - minus) / (2 * eps)
-    return grad
-
-
 def test_guided_objective_gradient_matches_finite_differences():
     net = conv_net()
     rng = np.random.default_rng(2)
@@ -130,7 +117,7 @@ def test_guided_objective_gradient_matches_finite_differences():
     x = rng.normal(size=(1, 3, 8, 8))
     with ImageGradient(net, guide) as gradient:
         _, grad = gradient(x)
-        numeric = _finite_difference(lambda v: gradient(v)[0], x.copy())
+        numeric = numeric_gradient(lambda v: gradient(v)[0], x.copy())
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
@@ -146,7 +133,7 @@ def test_objective_at_two_depths_through_lrn_and_dense_matches_finite_difference
     x = np.random.default_rng(12).normal(size=(1, 3, 8, 8))
     with ImageGradient(net, objective) as gradient:
         _, grad = gradient(x)
-        numeric = _finite_difference(lambda v: gradient(v)[0], x.copy())
+        numeric = numeric_gradient(lambda v: gradient(v)[0], x.copy())
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
 
 

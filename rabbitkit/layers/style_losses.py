@@ -132,9 +132,9 @@ def total_variation_kernel_cuda(x, dx, terms, h, w, weight):
 
 
 def _cuda_sum(array):
-    from ..losses import _cuda_reduce
+    from ..backend import get_backend
 
-    return float(_cuda_reduce("sum")(array))
+    return get_backend("cuda").reduce_to_host((array, "sum"))[0]  # fixed-order block sums
 
 
 # -- helpers --------------------------------------------------------------------
