@@ -197,7 +197,7 @@ def char_batches(rng, vocab, batch=3, steps=2, count=2):
     return [(ids[:, k * steps:(k + 1) * steps], ids[:, k * steps + 1:(k + 1) * steps + 1]) for k in range(count)]
 
 
-def compare_runs(make, batches, vocab, clip=0.5):
+def check_runs_match(make, batches, vocab, clip=0.5):
     cpu_model = make()
     cuda_model = make()
     cuda_model.load_state_dict(cpu_model.state_dict())
@@ -222,7 +222,7 @@ def test_two_training_steps_of_the_char_rnn_core_match_cpu(rng):
         return Sequential([recurrent, Dense(4, vocab)])
 
     batches = [(eye[x], y) for x, y in char_batches(rng, vocab)]
-    losses = compare_runs(make, batches, vocab)
+    losses = check_runs_match(make, batches, vocab)
     assert losses[1] != losses[0]
 
 
@@ -231,7 +231,7 @@ def test_two_training_steps_of_the_char_rnn_core_match_cpu(rng):
                            "with the Conv2D/BatchNorm/Embedding CUDA work); the char-rnn core is tested above")
 def test_two_training_steps_of_the_char_rnn_match_cpu(rng):
     vocab = 5
-    losses = compare_runs(lambda: build_char_rnn((vocab,), vocab, hidden_size=4, num_layers=2, dropout=0.25),
+    losses = check_runs_match(lambda: build_char_rnn((vocab,), vocab, hidden_size=4, num_layers=2, dropout=0.25),
                           char_batches(rng, vocab), vocab)
     assert losses[1] != losses[0]
 
@@ -247,7 +247,7 @@ def test_two_training_steps_of_seq2seq_match_cpu(rng):
     for _ in range(2):
         source, decoder_input, decoder_target = task.training_batch(2, rng)
         batches.append(((source, decoder_input), decoder_target))
-    compare_runs(lambda: Seq2Seq(task.vocab_size, hidden_size=4, embedding_dim=3), batches, task.vocab_size)
+    check_runs_match(lambda: Seq2Seq(task.vocab_size, hidden_size=4, embedding_dim=3), batches, task.vocab_size)
 
 
 def _cuda_compiler_libraries():

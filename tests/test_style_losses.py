@@ -160,7 +160,7 @@ def _on_cuda(array):
     return get_backend("cuda").asarray(array.astype(np.float32))
 
 
-def _compare(cpu_value, cpu_grad, cuda_value, cuda_grad):
+def assert_same_on_cuda(cpu_value, cpu_grad, cuda_value, cuda_grad):
     assert device_of(cuda_grad) == "cuda"
     np.testing.assert_allclose(cuda_value, cpu_value, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(cuda_grad.copy_to_host(), cpu_grad, rtol=1e-4, atol=1e-6)
@@ -182,7 +182,7 @@ def test_cuda_style_loss_matches_cpu():
     f = rng.normal(size=(1, 5, 3, 4)).astype(np.float32)
     target = reference_gram(rng.normal(size=(1, 5, 4, 4)))[0]
     cpu, gpu = StyleLoss(target, 100.0), StyleLoss(target, 100.0)
-    _compare(cpu.forward(f), cpu.backward(), gpu.forward(_on_cuda(f)), gpu.backward())
+    assert_same_on_cuda(cpu.forward(f), cpu.backward(), gpu.forward(_on_cuda(f)), gpu.backward())
 
 
 def test_cuda_content_loss_matches_cpu():
@@ -190,13 +190,13 @@ def test_cuda_content_loss_matches_cpu():
     f = rng.normal(size=(1, 3, 4, 3)).astype(np.float32)
     target = rng.normal(size=f.shape).astype(np.float32)
     cpu, gpu = ContentLoss(target, 5.0), ContentLoss(target, 5.0)
-    _compare(cpu.forward(f), cpu.backward(), gpu.forward(_on_cuda(f)), gpu.backward())
+    assert_same_on_cuda(cpu.forward(f), cpu.backward(), gpu.forward(_on_cuda(f)), gpu.backward())
 
 
 def test_cuda_total_variation_matches_cpu():
     x = np.random.default_rng(13).normal(size=(1, 3, 5, 4)).astype(np.float32)
     cpu, gpu = TotalVariationLoss(1e-3), TotalVariationLoss(1e-3)
-    _compare(cpu.forward(x), cpu.backward(), gpu.forward(_on_cuda(x)), gpu.backward())
+    assert_same_on_cuda(cpu.forward(x), cpu.backward(), gpu.forward(_on_cuda(x)), gpu.backward())
 
 
 def test_a_second_forward_reuses_the_gradient_buffer_and_gives_the_same_numbers():

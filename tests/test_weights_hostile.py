@@ -15,7 +15,7 @@ from weights_writers import (Checkpoint, Pickle, legacy_header, net, layer, blob
                              write_checkpoint_zip, write_legacy, write_zip)
 
 
-def refused(path, *fragments):
+def assert_refused(path, *fragments):
     """read_weights(path) raises a one-line WeightsError naming the file and every fragment."""
     with pytest.raises(WeightsError) as info:
         read_weights(path)
@@ -63,32 +63,32 @@ def test_code_execution_payloads_are_refused_and_never_run(name, tmp_path):
     nested = Pickle().op("EMPTY_DICT").str("state_dict").raw(data[2:]).op("SETITEM")
     nested_path = write_zip(str(tmp_path / "nested.pth"), bytes(nested), {})
     for path in (zip_path, legacy_path, nested_path):
-        refused(path, f"'{name}'", "allow-list")
+        assert_refused(path, f"'{name}'", "allow-list")
     assert not sentinel.exists()
 
 
 def test_reduce_of_something_not_an_allowed_callable(tmp_path):
     # A storage type is on the allow-list as data, not as a callable.
     p = Pickle().global_("torch", "FloatStorage").op("EMPTY_TUPLE").op("REDUCE")
-    refused(write_zip(str(tmp_path / "a.pt"), bytes(p), {}), "REDUCE", "torch.FloatStorage")
+    assert_refused(write_zip(str(tmp_path / "a.pt"), bytes(p), {}), "REDUCE", "torch.FloatStorage")
     # A value the file made (a string) is not callable either.
     p = Pickle().str("os.system").op("EMPTY_TUPLE").op("REDUCE")
-    refused(write_zip(str(tmp_path / "b.pt"), bytes(p), {}), "REDUCE", "not an allowed callable")
+    assert_refused(write_zip(str(tmp_path / "b.pt"), bytes(p), {}), "REDUCE", "not an allowed callable")
     # Globals people do save that have no meaning as weights are refused by name.
     for module, name in [("collections", "Counter"), ("argparse", "Namespace"),
                          ("numpy.core.multiarray", "scalar"), ("torch._tensor", "_rebuild_from_type_v2"),
                          ("torch.nn.modules.linear", "Linear")]:
         p = Pickle().global_(module, name).op("EMPTY_TUPLE").op("REDUCE")
-        refused(write_zip(str(tmp_path / f"{name}.pt"), bytes(p), {}), f"'{module}.{name}'")
+        assert_refused(write_zip(str(tmp_path / f"{name}.pt"), bytes(p), {}), f"'{module}.{name}'")
 
 
 def test_newobj_and_other_construction_opcodes_are_refused(tmp_path):
     p = Pickle().global_("collections", "OrderedDict").op("EMPTY_TUPLE").op("NEWOBJ")
-    refused(write_zip(str(tmp_path / "n.pt"), bytes(p), {}), "NEWOBJ")
+    assert_refused(write_zip(str(tmp_path / "n.pt"), bytes(p), {}), "NEWOBJ")
     p = Pickle().raw(b"(ios\nsystem\n")  # INST: protocol 0's import-and-call
-    refused(write_zip(str(tmp_path / "i.pt"), bytes(p), {}), "INST")
+    assert_refused(write_zip(str(tmp_path / "i.pt"), bytes(p), {}), "INST")
     p = Pickle().raw(b"\xff")
-    refused(write_zip(str(tmp_path / "x.pt"), bytes(p), {}), "0xff")
+    assert_refused(write_zip(str(tmp_path / "x.pt"), bytes(p), {}), "0xff")
 
 
 def tensor_pickle(build_state=None, on="tensor"):
@@ -106,7 +106,7 @@ def tensor_pickle(build_state=None, on="tensor"):
 @pytest.mark.parametrize("target", ["tensor", "list", "dict"])
 def test_build_on_anything_but_an_ordered_dict(target, tmp_path):
     storages = {"0": ("FloatStorage", np.ones(2, np.float32))}
-    refused(write_zip(str(tmp_path / "b.pt"), tensor_pickle(on=target), storages), "BUILD on a")
+    assert_refused(write_zip(str(tmp_path / "b.pt"), tensor_pickle(on=target), storages), "BUILD on a")
 
 
 def test_build_state_never_becomes_items(tmp_path):
@@ -119,11 +119,11 @@ def test_build_state_never_becomes_items(tmp_path):
 
 def test_setitem_and_append_only_on_their_containers(tmp_path):
     p = Pickle().op("EMPTY_LIST").str("k").str("v").op("SETITEM")
-    refused(write_zip(str(tmp_path / "s.pt"), bytes(p), {}), "SETITEM on a list")
+    assert_refused(write_zip(str(tmp_path / "s.pt"), bytes(p), {}), "SETITEM on a list")
     p = Pickle().op("EMPTY_DICT").str("v").op("APPEND")
-    refused(write_zip(str(tmp_path / "a.pt"), bytes(p), {}), "APPEND on a dict")
+    assert_refused(write_zip(str(tmp_path / "a.pt"), bytes(p), {}), "APPEND on a dict")
     p = Pickle().op("EMPTY_DICT").int(1).op("TUPLE1").str("v").op("SETITEM")
-    refused(write_zip(str(tmp_path / "k.pt"), bytes(p), {}), "dict key is a tuple")
+    assert_refused(write_zip(str(tmp_path / "k.pt"), bytes(p), {}), "dict key is a tuple")
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
@@ -135,14 +135,14 @@ def test_storage_shorter_than_its_tensor(fmt, tmp_path):
         # The pickle declares 6 elements, the entry holds 4 (16 bytes).
         path = write_zip(str(tmp_path / "short.pt"), ckpt.pickle(), ckpt.storages,
                          storage_bytes={key: np.ones(4, np.float32).tobytes()})
-        refused(path, "storage '0'", "declares 6", "only 4")
+        assert_refused(path, "storage '0'", "declares 6", "only 4")
     else:
         # The legacy count says 4 where the pickle declares 6.
         path = write_legacy(str(tmp_path / "short.pt"), ckpt.pickle(legacy=True), ckpt.storages, counts={key: 4})
-        refused(path, "storage '0'", "4 elements", "declares 6")
+        assert_refused(path, "storage '0'", "4 elements", "declares 6")
     # A pickle declaring fewer elements than its tensor needs.
     path = write_zip(str(tmp_path / "decl.pt"), ckpt.pickle(numel_of={key: 5}), ckpt.storages)
-    refused(path, "tensor 'w'", "reaches element 6", "holds 5")
+    assert_refused(path, "tensor 'w'", "reaches element 6", "holds 5")
 
 
 def test_legacy_storage_past_end_of_file(tmp_path):
@@ -151,7 +151,7 @@ def test_legacy_storage_past_end_of_file(tmp_path):
     path = write_legacy(str(tmp_path / "t.pt"), ckpt.pickle(legacy=True), ckpt.storages)
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-100])
-    refused(path, "storage '0'", "past the end")
+    assert_refused(path, "storage '0'", "past the end")
 
 
 @pytest.mark.parametrize("geometry", [
@@ -165,7 +165,7 @@ def test_strides_and_offsets_outside_the_storage(geometry, tmp_path):
     ckpt = Checkpoint()
     key = ckpt.add_raw_storage("FloatStorage", np.arange(6, dtype=np.float32))
     ckpt.view("w", key, offset, shape, stride)
-    refused(write_checkpoint_zip(str(tmp_path / "s.pt"), ckpt), "tensor 'w'")
+    assert_refused(write_checkpoint_zip(str(tmp_path / "s.pt"), ckpt), "tensor 'w'")
 
 
 def test_negative_and_huge_geometry_integers(tmp_path):
@@ -173,14 +173,14 @@ def test_negative_and_huge_geometry_integers(tmp_path):
         p = Pickle().op("EMPTY_DICT").str("w")
         p.tensor("FloatStorage", "0", 2, 0, shape, stride).op("SETITEM")
         storages = {"0": ("FloatStorage", np.ones(2, np.float32))}
-        refused(write_zip(str(tmp_path / f"g{n}.pt"), bytes(p), storages), "tensor")
+        assert_refused(write_zip(str(tmp_path / f"g{n}.pt"), bytes(p), storages), "tensor")
 
 
 def test_compressed_zip_entry(tmp_path):
     ckpt = Checkpoint()
     ckpt.add("w", np.zeros(1000, np.float32))
     path = write_zip(str(tmp_path / "deflated.pt"), ckpt.pickle(), ckpt.storages, compression=zipfile.ZIP_DEFLATED)
-    refused(path, "compressed")
+    assert_refused(path, "compressed")
 
 
 def test_zip_entry_over_the_cap(tmp_path, monkeypatch):
@@ -189,10 +189,10 @@ def test_zip_entry_over_the_cap(tmp_path, monkeypatch):
     path = write_checkpoint_zip(str(tmp_path / "big.pt"), ckpt)
     assert read_weights(path).tensors["w"].shape == (10,)
     monkeypatch.setattr(limits, "MAX_PICKLE_BYTES", 64)
-    refused(path, "data.pkl", "over the 64-byte cap")
+    assert_refused(path, "data.pkl", "over the 64-byte cap")
     monkeypatch.setattr(limits, "MAX_PICKLE_BYTES", 2**20)
     monkeypatch.setattr(limits, "MAX_STORAGE_BYTES", 16)
-    refused(path, "data/0", "over the 16-byte cap")
+    assert_refused(path, "data/0", "over the 16-byte cap")
 
 
 def test_overlapping_storage_entries_cannot_multiply_memory(tmp_path):
@@ -214,7 +214,7 @@ def test_overlapping_storage_entries_cannot_multiply_memory(tmp_path):
             struct.pack_into("<I", data, pos + 42, first.header_offset)
         pos = data.find(b"PK\x01\x02", pos + 46 + name_length + extra_length + comment_length)
     open(path, "wb").write(bytes(data))
-    refused(path, "storages add up to")
+    assert_refused(path, "storages add up to")
 
 
 def test_deep_nesting(tmp_path):
@@ -222,20 +222,20 @@ def test_deep_nesting(tmp_path):
     for _ in range(10000):
         deep_tuple.op("TUPLE1")
     deep_tuple.op("SETITEM")
-    refused(write_zip(str(tmp_path / "t.pt"), bytes(deep_tuple), {}), "nested deeper")
+    assert_refused(write_zip(str(tmp_path / "t.pt"), bytes(deep_tuple), {}), "nested deeper")
     marks = Pickle()
     for _ in range(1000):
         marks.op("MARK")
-    refused(write_zip(str(tmp_path / "m.pt"), bytes(marks), {}), "MARKs nested deeper")
+    assert_refused(write_zip(str(tmp_path / "m.pt"), bytes(marks), {}), "MARKs nested deeper")
     lists = Pickle()
     for _ in range(1000):
         lists.op("EMPTY_LIST")
     for _ in range(999):
         lists.op("APPEND")
-    refused(write_zip(str(tmp_path / "l.pt"), bytes(lists), {}), "nested deeper")
+    assert_refused(write_zip(str(tmp_path / "l.pt"), bytes(lists), {}), "nested deeper")
     # A list that contains itself (through the memo): the walk stops at the cap.
     cycle = Pickle().op("EMPTY_LIST").put().get(0).op("APPEND")
-    refused(write_zip(str(tmp_path / "c.pt"), bytes(cycle), {}), "nested deeper")
+    assert_refused(write_zip(str(tmp_path / "c.pt"), bytes(cycle), {}), "nested deeper")
 
 
 def test_memo_cap(tmp_path, monkeypatch):
@@ -243,18 +243,18 @@ def test_memo_cap(tmp_path, monkeypatch):
     for i in range(50):
         p.put()
     monkeypatch.setattr(limits, "MAX_MEMO", 20)
-    refused(write_zip(str(tmp_path / "memo.pt"), bytes(p), {}), "memo holds more than 20")
+    assert_refused(write_zip(str(tmp_path / "memo.pt"), bytes(p), {}), "memo holds more than 20")
     p = Pickle().get(7)
-    refused(write_zip(str(tmp_path / "get.pt"), bytes(p), {}), "memo entry 7")
+    assert_refused(write_zip(str(tmp_path / "get.pt"), bytes(p), {}), "memo entry 7")
 
 
 def test_truncated_and_unterminated_pickles(tmp_path):
     good = bytes(Pickle().op("EMPTY_DICT").str("a" * 40).int(1).op("SETITEM"))
-    refused(write_zip(str(tmp_path / "t.pt"), good[:20], {}), "truncated pickle")
-    refused(write_zip(str(tmp_path / "s.pt"), good[:-1], {}), "without STOP")
+    assert_refused(write_zip(str(tmp_path / "t.pt"), good[:20], {}), "truncated pickle")
+    assert_refused(write_zip(str(tmp_path / "s.pt"), good[:-1], {}), "without STOP")
     huge = Pickle().raw(b"\x8d" + (2**62).to_bytes(8, "little"))  # BINUNICODE8 claiming exabytes
-    refused(write_zip(str(tmp_path / "h.pt"), bytes(huge), {}), "truncated pickle")
-    refused(write_zip(str(tmp_path / "u.pt"), bytes(Pickle().op("MARK").op("STOP")), {}), "pickle")
+    assert_refused(write_zip(str(tmp_path / "h.pt"), bytes(huge), {}), "truncated pickle")
+    assert_refused(write_zip(str(tmp_path / "u.pt"), bytes(Pickle().op("MARK").op("STOP")), {}), "pickle")
 
 
 def test_persistent_ids_are_checked(tmp_path):
@@ -268,21 +268,21 @@ def test_persistent_ids_are_checked(tmp_path):
                      .str("cpu").int(-1).op("TUPLE").op("BINPERSID"), "element count"),
     }
     for name, (p, fragment) in cases.items():
-        refused(write_zip(str(tmp_path / f"{name}.pt"), bytes(p), {}), fragment)
+        assert_refused(write_zip(str(tmp_path / f"{name}.pt"), bytes(p), {}), fragment)
 
 
 def test_a_plain_pickle_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "data.pth"
     path.write_bytes(pickle.dumps({"a": [1, 2, 3]}, protocol=2))
-    refused(path, "not a PyTorch checkpoint")
+    assert_refused(path, "not a PyTorch checkpoint")
     path.write_bytes(legacy_header() + bytes(Pickle().op("EMPTY_DICT")) + bytes(Pickle().op("EMPTY_LIST")))
-    refused(path, "no tensors")
+    assert_refused(path, "no tensors")
 
 
 def test_safetensors_header_claiming_gigabytes(tmp_path):
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 5 * 2**30) + b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}')
-    refused(path, "header claims 5368709120 bytes")
+    assert_refused(path, "header claims 5368709120 bytes")
 
 
 def test_truncated_caffemodel_varint(tmp_path):
@@ -290,9 +290,9 @@ def test_truncated_caffemodel_varint(tmp_path):
     path = tmp_path / "t.caffemodel"
     # The file ends inside the varint of a layer's length.
     path.write_bytes(data + varint(100 << 3 | 2) + b"\xff")
-    refused(path, "truncated varint at byte")
+    assert_refused(path, "truncated varint at byte")
     path.write_bytes(data + field_bytes(100, b"x" * 50)[:-20])
-    refused(path, "runs past the end")
+    assert_refused(path, "runs past the end")
 
 
 def test_files_of_another_format_renamed(tmp_path):
@@ -310,25 +310,25 @@ def test_files_of_another_format_renamed(tmp_path):
     for name, (content, what) in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
-        refused(path, what)
+        assert_refused(path, what)
 
 
 def test_zip_that_is_not_a_torch_file(tmp_path):
     npz = tmp_path / "arrays.pth"
     np.savez(npz.with_suffix(".npz"), a=np.ones(3))
     npz.with_suffix(".npz").rename(npz)
-    refused(npz, "not a PyTorch file")
+    assert_refused(npz, "not a PyTorch file")
     script = tmp_path / "script.pt"
     with zipfile.ZipFile(script, "w") as archive:
         archive.writestr("m/data.pkl", b"")
         archive.writestr("m/constants.pkl", b"")
         archive.writestr("m/code/__torch__.py", b"")
-    refused(script, "TorchScript")
+    assert_refused(script, "TorchScript")
 
 
 def test_missing_file_and_folder(tmp_path):
-    refused(tmp_path / "nope.pt", "not found")
-    refused(tmp_path, "folder")
+    assert_refused(tmp_path / "nope.pt", "not found")
+    assert_refused(tmp_path, "folder")
 
 
 def test_truncated_and_mutated_files_only_ever_raise_weights_errors(tmp_path, rng):
@@ -378,7 +378,7 @@ def test_a_module_the_file_names_is_never_imported(tmp_path, monkeypatch):
     (tmp_path / "rabbit_evil_module.py").write_text(f"open({str(sentinel)!r}, 'w').close()\ndef run(): pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     p = Pickle().global_("rabbit_evil_module", "run").op("EMPTY_TUPLE").op("REDUCE")
-    refused(write_zip(str(tmp_path / "i.pt"), bytes(p), {}), "'rabbit_evil_module.run'")
+    assert_refused(write_zip(str(tmp_path / "i.pt"), bytes(p), {}), "'rabbit_evil_module.run'")
     assert "rabbit_evil_module" not in sys.modules and not sentinel.exists()
 
 
@@ -400,8 +400,8 @@ def test_legacy_storage_list_must_match_the_pickle(tmp_path):
     ckpt = Checkpoint()
     ckpt.add("w", np.ones(3, np.float32))
     extra = dict(ckpt.storages, unused=("FloatStorage", np.ones(2, np.float32)))
-    refused(write_legacy(str(tmp_path / "x.pt"), ckpt.pickle(legacy=True), extra), "'unused' is listed but no tensor")
-    refused(write_legacy(str(tmp_path / "m.pt"), ckpt.pickle(legacy=True), {}), "missing from the storage list")
+    assert_refused(write_legacy(str(tmp_path / "x.pt"), ckpt.pickle(legacy=True), extra), "'unused' is listed but no tensor")
+    assert_refused(write_legacy(str(tmp_path / "m.pt"), ckpt.pickle(legacy=True), {}), "missing from the storage list")
     # A zip-style 5-field persistent id in a legacy file (and the reverse) is refused.
-    refused(write_legacy(str(tmp_path / "z.pt"), ckpt.pickle(legacy=False), ckpt.storages), "persistent id")
-    refused(write_zip(str(tmp_path / "l.pt"), ckpt.pickle(legacy=True), ckpt.storages), "persistent id")
+    assert_refused(write_legacy(str(tmp_path / "z.pt"), ckpt.pickle(legacy=False), ckpt.storages), "persistent id")
+    assert_refused(write_zip(str(tmp_path / "l.pt"), ckpt.pickle(legacy=True), ckpt.storages), "persistent id")

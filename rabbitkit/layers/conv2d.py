@@ -319,10 +319,18 @@ conv_backward_parallel = kernel(conv_backward)
 # transfer), and a candidate the tuner measures against per-sample lowering.
 @kernel
 def lower_batch(x, xpad, cols, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    per = cols.shape[1] // x.shape[0]
-    for b in prange(x.shape[0]):
+    """Parallel over (sample, channel): each channel's kh*kw rows of cols are
+    independent, so a batch of one still uses every thread.  xpad: one padded plane
+    per thread."""
+    n, channels = x.shape[0], x.shape[1]
+    per = cols.shape[1] // n
+    taps = kh * kw
+    for task in prange(n * channels):
+        b = task // channels
+        c = task - b * channels
         slot = numba.get_thread_id()
-        lower_sample(x[b], xpad[slot], cols[:, b * per:(b + 1) * per], kh, kw, sh, sw, ph, pw, ho, wo, wide)
+        lower_sample(x[b, c:c + 1], xpad[slot], cols[c * taps:(c + 1) * taps, b * per:(b + 1) * per],
+                     kh, kw, sh, sw, ph, pw, ho, wo, wide)
 
 
 @kernel
@@ -342,10 +350,17 @@ def load_batch_grad(dy, y, relu, rows, unused_rows_t, dbias_parts):
 
 @kernel
 def raise_batch(dcols, xpad, dx, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    per = dcols.shape[1] // dx.shape[0]
-    for b in prange(dx.shape[0]):
+    """col2im of every (sample, channel) in parallel: a channel's rows of dcols add
+    only into its own plane of dx (and of its thread's padded plane xpad)."""
+    n, channels = dx.shape[0], dx.shape[1]
+    per = dcols.shape[1] // n
+    taps = kh * kw
+    for task in prange(n * channels):
+        b = task // channels
+        c = task - b * channels
         slot = numba.get_thread_id()
-        raise_sample(dcols[:, b * per:(b + 1) * per], xpad[slot], dx[b], kh, kw, sh, sw, ph, pw, ho, wo, wide)
+        raise_sample(dcols[c * taps:(c + 1) * taps, b * per:(b + 1) * per], xpad[slot], dx[b, c:c + 1],
+                     kh, kw, sh, sw, ph, pw, ho, wo, wide)
 
 
 PER_SAMPLE, WHOLE_BATCH = "per-sample", "whole-batch"
@@ -549,6 +564,12 @@ class Conv2D(Layer):
         padded = channels * (height + 2 * ph) * (width + 2 * pw) + kw - 1 if wide else 1
         return (kh, kw, sh, sw, ph, pw, ho, wo, wide), padded, channels * kh * kw, ho * pitch
 
+    def _plane_scratch(self, padded, x, geometry):
+        """One padded plane per thread: the whole-batch kernels pad a channel at a time."""
+        kw, wide = geometry[1], geometry[8]
+        plane = (padded - (kw - 1)) // x.shape[1] + kw - 1 if wide else 1
+        return scratch("conv_xpad_plane", (numba.get_num_threads(), plane), self.dtype)
+
     def _variant(self, direction, x, run):
         """Which CPU variant runs ``direction`` at x's shape: forced, measured once per
         machine (:mod:`rabbitkit.backend.tuning`), or the default.  ``run(name)``
@@ -587,7 +608,7 @@ class Conv2D(Layer):
             else:
                 cols = scratch("conv_cols_all", (rows, x.shape[0] * positions), self.dtype)
                 product = scratch("conv_product_all", (self.out_channels, cols.shape[1]), self.dtype)
-                lower_batch(x, xpad, cols, *geometry)
+                lower_batch(x, self._plane_scratch(padded, x, geometry), cols, *geometry)
                 np.dot(weight, cols, out=product)
                 store_batch(product, self._bias(), y, self.fused_relu)
 
@@ -627,6 +648,7 @@ class Conv2D(Layer):
             load_batch_grad(dy, mask_source, relu, out_rows, np.empty((1, 1), self.dtype), dbias_parts)
             cols = scratch("conv_cols_all", (rows, out_rows.shape[1]), self.dtype)
             dweight = None
+            xpad = self._plane_scratch(padded, x, geometry)
             if self.weight_grads_wanted:
                 lower_batch(x, xpad, cols, *geometry)
                 dweight = np.dot(out_rows, cols.T)
