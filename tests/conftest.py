@@ -19,6 +19,47 @@ import sys  # noqa: E402
 # faster (measured on a block reduction and a GEMM) and changes nothing else here.
 sys.setswitchinterval(1e-4)
 
+
+def _serialise_simulator_shared_arrays():
+    """numba-cuda's simulator (0.30) creates a block's ``cuda.shared.array`` on the
+    first call from any of the block's threads, looking it up and storing it without
+    a lock: two threads can each create one, and a tree reduction over the block then
+    misses the shares written into the lost copy (seen once in CI: PReLU's slope
+    gradient came out at a fraction of the CPU's).  The short switch interval above
+    makes that interleaving likelier.  This is the simulator's own lookup, keyed by
+    the calling line as there, under a lock.
+    """
+    import threading
+
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        return
+    from numba.cuda.simulator import kernelapi
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: as before
+            return original(self, shape, dtype, alignment)
+        if not isinstance(dtype, np.dtype):
+            from numba.np import numpy_support
+
+            dtype = numpy_support.as_dtype(dtype) if hasattr(dtype, "key") else np.dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                found = self._allocations[key] = np.empty(shape, dtype)
+        return found
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+_serialise_simulator_shared_arrays()
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
