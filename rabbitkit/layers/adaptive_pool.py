@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from ..backend.cpu import kernel
-from ..backend.cuda import cuda_kernel
+from ..backend.cuda import cuda_kernel, device_pair
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
@@ -19,20 +19,35 @@ from .conv2d import pair
 cuda = None  # numba.cuda, bound on the first CUDA launch
 
 
+def _bin(index, size_in, size_out):
+    """[start, stop) of input rows (or columns) that output bin ``index`` averages."""
+    return (index * size_in) // size_out, -((-(index + 1) * size_in) // size_out)
+
+
+def _bin_mean(x, plane, i, j, ho, wo):
+    """Mean of x[plane] over output cell (i, j)'s bin (the bounds of :func:`_bin`,
+    written out: a device function cannot call another pair's CPU build)."""
+    h, w = x.shape[1], x.shape[2]
+    r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
+    c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
+    total = 0.0
+    for r in range(r0, r1):
+        for c in range(c0, c1):
+            total += x[plane, r, c]
+    return total / ((r1 - r0) * (c1 - c0))
+
+
+bin_bounds_cpu, bin_bounds_cuda = device_pair(_bin)
+bin_mean_cpu, bin_mean_cuda = device_pair(_bin_mean)
+
+
 @kernel
 def adaptive_avg_forward(x, y):
-    planes, h, w = x.shape
     ho, wo = y.shape[1], y.shape[2]
-    for plane in prange(planes):
+    for plane in prange(x.shape[0]):
         for i in range(ho):
-            r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
             for j in range(wo):
-                c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
-                total = 0.0
-                for r in range(r0, r1):
-                    for c in range(c0, c1):
-                        total += x[plane, r, c]
-                y[plane, i, j] = total / ((r1 - r0) * (c1 - c0))
+                y[plane, i, j] = bin_mean_cpu(x, plane, i, j, ho, wo)
 
 
 @kernel
@@ -42,9 +57,9 @@ def adaptive_avg_backward(dy, dx):
     for plane in prange(planes):
         dx[plane, :, :] = 0.0
         for i in range(ho):
-            r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
+            r0, r1 = bin_bounds_cpu(i, h, ho)
             for j in range(wo):
-                c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
+                c0, c1 = bin_bounds_cpu(j, w, wo)
                 share = dy[plane, i, j] / ((r1 - r0) * (c1 - c0))
                 for r in range(r0, r1):
                     for c in range(c0, c1):
@@ -54,19 +69,12 @@ def adaptive_avg_backward(dy, dx):
 @cuda_kernel
 def adaptive_avg_forward_cuda(x, y):
     """One thread per output cell."""
-    h, w = x.shape[1], x.shape[2]
     ho, wo = y.shape[1], y.shape[2]
     for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
         plane = k // (ho * wo)
         i = (k // wo) % ho
         j = k % wo
-        r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
-        c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
-        total = 0.0
-        for r in range(r0, r1):
-            for c in range(c0, c1):
-                total += x[plane, r, c]
-        y[plane, i, j] = total / ((r1 - r0) * (c1 - c0))
+        y[plane, i, j] = bin_mean_cuda(x, plane, i, j, ho, wo)
 
 
 @cuda_kernel
@@ -80,10 +88,10 @@ def adaptive_avg_backward_cuda(dy, dx):
         c = k % w
         acc = 0.0
         for i in range(ho):
-            r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
+            r0, r1 = bin_bounds_cuda(i, h, ho)
             if r0 <= r < r1:
                 for j in range(wo):
-                    c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
+                    c0, c1 = bin_bounds_cuda(j, w, wo)
                     if c0 <= c < c1:
                         acc += dy[plane, i, j] / ((r1 - r0) * (c1 - c0))
         dx[plane, r, c] = acc
