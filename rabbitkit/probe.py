@@ -38,14 +38,19 @@ class FeatureProbe:
         self.names = list(dict.fromkeys(names))
         if not self.names:
             raise ValueError("FeatureProbe needs at least one layer name")
-        self._order = [name for name, _ in model.named_layers()]
+        # The model and every layer in it, walked once here; each layer's first dotted
+        # path by identity, so an alias resolves to the path it stands for.
+        self._all = [("", model)] + list(model.named_layers())
+        path_of = {}
+        for name, layer in self._all[1:]:
+            path_of.setdefault(id(layer), name)
         self.layers = {}
         self._paths = {}
         for name in self.names:
             if name == MODEL_OUTPUT:
                 continue
             layer = model.get_layer(name)
-            canonical = next(n for n, l in model.named_layers() if l is layer)
+            canonical = path_of[id(layer)]
             self.layers[name] = layer
             self._paths[name] = canonical.split(".")
         self.outputs = {}
@@ -63,8 +68,7 @@ class FeatureProbe:
         self.close()
 
     def _open_model(self):
-        everything = [self.model] + [layer for _, layer in self.model.named_layers()]
-        for layer in everything:
+        for _, layer in self._all:
             self._saved.append((layer, layer.frozen, layer.needs_input_grad))
             layer.frozen = True
             layer.needs_input_grad = True
@@ -90,14 +94,14 @@ class FeatureProbe:
         for seq, fuse in self._fusion:
             seq.fuse_relu = fuse
         # The views planned fusion on shared layers: every Sequential plans again.
-        for layer in [self.model] + [layer for _, layer in self.model.named_layers()]:
+        for _, layer in self._all:
             if isinstance(layer, Sequential):
                 layer._fusion_planned_for = None
         self._open = False
 
     def _sequentials_holding_targets(self):
         holders = []
-        for container in [self.model] + [layer for _, layer in self.model.named_layers()]:
+        for _, container in self._all:
             if isinstance(container, Sequential) and any(child in self.layers.values() for child in container.layers):
                 holders.append(container)
         return holders
