@@ -598,9 +598,9 @@ class Conv2D(Layer):
 
         def run(variant):
             weight = self.params["weight"].reshape(self.out_channels, -1)
-            xpad = scratch("conv_xpad", (numba.get_num_threads(), padded), self.dtype)
             if variant == PER_SAMPLE:
                 slots = numba.get_num_threads()
+                xpad = scratch("conv_xpad", (slots, padded), self.dtype)
                 cols = scratch("conv_cols", (slots, rows, positions), self.dtype)
                 product = scratch("conv_rows", (slots, self.out_channels, positions), self.dtype)
                 with SINGLE_THREADED_BLAS:
@@ -628,10 +628,10 @@ class Conv2D(Layer):
 
         def run(variant):
             """dx (if wanted) and (dweight (O, K) or None, dbias) of this backward, grads untouched."""
-            xpad = scratch("conv_xpad", (slots, padded), self.dtype)
             dbias_parts = scratch("conv_dbias_parts", (slots, self.out_channels), self.dtype)
             dbias_parts.fill(0)
             if variant == PER_SAMPLE:
+                xpad = scratch("conv_xpad", (slots, padded), self.dtype)
                 dweight_t_parts = scratch("conv_dweight_t_parts", (slots, rows, self.out_channels), self.dtype)
                 dweight_t_parts.fill(0)
                 dweight_product = scratch("conv_dweight_product", dweight_t_parts.shape, self.dtype)
