@@ -102,6 +102,19 @@ def test_gtsrb_modern_defaults_and_spatial_transformer():
     np.testing.assert_allclose(with_st[0].forward(x, training=False), x, atol=1e-5)
 
 
+def test_gtsrb_block_dropout_follows_each_blocks_pooling():
+    model = build("gtsrb_cnn", (1, 32, 32), 43, block_dropout=[0.1, 0.2])
+    names = [type(layer).__name__ for layer in model]
+    pools = [i for i, name in enumerate(names) if name == "MaxPool2D"]
+    assert [model[i + 1].p for i in pools[:2]] == [0.1, 0.2]
+    assert names[pools[2] + 1] == "Flatten"  # the list ended: no dropout after block 3
+    every_block = build("gtsrb_cnn", (1, 32, 32), 43, block_dropout=0.25)
+    assert [every_block[i + 1].p for i, layer in enumerate(every_block) if type(layer).__name__ == "MaxPool2D"] \
+        == [0.25] * 3
+    assert build("gtsrb_cnn", (1, 32, 32), 43, block_dropout=[0.1, 0.2]).num_parameters() \
+        == build("gtsrb_cnn", (1, 32, 32), 43).num_parameters()
+
+
 def test_vgg16_layer_table_at_small_input():
     model = build("vgg16", (3, 32, 32), 10, pool_size=0)
     assert [name for name, _ in model.named_children()] == ["features", "flatten", "classifier"]
@@ -184,6 +197,11 @@ def test_configuration_errors():
         build("gtsrb_cnn", (3, 48, 48), 43, variant="resnet")
     with pytest.raises(ConfigError, match="'modern' only"):
         build("gtsrb_cnn", (3, 48, 48), 43, variant="ciresan", channels=[[8]])
+    with pytest.raises(ConfigError, match="'block_dropout' applies to variant 'modern' only"):
+        build("gtsrb_cnn", (3, 48, 48), 43, variant="ciresan", block_dropout=[0.1])
+    for bad in ([0.1, 0.2, 0.3, 0.4], [1.0], "high"):
+        with pytest.raises(ConfigError, match="block_dropout must be a probability in \\[0, 1\\) or a list of at most 3"):
+            build("gtsrb_cnn", (1, 32, 32), 43, block_dropout=bad)
     with pytest.raises(ConfigError, match="lenet5 does not fit a 1x8x8 input"):
         build("lenet5", (1, 8, 8), 10)
     with pytest.raises(ConfigError, match="vgg16 does not fit"):

@@ -45,10 +45,12 @@ def ciresan_features(channels, activation, dtype):
     return layers
 
 
-def modern_features(channels, blocks, activation, dtype):
-    """3x3 conv -> batch norm -> activation, repeated per block, a 2x2 max-pool after each."""
+def modern_features(channels, blocks, activation, dtype, block_dropout=()):
+    """3x3 conv -> batch norm -> activation, repeated per block, a 2x2 max-pool after
+    each, then dropout with the block's probability from ``block_dropout`` (none
+    where it is 0 or the list ends)."""
     layers = []
-    for block in blocks:
+    for index, block in enumerate(blocks):
         for out_channels in block:
             out_channels = int(out_channels)
             layers += [
@@ -58,7 +60,24 @@ def modern_features(channels, blocks, activation, dtype):
             ]
             channels = out_channels
         layers.append(MaxPool2D(2, dtype=dtype))
+        if index < len(block_dropout) and block_dropout[index] > 0:
+            layers.append(Dropout(block_dropout[index], dtype=dtype))
     return layers
+
+
+def block_dropout_list(block_dropout, blocks):
+    """``block_dropout`` as a tuple of probabilities in [0, 1), at most one per block."""
+    if block_dropout is None:
+        return ()
+    values = block_dropout if isinstance(block_dropout, (list, tuple)) else [block_dropout] * blocks
+    try:
+        values = tuple(float(p) for p in values)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or len(values) > blocks or not all(0.0 <= p < 1.0 for p in values):
+        raise ConfigError(f"gtsrb_cnn block_dropout must be a probability in [0, 1) or a list of at most {blocks} "
+                          f"of them (one per block), got {block_dropout!r}")
+    return values
 
 
 def gtsrb_cnn(
@@ -70,6 +89,7 @@ def gtsrb_cnn(
     channels: list | None = None,
     fc_width: int | None = None,
     dropout: float | None = None,
+    block_dropout: list | None = None,
     spatial_transformer: bool = False,
 ):
     """A GTSRB ConvNet (see the module docstring for both variants).
@@ -78,15 +98,18 @@ def gtsrb_cnn(
     for modern by default.  ``channels`` (modern only): list of blocks, each a
     list of conv widths, default ``[[32, 32], [64, 64], [128]]``.  ``fc_width``:
     hidden fully connected width (300 for ciresan, 256 for modern).  ``dropout``:
-    before the output layer (0 for ciresan, 0.5 for modern).
+    before the output layer (0 for ciresan, 0.5 for modern).  ``block_dropout``
+    (modern only): dropout probability after each block's pooling, e.g.
+    ``[0.1, 0.2, 0.3]`` (default: none).
     ``spatial_transformer``: prepend a spatial transformer.
     """
     shape = image_shape("gtsrb_cnn", input_shape)
     if variant not in VARIANTS:
         raise ConfigError(f"gtsrb_cnn variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     if variant == "ciresan":
-        if channels is not None:
-            raise ConfigError("gtsrb_cnn option 'channels' applies to variant 'modern' only")
+        for option, value in (("channels", channels), ("block_dropout", block_dropout)):
+            if value is not None:
+                raise ConfigError(f"gtsrb_cnn option '{option}' applies to variant 'modern' only")
         activation = activation or "Tanh"
         fc_width = 300 if fc_width is None else int(fc_width)
         dropout = 0.0 if dropout is None else float(dropout)
@@ -98,7 +121,8 @@ def gtsrb_cnn(
         blocks = MODERN_CHANNELS if channels is None else channels
         if not blocks or any(len(block) == 0 for block in blocks):
             raise ConfigError(f"gtsrb_cnn channels must be a list of non-empty lists of widths, got {channels!r}")
-        features = modern_features(shape[0], blocks, activation, dtype)
+        block_dropout = block_dropout_list(block_dropout, len(blocks))
+        features = modern_features(shape[0], blocks, activation, dtype, block_dropout)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"gtsrb_cnn dropout must be in [0, 1), got {dropout}")
     features.append(Flatten(dtype=dtype))
