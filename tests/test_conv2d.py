@@ -45,8 +45,9 @@ def test_forward_matches_scipy_correlate(case, rng):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch"])
-def test_gradients(case, bias, algorithm):
+@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded"])
+def test_gradients(case, bias, algorithm, monkeypatch):
+    monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", 64)  # bands of kh - 1 rows (or one)
     n, c, h, w, o, k, s, p = case
     layer = Conv2D(c, o, k, stride=s, padding=p, bias=bias, dtype=np.float64)
     layer.algorithm = algorithm
@@ -166,14 +167,18 @@ def test_kernel_blas_is_single_threaded_inside_kernels_and_nesting_restores():
     assert kernel_side and all(inside[path] == 1 for path in kernel_side)
 
 
-@pytest.mark.parametrize("stride, relu", [(1, False), (2, False), (1, True)])
-def test_cpu_variants_agree_to_float32_rounding(stride, relu, rng):
-    """Per-sample and whole-batch lowering compute the same thing (sums in another order)."""
+@pytest.mark.parametrize("stride, relu, band_bytes", [(1, False, 1 << 19), (2, False, 1 << 19), (1, True, 1 << 19),
+                                                     (1, True, 200), (1, False, 1)])
+def test_cpu_variants_agree_to_float32_rounding(stride, relu, band_bytes, rng, monkeypatch):
+    """Per-sample, whole-batch and banded lowering compute the same thing (sums in
+    another order); ``band_bytes`` makes one band per image, several, or the fewest
+    rows a band may have (kh - 1)."""
     from rabbitkit.layers.activations import ReLU
     from rabbitkit.layers.sequential import Sequential
 
+    monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", band_bytes)
     results = []
-    for algorithm in ("per-sample", "whole-batch"):
+    for algorithm in ("per-sample", "whole-batch", "banded"):
         conv = Conv2D(3, 5, 3, stride=stride, padding=1)
         conv.load_state_dict({"weight": np.linspace(-1, 1, 135).reshape(5, 3, 3, 3), "bias": np.arange(5) / 10})
         conv.algorithm = algorithm
@@ -183,15 +188,38 @@ def test_cpu_variants_agree_to_float32_rounding(stride, relu, rng):
         assert conv.fused_relu == relu
         dx = model.backward(np.random.default_rng(8).standard_normal(y.shape).astype(np.float32))
         results.append((y, dx, conv.grads["weight"].copy(), conv.grads["bias"].copy()))
-    for first, second in zip(*results):
-        np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-5)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_whole_batch_conv_skips_weight_gradients(rng):
+def test_banded_lowering_never_writes_the_whole_column_matrix(rng):
+    """A batch of one large image: the banded variant's column scratch is one band per
+    thread, a small part of the (K, Ho*Wp) matrix that whole-batch lowering writes."""
+    import numba
+
+    from rabbitkit.layers import _conv_lowering
+    from rabbitkit.layers.conv2d import scratch
+
+    conv = Conv2D(4, 8, 3, padding=1)
+    conv.algorithm = "banded"
+    x = rng.standard_normal((1, 4, 300, 298)).astype(np.float32)
+    whole = Conv2D(4, 8, 3, padding=1)
+    whole.load_state_dict(conv.state_dict())
+    whole.algorithm = "whole-batch"
+    np.testing.assert_allclose(conv.forward(x), whole.forward(x), rtol=1e-5, atol=1e-5)
+    band_block = scratch("conv_band_cols", (1,), np.float32).base.size  # the buffer as it grew
+    column_matrix = 4 * 9 * 300 * 300
+    assert band_block <= numba.get_num_threads() * (_conv_lowering.BAND_BYTES // 4 + 4 * 9 * 300)
+    assert band_block * 4 < column_matrix
+
+
+@pytest.mark.parametrize("algorithm", ["whole-batch", "banded"])
+def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
     from rabbitkit.layers import freeze
 
     conv = Conv2D(2, 3, 3, padding=1)
-    conv.algorithm = "whole-batch"
+    conv.algorithm = algorithm
     reference = Conv2D(2, 3, 3, padding=1)
     reference.load_state_dict(conv.state_dict())
     freeze(conv, "*")

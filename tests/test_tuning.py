@@ -49,6 +49,17 @@ def test_tuning_off_takes_the_default_and_measures_nothing(tuner):
     assert ran == [] and not tuner.exists()
 
 
+def test_a_new_candidate_is_measured_not_ignored(tuner):
+    """A choice stored among two variants does not hold once a third exists (a later
+    version of a layer adds one): the shape is measured again among all three."""
+    assert tuning.choose("demo", 5, {"a": lambda: time.sleep(0.002), "b": lambda: None}, default="a") == "b"
+    ran = []
+    three = {"a": lambda: time.sleep(0.002), "b": lambda: time.sleep(0.002), "c": lambda: ran.append("c")}
+    assert tuning.choose("demo", 5, three, default="a") == "c"
+    assert len(ran) == 1 + tuning.TIMED_CALLS
+    assert set(json.loads(tuner.read_text())[tuning.machine_key()]["demo 5"]["seconds"]) == {"a", "b", "c"}
+
+
 def test_a_damaged_cache_is_measured_again(tuner):
     tuner.write_text("{not json")
     assert tuning.choose("demo", 2, {"a": lambda: time.sleep(0.002), "b": lambda: None}, default="a") == "b"
@@ -56,7 +67,7 @@ def test_a_damaged_cache_is_measured_again(tuner):
 
 
 def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
-    """With two threads and a batch of two, Conv2D offers both variants; both give one result."""
+    """With two threads and a batch of two, Conv2D offers its three variants; all give one result."""
     import numba
 
     from rabbitkit.layers.conv2d import Conv2D
@@ -76,7 +87,8 @@ def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 2, 6, 6)).astype(np.float32)
     y = layer.forward(x)
     layer.backward(np.ones_like(y))
-    assert asked == [("conv2d.forward", ["per-sample", "whole-batch"]), ("conv2d.backward", ["per-sample", "whole-batch"])]
+    variants = ["banded", "per-sample", "whole-batch"]
+    assert asked == [("conv2d.forward", variants), ("conv2d.backward", variants)]
     np.testing.assert_allclose(layer.grads["bias"], np.full(3, 72.0), rtol=1e-6)  # added once, not per timing call
     choices = tuning.measured()
     assert [key.split()[0] for key, _, _ in choices] == ["conv2d.forward", "conv2d.backward"]

@@ -116,7 +116,9 @@ def choose(op, shape, candidates, default):
     op_key = f"{op} {shape}"
     with _lock:
         known = _machine_choices().get(op_key)
-        if known is not None and known.get("choice") in candidates:
+        # A stored choice holds while the candidates are the ones it was measured
+        # among: a candidate added in a later version is measured, not ignored.
+        if known is not None and set(known.get("seconds", ())) == set(candidates):
             return known["choice"]
         seconds = {}
         for name, call in candidates.items():

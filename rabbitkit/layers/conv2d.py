@@ -28,13 +28,16 @@ import math
 
 import numba
 import numpy as np
-from numba import prange
 
-from ..backend.cpu import SINGLE_THREADED_BLAS, kernel
+from ..backend.cpu import SINGLE_THREADED_BLAS
 from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .base import Layer
+from ._conv_lowering import (BANDED, PER_SAMPLE, WHOLE_BATCH, band_rows, conv_backward_banded,  # noqa: F401
+                             conv_backward_parallel, conv_forward_banded, conv_forward_parallel, load_batch_grad,
+                             lower_batch, pad_batch, raise_batch, scratch, store_batch, unpad_batch,
+                             valid_output_range)
 
 cuda = None  # numba.cuda, bound on the first CUDA launch
 
@@ -55,315 +58,6 @@ def conv_output_size(size, kernel_size, stride, padding):
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-# -- scratch memory and BLAS threads ----------------------------------------------
-_workspace = {}
-
-
-def scratch(tag, shape, dtype):
-    """A reusable scratch array of ``shape`` (contents undefined).
-
-    One flat buffer per (tag, dtype) grows to the largest request and is shared
-    by every layer, so a training step allocates no scratch memory.  Callers
-    must not hold a scratch array across calls into other layers.
-    """
-    key = (tag, np.dtype(dtype))
-    size = math.prod(shape)
-    buffer = _workspace.get(key)
-    if buffer is None or buffer.size < size:
-        buffer = np.empty(size, dtype=dtype)
-        _workspace[key] = buffer
-    return buffer[:size].reshape(shape)
-
-
-# -- per-sample building blocks (serial; called from the batch kernels) ------------
-@kernel(parallel=False)
-def valid_output_range(size_out, size_in, stride, padding, offset):
-    """[lo, hi) of output positions whose input index o*stride - padding + offset is inside."""
-    lo = 0
-    if padding - offset > 0:
-        lo = (padding - offset + stride - 1) // stride
-    last = size_in - 1 + padding - offset
-    hi = 0 if last < 0 else min(size_out, last // stride + 1)
-    return lo, max(lo, hi)
-
-
-@kernel(parallel=False)
-def pad_sample(x, xpad, ph, pw):
-    """xpad (flat) = the planes of x (C, H, W) zero-padded to (H + 2ph) x (W + 2pw), then zeros."""
-    channels, h, w = x.shape
-    hp = h + 2 * ph
-    wp = w + 2 * pw
-    for k in range(xpad.size):
-        xpad[k] = 0.0
-    for c in range(channels):
-        for r in range(h):
-            start = (c * hp + r + ph) * wp + pw
-            dst = xpad[start : start + w]
-            src = x[c, r]
-            for q in range(w):
-                dst[q] = src[q]
-
-
-@kernel(parallel=False)
-def im2col_wide(xpad, cols, kh, kw, hp, wp):
-    """Row (c, i, j) of cols (K, Ho*Wp) = the padded planes from offset c*Hp*Wp + i*Wp + j."""
-    length = cols.shape[1]
-    channels = cols.shape[0] // (kh * kw)
-    for c in range(channels):
-        for i in range(kh):
-            for j in range(kw):
-                start = c * hp * wp + i * wp + j
-                src = xpad[start : start + length]
-                dst = cols[(c * kh + i) * kw + j]
-                for k in range(length):
-                    dst[k] = src[k]
-
-
-@kernel(parallel=False)
-def col2im_wide(dcols, dxpad, dx, kh, kw, ph, pw):
-    """dx (C, H, W) = sum of the dcols rows added back where im2col_wide read them."""
-    channels, h, w = dx.shape
-    hp = h + 2 * ph
-    wp = w + 2 * pw
-    length = dcols.shape[1]
-    for k in range(dxpad.size):
-        dxpad[k] = 0.0
-    for c in range(channels):
-        for i in range(kh):
-            for j in range(kw):
-                start = c * hp * wp + i * wp + j
-                dst = dxpad[start : start + length]
-                src = dcols[(c * kh + i) * kw + j]
-                for k in range(length):
-                    dst[k] += src[k]
-        for r in range(h):
-            start = (c * hp + r + ph) * wp + pw
-            src = dxpad[start : start + w]
-            dst = dx[c, r]
-            for q in range(w):
-                dst[q] = src[q]
-
-
-@kernel(parallel=False)
-def im2col_strided(x, cols, kh, kw, sh, sw, ph, pw, ho, wo):
-    """cols (K, Ho*Wo): row (c, i, j), column (oh, ow) = x[c, oh*sh - ph + i, ow*sw - pw + j] or 0."""
-    channels, h, w = x.shape
-    for c in range(channels):
-        for i in range(kh):
-            oh_lo, oh_hi = valid_output_range(ho, h, sh, ph, i)
-            for j in range(kw):
-                ow_lo, ow_hi = valid_output_range(wo, w, sw, pw, j)
-                row = cols[(c * kh + i) * kw + j]
-                start = ow_lo * sw - pw + j
-                for oh in range(ho):
-                    dst = row[oh * wo : (oh + 1) * wo]
-                    if oh < oh_lo or oh >= oh_hi:
-                        for ow in range(wo):
-                            dst[ow] = 0.0
-                        continue
-                    # A strided view indexed by the range counter: no wraparound checks.
-                    src = x[c, oh * sh - ph + i, start:w:sw]
-                    inside = dst[ow_lo:ow_hi]
-                    for ow in range(ow_lo):
-                        dst[ow] = 0.0
-                    for k in range(ow_hi - ow_lo):
-                        inside[k] = src[k]
-                    for ow in range(ow_hi, wo):
-                        dst[ow] = 0.0
-
-
-@kernel(parallel=False)
-def col2im_strided(dcols, dx, kh, kw, sh, sw, ph, pw, ho, wo):
-    """dx (C, H, W) = sum of the dcols entries at the positions im2col_strided read."""
-    channels, h, w = dx.shape
-    for c in range(channels):
-        plane = dx[c]
-        for r in range(h):
-            for q in range(w):
-                plane[r, q] = 0.0
-        for i in range(kh):
-            oh_lo, oh_hi = valid_output_range(ho, h, sh, ph, i)
-            for j in range(kw):
-                ow_lo, ow_hi = valid_output_range(wo, w, sw, pw, j)
-                row = dcols[(c * kh + i) * kw + j]
-                start = ow_lo * sw - pw + j
-                for oh in range(oh_lo, oh_hi):
-                    src = row[oh * wo + ow_lo : oh * wo + ow_hi]
-                    dst = plane[oh * sh - ph + i, start:w:sw]
-                    for k in range(ow_hi - ow_lo):
-                        dst[k] += src[k]
-
-
-@kernel(parallel=False)
-def lower_sample(x, xpad, cols, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    """cols = im2col of one sample, wide (stride 1, through xpad) or window by window."""
-    if wide:
-        pad_sample(x, xpad, ph, pw)
-        im2col_wide(xpad, cols, kh, kw, x.shape[1] + 2 * ph, x.shape[2] + 2 * pw)
-    else:
-        im2col_strided(x, cols, kh, kw, sh, sw, ph, pw, ho, wo)
-
-
-@kernel(parallel=False)
-def raise_sample(dcols, dxpad, dx, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    """dx = col2im of one sample's column gradient (the inverse pattern of lower_sample)."""
-    if wide:
-        col2im_wide(dcols, dxpad, dx, kh, kw, ph, pw)
-    else:
-        col2im_strided(dcols, dx, kh, kw, sh, sw, ph, pw, ho, wo)
-
-
-@kernel(parallel=False)
-def store_output(product, bias, y, relu):
-    """y (O, Ho, Wo) = product (O, Ho*pitch) without the garbage columns, plus bias;
-    rectified (max(0, .)) when ``relu`` (a fused ReLU)."""
-    outputs, ho, wo = y.shape
-    pitch = product.shape[1] // ho
-    for o in range(outputs):
-        shift = bias[o]
-        for oh in range(ho):
-            src = product[o, oh * pitch : oh * pitch + wo]
-            dst = y[o, oh]
-            if relu:
-                for ow in range(wo):
-                    v = src[ow] + shift
-                    dst[ow] = v if v > 0 else 0.0
-            else:
-                for ow in range(wo):
-                    dst[ow] = src[ow] + shift
-
-
-@kernel(parallel=False)
-def load_output_grad(dy, y, relu, rows, rows_t, dbias, transpose):
-    """rows (O, Ho*pitch) = dy (O, Ho, Wo) with zero garbage columns, rows_t (Ho*pitch, O)
-    its transpose (when ``transpose``); dbias += the sums of dy.  With a fused ``relu``, dy
-    is first masked where the (rectified) output y is 0, as the ReLU's backward would have done."""
-    outputs, ho, wo = dy.shape
-    pitch = rows.shape[1] // ho
-    for o in range(outputs):
-        total = 0.0
-        for oh in range(ho):
-            dst = rows[o, oh * pitch : (oh + 1) * pitch]
-            src = dy[o, oh]
-            if relu:
-                alive = y[o, oh]
-                for ow in range(wo):
-                    g = src[ow] if alive[ow] > 0 else 0.0
-                    dst[ow] = g
-                    total += g
-            else:
-                for ow in range(wo):
-                    dst[ow] = src[ow]
-                    total += src[ow]
-            for ow in range(wo, pitch):
-                dst[ow] = 0.0
-        dbias[o] += total
-    if transpose:
-        for p in range(rows.shape[1]):
-            dst = rows_t[p]
-            for o in range(outputs):
-                dst[o] = rows[o, p]
-
-
-@kernel(parallel=False)
-def add_into(dst, src):
-    """dst += src (2-D, same shape)."""
-    for r in range(dst.shape[0]):
-        d = dst[r]
-        s = src[r]
-        for k in range(d.size):
-            d[k] += s[k]
-
-
-# -- batch kernels -----------------------------------------------------------------
-def conv_forward(x, weight, bias, relu, y, xpad, cols, product, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    """y[b] = weight @ im2col(x[b]) + bias (rectified if ``relu``) for every sample; scratch indexed by thread."""
-    for b in prange(x.shape[0]):
-        slot = numba.get_thread_id()
-        lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
-        np.dot(weight, cols[slot], product[slot])
-        store_output(product[slot], bias, y[b], relu)
-
-
-def conv_backward(x, dy, y, relu, weight_t, dx, xpad, cols, rows, rows_t, dweight_t_parts, dweight_product, dbias_parts,
-                  kh, kw, sh, sw, ph, pw, ho, wo, wide, input_grad, weight_grad):
-    """dx[b] = col2im(weight.T @ dy[b]) if ``input_grad``; per-thread parts of dweight.T += cols @ dy[b].T
-    and dbias if ``weight_grad`` (a frozen layer, as in Deep Dream, skips that product and the lowering).
-
-    The weight gradient is formed transposed, ``cols (K, P) @ rows_t (P, O)``, from a
-    transposed copy of dy: OpenBLAS runs that plain product 20-40% faster than
-    ``rows @ cols.T`` with its transposed operand (measured on the 32->32 and 64->64
-    layers of the reference net), and the copy is O*P elements against O*K*P products.
-    """
-    for b in prange(x.shape[0]):
-        slot = numba.get_thread_id()
-        load_output_grad(dy[b], y[b], relu, rows[slot], rows_t[slot], dbias_parts[slot], True)
-        if weight_grad:
-            lower_sample(x[b], xpad[slot], cols[slot], kh, kw, sh, sw, ph, pw, ho, wo, wide)
-            np.dot(cols[slot], rows_t[slot], dweight_product[slot])
-            add_into(dweight_t_parts[slot], dweight_product[slot])
-        if input_grad:
-            np.dot(weight_t, rows[slot], cols[slot])  # the column gradient reuses the column buffer
-            raise_sample(cols[slot], xpad[slot], dx[b], kh, kw, sh, sw, ph, pw, ho, wo, wide)
-
-
-conv_forward_parallel = kernel(conv_forward)
-conv_backward_parallel = kernel(conv_backward)
-
-
-# -- whole-batch lowering: one multi-threaded product per pass ---------------------
-# The batch's columns sit side by side in one (K, N*P) matrix, sample b in columns
-# [b*P, (b+1)*P); the kernels below lower, store and raise the samples in parallel,
-# and the products between them are single numpy calls on all cores.  This is the
-# variant for batches smaller than the thread count (batch 1 in Deep Dream and style
-# transfer), and a candidate the tuner measures against per-sample lowering.
-@kernel
-def lower_batch(x, xpad, cols, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    """Parallel over (sample, channel): each channel's kh*kw rows of cols are
-    independent, so a batch of one still uses every thread.  xpad: one padded plane
-    per thread."""
-    n, channels = x.shape[0], x.shape[1]
-    per = cols.shape[1] // n
-    taps = kh * kw
-    for task in prange(n * channels):
-        b = task // channels
-        c = task - b * channels
-        slot = numba.get_thread_id()
-        lower_sample(x[b, c:c + 1], xpad[slot], cols[c * taps:(c + 1) * taps, b * per:(b + 1) * per],
-                     kh, kw, sh, sw, ph, pw, ho, wo, wide)
-
-
-@kernel
-def store_batch(product, bias, y, relu):
-    per = product.shape[1] // y.shape[0]
-    for b in prange(y.shape[0]):
-        store_output(product[:, b * per:(b + 1) * per], bias, y[b], relu)
-
-
-@kernel
-def load_batch_grad(dy, y, relu, rows, unused_rows_t, dbias_parts):
-    per = rows.shape[1] // dy.shape[0]
-    for b in prange(dy.shape[0]):
-        slot = numba.get_thread_id()
-        load_output_grad(dy[b], y[b], relu, rows[:, b * per:(b + 1) * per], unused_rows_t, dbias_parts[slot], False)
-
-
-@kernel
-def raise_batch(dcols, xpad, dx, kh, kw, sh, sw, ph, pw, ho, wo, wide):
-    """col2im of every (sample, channel) in parallel: a channel's rows of dcols add
-    only into its own plane of dx (and of its thread's padded plane xpad)."""
-    n, channels = dx.shape[0], dx.shape[1]
-    per = dcols.shape[1] // n
-    taps = kh * kw
-    for task in prange(n * channels):
-        b = task // channels
-        c = task - b * channels
-        slot = numba.get_thread_id()
-        raise_sample(dcols[c * taps:(c + 1) * taps, b * per:(b + 1) * per], xpad[slot], dx[b, c:c + 1],
-                     kh, kw, sh, sw, ph, pw, ho, wo, wide)
-
-
-PER_SAMPLE, WHOLE_BATCH = "per-sample", "whole-batch"
 
 
 # -- CUDA kernels ------------------------------------------------------------------
@@ -546,7 +240,8 @@ class Conv2D(Layer):
         return 2 * self.out_channels * self.in_channels * kh * kw * ho * wo
 
     # -- CPU ------------------------------------------------------------------------
-    #: Force a CPU variant (PER_SAMPLE or WHOLE_BATCH) instead of the tuner's choice.
+    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH or BANDED) instead of the tuner's
+    #: choice; BANDED applies to stride 1 only (other strides then run WHOLE_BATCH).
     algorithm = None
 
     def _plan(self, x):
@@ -576,16 +271,26 @@ class Conv2D(Layer):
         executes a variant without touching ``grads``."""
         from ..backend import tuning
 
+        banded = self.stride == (1, 1) and SINGLE_THREADED_BLAS.available  # its threads each call BLAS
         if self.algorithm is not None:
-            return self.algorithm
+            return WHOLE_BATCH if self.algorithm == BANDED and not banded else self.algorithm
         threads = numba.get_num_threads()
-        if not (x.shape[0] >= threads > 1 and SINGLE_THREADED_BLAS.available):
-            return WHOLE_BATCH  # fewer samples than threads: per-sample lowering would idle cores
+        if x.shape[0] >= threads > 1 and SINGLE_THREADED_BLAS.available:
+            names, default = [PER_SAMPLE, WHOLE_BATCH], PER_SAMPLE
+        else:  # fewer samples than threads: per-sample lowering would idle cores
+            names, default = [WHOLE_BATCH], WHOLE_BATCH
+        if banded:
+            names.append(BANDED)
         shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
                  self.fused_relu, self.needs_input_grad, self.weight_grads_wanted)
-        return tuning.choose(f"conv2d.{direction}", shape, {name: (lambda name=name: run(name))
-                                                            for name in (PER_SAMPLE, WHOLE_BATCH)},
-                             default=PER_SAMPLE)
+        return tuning.choose(f"conv2d.{direction}", shape, {name: (lambda name=name: run(name)) for name in names},
+                             default=default)
+
+    def _band_plan(self, x, geometry, rows):
+        """(rows per band, padded height, padded width) of the banded variant."""
+        kh, ph, pw, ho = geometry[0], geometry[4], geometry[5], geometry[6]
+        hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+        return band_rows(kh, rows, wp, self.dtype.itemsize, ho), hp, wp
 
     def _bias(self):
         return self.params["bias"] if self.has_bias else np.zeros(self.out_channels, dtype=self.dtype)
@@ -605,6 +310,16 @@ class Conv2D(Layer):
                 product = scratch("conv_rows", (slots, self.out_channels, positions), self.dtype)
                 with SINGLE_THREADED_BLAS:
                     conv_forward_parallel(x, weight, self._bias(), self.fused_relu, y, xpad, cols, product, *geometry)
+            elif variant == BANDED:
+                band, hp, wp = self._band_plan(x, geometry, rows)
+                slots = numba.get_num_threads()
+                xpad = scratch("conv_xpad_batch", (x.shape[0], padded), self.dtype)
+                pad_batch(x, xpad, geometry[4], geometry[5])
+                cols = scratch("conv_band_cols", (slots, rows * band * wp), self.dtype)
+                product = scratch("conv_band_rows", (slots, self.out_channels * band * wp), self.dtype)
+                with SINGLE_THREADED_BLAS:
+                    conv_forward_banded(xpad, weight, self._bias(), self.fused_relu, y, cols, product,
+                                        geometry[0], geometry[1], hp, wp, band)
             else:
                 cols = scratch("conv_cols_all", (rows, x.shape[0] * positions), self.dtype)
                 product = scratch("conv_product_all", (self.out_channels, cols.shape[1]), self.dtype)
@@ -626,6 +341,31 @@ class Conv2D(Layer):
         weight_t = np.ascontiguousarray(self.params["weight"].reshape(self.out_channels, -1).T)
         slots = numba.get_num_threads()
 
+        def banded_backward(dbias_parts):
+            band, hp, wp = self._band_plan(x, geometry, rows)
+            batch, kh, kw, ph, pw = x.shape[0], geometry[0], geometry[1], geometry[4], geometry[5]
+            xpad = scratch("conv_xpad_batch", (batch, padded), self.dtype)
+            if self.weight_grads_wanted:
+                pad_batch(x, xpad, ph, pw)
+            dxpad = scratch("conv_dxpad_batch", (batch, padded if self.needs_input_grad else 1), self.dtype)
+            dxpad.fill(0)
+            dweight_t_parts = scratch("conv_dweight_t_parts", (slots, rows, self.out_channels), self.dtype)
+            dweight_t_parts.fill(0)
+            dweight_product = scratch("conv_dweight_product", dweight_t_parts.shape, self.dtype)
+            block = rows * band * wp
+            cols = scratch("conv_band_cols", (slots, block), self.dtype)
+            grad_rows = scratch("conv_band_rows", (slots, self.out_channels * band * wp), self.dtype)
+            rows_t = scratch("conv_band_rows_t", grad_rows.shape, self.dtype)
+            with SINGLE_THREADED_BLAS:
+                for parity in (0, 1):
+                    conv_backward_banded(xpad, dy, mask_source, relu, weight_t, dxpad, cols, grad_rows, rows_t,
+                                         dweight_t_parts, dweight_product, dbias_parts, kh, kw, hp, wp, band, parity,
+                                         self.needs_input_grad, self.weight_grads_wanted)
+            if self.needs_input_grad:
+                unpad_batch(dxpad, dx, ph, pw)
+            dweight = dweight_t_parts.sum(axis=0).T if self.weight_grads_wanted else None
+            return dweight, dbias_parts.sum(axis=0)
+
         def run(variant):
             """dx (if wanted) and (dweight (O, K) or None, dbias) of this backward, grads untouched."""
             dbias_parts = scratch("conv_dbias_parts", (slots, self.out_channels), self.dtype)
@@ -644,6 +384,8 @@ class Conv2D(Layer):
                                            self.needs_input_grad, self.weight_grads_wanted)
                 dweight = dweight_t_parts.sum(axis=0).T if self.weight_grads_wanted else None
                 return dweight, dbias_parts.sum(axis=0)
+            if variant == BANDED:
+                return banded_backward(dbias_parts)
             out_rows = scratch("conv_rows_all", (self.out_channels, x.shape[0] * positions), self.dtype)
             load_batch_grad(dy, mask_source, relu, out_rows, np.empty((1, 1), self.dtype), dbias_parts)
             cols = scratch("conv_cols_all", (rows, out_rows.shape[1]), self.dtype)
