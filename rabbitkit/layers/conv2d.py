@@ -8,10 +8,13 @@ backward pass is ``dW += dY @ cols.T`` (formed as ``(cols @ dY.T).T``, see
 kernel per pass runs the whole batch: parallel over samples, each thread lowers
 its sample into its own scratch and calls single-threaded BLAS on it, so the
 column matrix never leaves the core that wrote it and Numba's and OpenBLAS's thread pools never compete.
-The other variant lowers the whole batch into one column matrix and makes each
-product one multi-threaded numpy call: a batch smaller than the thread count
-(batch 1 in Deep Dream and style transfer) always runs so, and for larger
-batches :mod:`rabbitkit.backend.tuning` measures both once per machine and shape.
+The whole-batch variant lowers the batch into one column matrix and makes each
+product one multi-threaded numpy call; the banded variant (stride 1) splits each
+image into bands of output rows, one per thread at a time, whose column blocks
+stay in cache (see :mod:`rabbitkit.layers._conv_lowering`).  Per-sample lowering
+needs at least as many samples as threads; :mod:`rabbitkit.backend.tuning`
+measures the variants that apply once per machine and shape (batch 1 in Deep
+Dream and style transfer: whole-batch against banded).
 
 Stride-1 convolutions use a "wide" lowering: the sample is zero-padded once,
 and each row of ``cols`` is then one contiguous slice of the padded planes,
