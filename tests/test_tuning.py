@@ -94,6 +94,27 @@ def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
     assert [key.split()[0] for key, _, _ in choices] == ["conv2d.forward", "conv2d.backward"]
 
 
+def test_whole_batch_lowering_is_not_offered_above_its_column_budget(tuner, monkeypatch):
+    """A column matrix over the budget is never lowered, not even to time it: the
+    banded variant runs (and is the default with tuning off)."""
+    from rabbitkit.layers.conv2d import Conv2D
+
+    asked = []
+    real = tuning.choose
+    monkeypatch.setattr(tuning, "choose", lambda op, shape, candidates, default: asked.append(
+        (sorted(candidates), default)) or real(op, shape, candidates, default))
+    layer = Conv2D(2, 3, 3, padding=1)
+    x = np.random.default_rng(0).standard_normal((1, 2, 9, 7)).astype(np.float32)
+    layer.whole_batch_column_budget = 2 * 9 * 9 * 9 - 1  # one element short of this image's (K, Ho*Wp)
+    layer.forward(x)
+    tuning.set_enabled(False)
+    layer.backward(np.ones((1, 3, 9, 7), np.float32))
+    assert asked == [(["banded"], "banded"), (["banded"], "banded")]
+    layer.whole_batch_column_budget = 2 * 9 * 9 * 9
+    layer.forward(x)
+    assert asked[-1] == (["banded", "whole-batch"], "whole-batch")
+
+
 def test_rabbit_tune_measures_an_experiments_conv_shapes(tmp_path):
     """End to end: `rabbit tune` on the main job's net with generated GTSRB-format data."""
     import os

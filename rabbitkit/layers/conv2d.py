@@ -247,6 +247,12 @@ class Conv2D(Layer):
     #: choice; BANDED applies to stride 1 only (other strides then run WHOLE_BATCH).
     algorithm = None
 
+    #: Elements of the largest column matrix the whole-batch variant may lower (256 MiB
+    #: in float32).  Above it only the variants with per-thread blocks run: VGG's
+    #: conv1_2 on a 512 px image would need 151 M elements (606 MB) for one sample;
+    #: at 224 px it needs 29 M and whole-batch is still measured.
+    whole_batch_column_budget = 1 << 26
+
     def _plan(self, x):
         """Geometry arguments of the kernels and the shape of one sample's column matrix."""
         if x.ndim != 4:
@@ -284,6 +290,10 @@ class Conv2D(Layer):
             names, default = [WHOLE_BATCH], WHOLE_BATCH
         if banded:
             names.append(BANDED)
+            _, _, rows, positions = self._plan(x)
+            if rows * positions * x.shape[0] > self.whole_batch_column_budget:
+                names.remove(WHOLE_BATCH)  # not even for one timing: its scratch would stay allocated
+                default = names[0]
         shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
                  self.fused_relu, self.needs_input_grad, self.weight_grads_wanted)
         return tuning.choose(f"conv2d.{direction}", shape, {name: (lambda name=name: run(name)) for name in names},
