@@ -49,6 +49,56 @@ def test_tuning_off_takes_the_default_and_measures_nothing(tuner):
     assert ran == [] and not tuner.exists()
 
 
+class FakeClock:
+    """tuning's view of time.perf_counter: advanced by hand, so timings are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def spend(self, seconds):
+        self.now += seconds
+
+
+def test_setup_runs_untimed_before_every_call(tuner, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(tuning, "time", clock)
+    setups = []
+    candidates = {"a": lambda: clock.spend(2.0), "b": lambda: clock.spend(1.0)}
+    choice = tuning.choose("demo", 5, candidates, default="a", setup=lambda: (setups.append(1), clock.spend(100.0)))
+    assert choice == "b"
+    assert len(setups) == len(candidates) * (1 + tuning.TIMED_CALLS)
+    ((_, _, seconds),) = tuning.measured()
+    assert seconds == {"a": 2.0, "b": 1.0}  # the setup's 100 s counted nowhere
+
+
+def test_choices_follow_the_thread_count(tuner):
+    """The machine key names the thread count; a change of it in the process is a new machine."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    before = numba.get_num_threads()
+    ran = []
+    candidates = {"a": lambda: ran.append("a") or time.sleep(0.002), "b": lambda: ran.append("b")}
+    try:
+        numba.set_num_threads(1)
+        assert tuning.choose("demo", 6, candidates, default="a") == "b"
+        measured_once = len(ran)
+        numba.set_num_threads(2)
+        assert tuning.choose("demo", 6, candidates, default="a") == "b"
+        assert len(ran) == 2 * measured_once
+        numba.set_num_threads(1)
+        assert tuning.choose("demo", 6, candidates, default="a") == "b"
+        assert len(ran) == 2 * measured_once  # known for one thread already
+    finally:
+        numba.set_num_threads(before)
+    stored = json.loads(tuner.read_text())
+    assert sorted(machine.rsplit("|", 1)[1].strip() for machine in stored) == ["1 threads", "2 threads"]
+
+
 def test_a_damaged_cache_is_measured_again(tuner):
     tuner.write_text("{not json")
     assert tuning.choose("demo", 2, {"a": lambda: time.sleep(0.002), "b": lambda: None}, default="a") == "b"
