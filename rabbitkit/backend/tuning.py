@@ -15,6 +15,9 @@ Variants differ only in the order of floating-point sums (float32 rounding).
 ``[experiment] tune = false`` or ``RABBIT_TUNE=0`` turns tuning off: every layer
 then takes its built-in default and runs are bit-reproducible.
 ``rabbit tune EXP.toml`` tunes an experiment's shapes ahead and prints the choices.
+
+Users: Conv2D (per-sample or whole-batch lowering) and the recurrent layers (rows
+per BLAS call of the per-step product, ``Recurrent._time_loop``).
 """
 import functools
 import json
