@@ -1,5 +1,6 @@
 """Choosing kernel variants by measuring (rabbitkit.backend.tuning)."""
 import json
+import pathlib
 import time
 
 import numpy as np
@@ -58,6 +59,56 @@ def test_a_new_candidate_is_measured_not_ignored(tuner):
     assert tuning.choose("demo", 5, three, default="a") == "c"
     assert len(ran) == 1 + tuning.TIMED_CALLS
     assert set(json.loads(tuner.read_text())[tuning.machine_key()]["demo 5"]["seconds"]) == {"a", "b", "c"}
+
+
+class FakeClock:
+    """tuning's view of time.perf_counter: advanced by hand, so timings are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def spend(self, seconds):
+        self.now += seconds
+
+
+def test_setup_runs_untimed_before_every_call(tuner, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(tuning, "time", clock)
+    setups = []
+    candidates = {"a": lambda: clock.spend(2.0), "b": lambda: clock.spend(1.0)}
+    choice = tuning.choose("demo", 5, candidates, default="a", setup=lambda: (setups.append(1), clock.spend(100.0)))
+    assert choice == "b"
+    assert len(setups) == len(candidates) * (1 + tuning.TIMED_CALLS)
+    ((_, _, seconds),) = tuning.measured()
+    assert seconds == {"a": 2.0, "b": 1.0}  # the setup's 100 s counted nowhere
+
+
+def test_choices_follow_the_thread_count(tuner):
+    """The machine key names the thread count; a change of it in the process is a new machine."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    before = numba.get_num_threads()
+    ran = []
+    candidates = {"a": lambda: ran.append("a") or time.sleep(0.002), "b": lambda: ran.append("b")}
+    try:
+        numba.set_num_threads(1)
+        assert tuning.choose("demo", 6, candidates, default="a") == "b"
+        measured_once = len(ran)
+        numba.set_num_threads(2)
+        assert tuning.choose("demo", 6, candidates, default="a") == "b"
+        assert len(ran) == 2 * measured_once
+        numba.set_num_threads(1)
+        assert tuning.choose("demo", 6, candidates, default="a") == "b"
+        assert len(ran) == 2 * measured_once  # known for one thread already
+    finally:
+        numba.set_num_threads(before)
+    stored = json.loads(tuner.read_text())
+    assert sorted(machine.rsplit("|", 1)[1].strip() for machine in stored) == ["1 threads", "2 threads"]
 
 
 def test_a_damaged_cache_is_measured_again(tuner):
@@ -134,3 +185,211 @@ def test_rabbit_tune_measures_an_experiments_conv_shapes(tmp_path):
     assert "nothing new to measure" in second.stdout
     again = rabbit(args + ["--again"], env, tmp_path)
     assert again.stdout.count("-> ") == first.stdout.count("-> ")
+
+
+
+# -- recurrent layers: rows per BLAS call of the per-step product ------------------------
+RECURRENT_CELLS = [("RNN", {}), ("GRU", {}), ("LSTM", {}), ("LSTM", {"peephole": True})]
+RECURRENT_IDS = ["rnn", "gru", "lstm", "lstm-peephole"]
+TIME_LOOP_KERNELS = ("rnn_forward_sequence", "rnn_backward_sequence", "gru_forward_sequence",
+                     "gru_backward_sequence", "lstm_forward_sequence", "lstm_backward_sequence")
+BATCH = 40  # two threads: blocks of 20 rows, so 8, 16 and 20 rows per product differ
+
+
+def recurrent_layer(cell, options, hidden=8, dtype=np.float32, **more):
+    from rabbitkit.layers import recurrent
+
+    return getattr(recurrent, cell)(3, hidden, num_layers=2, dtype=dtype, **options, **more)
+
+
+def sequences(batch=BATCH, steps=6, dtype=np.float32):
+    return np.random.default_rng(1).uniform(-1, 1, (batch, steps, 3)).astype(dtype)
+
+
+def train_step(layer, x):
+    """Forward and backward; (output, input gradient, final state arrays, parameter grads)."""
+    layer.zero_grad()
+    y = layer.forward(x, training=True)
+    dx = layer.backward(np.random.default_rng(2).standard_normal(y.shape).astype(layer.dtype))
+    final = layer.final_state if layer.state_arrays == 2 else (layer.final_state,)
+    return y, dx, [a.copy() for a in final], {name: g.copy() for name, g in layer.grads.items()}
+
+
+class KernelSpy:
+    """Records every call of the recurrent time-loop kernels as (kernel, rows per product).
+
+    After :meth:`time_with`, tuning reads a FakeClock instead of time, and each kernel
+    call spends 0.5 s on it when it multiplies ``fast_rows`` rows per product, 1 s else.
+    """
+
+    def __init__(self, monkeypatch):
+        from rabbitkit.layers import recurrent
+
+        self.monkeypatch = monkeypatch
+        self.calls = []
+        self.clock = None
+        self.fast_rows = None
+        for name in TIME_LOOP_KERNELS:
+            monkeypatch.setattr(recurrent, name, self._spy(name, getattr(recurrent, name)))
+
+    def _spy(self, name, kernel):
+        def call(*args):
+            rows = args[-1]
+            self.calls.append((name, rows))
+            if self.clock is not None:
+                self.clock.spend(0.5 if rows == self.fast_rows else 1.0)
+            return kernel(*args)
+
+        return call
+
+    def time_with(self, fast_rows):
+        self.clock = FakeClock()
+        self.fast_rows = fast_rows
+        self.monkeypatch.setattr(tuning, "time", self.clock)
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    return KernelSpy(monkeypatch)
+
+
+@pytest.fixture
+def two_threads():
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell,options", RECURRENT_CELLS, ids=RECURRENT_IDS)
+def test_recurrent_layers_measure_each_product_shape_once(cell, options, tuner, kernels, two_threads):
+    """Forward and backward each time their row-block candidates on the first use of a
+    shape (both stacked layers share it), run the fastest, and reuse the choice after,
+    in this process and the next."""
+    layer = recurrent_layer(cell, options)
+    candidates = layer._row_block_candidates(BATCH)
+    assert candidates == sorted({layer._split(BATCH)[1], 8, 16, 20})
+    kernels.time_with(fast_rows=16)  # never the rule's choice here: 8, or 20 on a packing BLAS
+    train_step(layer, sequences())
+    calls = kernels.take()
+    forward, backward = sorted({name for name, _ in calls}, key=lambda name: "backward" in name)
+    timed = len(candidates) * (1 + tuning.TIMED_CALLS)
+    assert [name for name, _ in calls] == [forward] * (timed + 2) + [backward] * (timed + 2)
+    assert [rows for _, rows in calls[timed:timed + 2]] == [16, 16]  # the real runs of layers 0 and 1
+    assert [rows for _, rows in calls[-2:]] == [16, 16]
+    op = cell.lower()
+    width = layer.gates * 8
+    shape = f"({BATCH}, 8, {width}, 'float32', '2 threads')"
+    assert [(key, choice) for key, choice, _ in tuning.measured()] == [
+        (f"{op}.forward {shape}", "16 rows"), (f"{op}.backward {shape}", "16 rows")]
+    for _ in range(2):  # known now, then read back from the cache file
+        train_step(layer, sequences())
+        assert kernels.take() == [(forward, 16)] * 2 + [(backward, 16)] * 2
+        tuning.forget()
+    assert json.loads(tuner.read_text())[tuning.machine_key()][f"{op}.forward {shape}"]["choice"] == "16 rows"
+
+
+def test_recurrent_tuning_off_runs_the_built_in_rule(tuner, kernels):
+    tuning.set_enabled(False)
+    layer = recurrent_layer("LSTM", {})
+    train_step(layer, sequences())
+    rule = layer._split(BATCH)[1]
+    assert kernels.take() == [("lstm_forward_sequence", rule)] * 2 + [("lstm_backward_sequence", rule)] * 2
+    assert not tuner.exists()
+
+
+@pytest.mark.parametrize("cell,options", RECURRENT_CELLS, ids=RECURRENT_IDS)
+def test_every_row_block_gives_the_defaults_numbers_within_float32_rounding(cell, options, tuner):
+    """Hidden 128: 16 or 20 rows of an LSTM's 128 x 512 product exceed OpenBLAS's
+    unpacked-product limit and take its packed kernels, 8 rows do not."""
+    tuning.set_enabled(False)
+    layer = recurrent_layer(cell, options, hidden=128)
+    x = sequences(steps=12)
+    default = train_step(layer, x)
+    candidates = layer._row_block_candidates(BATCH)
+    assert len(candidates) >= 3
+    for rows in candidates:
+        layer.row_block = rows
+        y, dx, final, grads = train_step(layer, x)
+        for got, want in [(y, default[0]), (dx, default[1]), *zip(final, default[2]),
+                          *((grads[name], default[3][name]) for name in grads)]:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_measuring_leaves_the_layer_as_a_forced_run_would(tuner, kernels, two_threads):
+    """The trial runs touch no state, gradient or random number of the layer: a measured
+    run is bit for bit the run with the chosen rows forced (dropout and a carried state
+    included)."""
+    measured = recurrent_layer("LSTM", {}, dropout=0.3, stateful=True)
+    forced = recurrent_layer("LSTM", {}, dropout=0.3, stateful=True)
+    forced.load_state_dict(measured.state_dict())
+    forced.rng.bit_generator.state = measured.rng.bit_generator.state
+    forced.row_block = 16
+    kernels.time_with(fast_rows=16)
+    for _ in range(2):  # the second step starts from the carried state
+        got, want = train_step(measured, sequences()), train_step(forced, sequences())
+        for a, b in [*zip(got[:2], want[:2]), *zip(got[2], want[2])]:
+            np.testing.assert_array_equal(a, b)
+        for name in got[3]:
+            np.testing.assert_array_equal(got[3][name], want[3][name])
+    assert len(tuning.measured()) == 2
+    assert measured.rng.bit_generator.state == forced.rng.bit_generator.state
+
+
+def test_the_recurrent_key_names_batch_hidden_width_dtype_and_threads(tuner, kernels, two_threads):
+    import numba
+
+    kernels.time_with(fast_rows=8)
+    recurrent_layer("GRU", {}).forward(sequences())
+    recurrent_layer("GRU", {}).forward(sequences(batch=24))
+    recurrent_layer("GRU", {}, hidden=16).forward(sequences())
+    recurrent_layer("GRU", {}, dtype=np.float64).forward(sequences(dtype=np.float64))
+    recurrent_layer("GRU", {}).forward(sequences())  # known: measured before
+    try:
+        numba.set_num_threads(1)  # another machine key; one block of 40 rows
+        recurrent_layer("GRU", {}).forward(sequences())
+    finally:
+        numba.set_num_threads(2)
+    assert [key for key, _, _ in tuning.measured()] == [
+        "gru.forward (40, 8, 24, 'float32', '2 threads')",
+        "gru.forward (24, 8, 24, 'float32', '2 threads')",
+        "gru.forward (40, 16, 48, 'float32', '2 threads')",
+        "gru.forward (40, 8, 24, 'float64', '2 threads')",
+        "gru.forward (40, 8, 24, 'float32', '1 threads')",
+    ]
+    stored = json.loads(tuner.read_text())
+    assert sorted(len(choices) for choices in stored.values()) == [1, 4]  # one thread / two threads
+
+
+def test_rabbit_tune_measures_char_rnns_recurrent_shapes(tmp_path):
+    """End to end on the char-rnn experiment with a small corpus and a small LSTM."""
+    import os
+
+    from test_main_job import rabbit
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be: that is the question.\n" * 40, encoding="utf-8")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    # This checkout's rabbitkit, not whichever one is installed (a git worktree's tests).
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, RABBIT_CACHE=str(tmp_path / "cache"), RABBIT_TUNE="0", NUMBA_NUM_THREADS="2",
+               PYTHONPATH=path)
+    experiment = root / "experiments" / "char_rnn.toml"
+    args = ["tune", experiment, "--set", f"data.path=\"{corpus}\"", "--set", "model.hidden_size=16",
+            "--set", "train.batch_size=24", "--set", "train.seq_len=8"]  # 2 threads: blocks of 12 rows
+    done = rabbit(args, env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    shape = "(24, 16, 64, 'float32', '2 threads')"
+    for direction in ("forward", "backward"):
+        assert f"lstm.{direction} {shape}: " in done.stdout
+    stored = json.loads((tmp_path / "cache" / "tuning.json").read_text())
+    assert sum(len(v) for v in stored.values()) == done.stdout.count("-> ")
+    assert "nothing new to measure" in rabbit(args, env, tmp_path).stdout

@@ -189,7 +189,11 @@ KERNEL_BLAS_UNPACKED_PRODUCTS = kernel_blas_unpacked_products(_LOADED_BLAS)
 def rows_per_product(inner, columns, rows):
     """Rows of the left operand per ``np.dot`` call inside a kernel that multiplies
     ``rows`` x ``inner`` by ``inner`` x ``columns`` (e.g. a recurrent step's block):
-    small enough for the BLAS's unpacked path where it has one, else all of them."""
+    small enough for the BLAS's unpacked path where it has one, else all of them.
+
+    The recurrent layers run this rule with tuning off; with it on they time it
+    against other sizes (``Recurrent._time_loop``), since it was decided on one
+    processor."""
     rows = max(int(rows), 1)
     if not KERNEL_BLAS_UNPACKED_PRODUCTS or inner * columns > UNPACKED_PRODUCT_LIMIT:
         return rows

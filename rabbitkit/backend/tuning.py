@@ -15,7 +15,11 @@ Variants differ only in the order of floating-point sums (float32 rounding).
 ``[experiment] tune = false`` or ``RABBIT_TUNE=0`` turns tuning off: every layer
 then takes its built-in default and runs are bit-reproducible.
 ``rabbit tune EXP.toml`` tunes an experiment's shapes ahead and prints the choices.
+
+Users: Conv2D (per-sample or whole-batch lowering) and the recurrent layers (rows
+per BLAS call of the per-step product, ``Recurrent._time_loop``).
 """
+import functools
 import json
 import os
 import platform
@@ -26,8 +30,11 @@ TIMED_CALLS = 3  # timed calls per candidate (the minimum counts), after one unt
 
 _lock = threading.Lock()
 _enabled = None  # None: decided by RABBIT_TUNE (default on)
-_choices = None  # {op key: {"choice": name, "seconds": {name: s}}} for this machine
-_measured = []  # op keys measured by this process (what `rabbit tune` prints)
+# {machine key: {op key: {"choice": name, "seconds": {name: s}}}}, read from the cache
+# file per machine key as it is first needed (the key changes with the thread count).
+_choices = {}
+_ignore_stored = False  # forget(measure_again=True): time every shape afresh
+_measured = []  # (op key, choice, {name: s}) measured by this process (what `rabbit tune` prints)
 
 
 def set_enabled(flag):
@@ -42,6 +49,7 @@ def enabled():
     return os.environ.get("RABBIT_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache  # fixed for the process, and choose() asks for it at every call
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as handle:
@@ -53,6 +61,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def blas_description():
     """'openblas 0.3.29 SkylakeX' for the BLAS the kernels call (or 'unknown')."""
     from .cpu import _LOADED_BLAS
@@ -84,10 +93,10 @@ def _read_all():
 
 
 def _machine_choices():
-    global _choices
-    if _choices is None:
-        _choices = dict(_read_all().get(machine_key(), {}))
-    return _choices
+    machine = machine_key()
+    if machine not in _choices:
+        _choices[machine] = {} if _ignore_stored else dict(_read_all().get(machine, {}))
+    return _choices[machine]
 
 
 def _store(op_key, record):
@@ -104,12 +113,14 @@ def _store(op_key, record):
         pass  # a read-only cache folder: the choice still holds for this process
 
 
-def choose(op, shape, candidates, default):
+def choose(op, shape, candidates, default, setup=None):
     """The name of the fastest of ``candidates`` ({name: zero-argument callable}) for
     ``op`` at ``shape`` (anything with a stable ``str``), measured once per machine.
 
     Candidates must be free of side effects beyond their output buffers: each runs
-    1 + TIMED_CALLS times when measured.  With tuning off, returns ``default``.
+    1 + TIMED_CALLS times when measured.  ``setup``, if given, runs untimed before
+    every call (e.g. to restore inputs a candidate overwrites in place).  With tuning
+    off, returns ``default``.
     """
     if not enabled() or len(candidates) < 2:
         return default
@@ -120,27 +131,32 @@ def choose(op, shape, candidates, default):
         # among: a candidate added in a later version is measured, not ignored.
         if known is not None and set(known.get("seconds", ())) == set(candidates):
             return known["choice"]
-        seconds = {}
-        for name, call in candidates.items():
+        for call in candidates.values():
+            if setup is not None:
+                setup()
             call()  # compiles on first use, warms caches and thread pools
-            best = float("inf")
-            for _ in range(TIMED_CALLS):
+        # Rounds of one timed call per candidate, rather than all of one candidate's
+        # calls in a row: load from other processes that comes and goes then hits
+        # every candidate alike instead of the one that happened to run during it.
+        seconds = dict.fromkeys(candidates, float("inf"))
+        for _ in range(TIMED_CALLS):
+            for name, call in candidates.items():
+                if setup is not None:
+                    setup()
                 started = time.perf_counter()
                 call()
-                best = min(best, time.perf_counter() - started)
-            seconds[name] = best
+                seconds[name] = min(seconds[name], time.perf_counter() - started)
         choice = min(seconds, key=seconds.get)
         record = {"choice": choice, "seconds": seconds}
         _machine_choices()[op_key] = record
-        _measured.append(op_key)
+        _measured.append((op_key, choice, seconds))
         _store(op_key, record)
         return choice
 
 
 def measured():
     """[(op key, choice, {candidate: seconds})] measured by this process, in order."""
-    choices = _machine_choices()
-    return [(key, choices[key]["choice"], choices[key]["seconds"]) for key in _measured]
+    return list(_measured)
 
 
 def known_choices():
@@ -152,6 +168,7 @@ def forget(measure_again=False):
     """Drop this process's view of the cache (tests, or after deleting the file);
     ``measure_again``: ignore the stored choices too (each shape is timed afresh and
     its new choice replaces the stored one)."""
-    global _choices
-    _choices = {} if measure_again else None
+    global _ignore_stored
+    _choices.clear()
+    _ignore_stored = bool(measure_again)
     _measured.clear()

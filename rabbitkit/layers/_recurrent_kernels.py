@@ -16,10 +16,12 @@ limits BLAS to one thread around these kernels).  A multi-threaded BLAS per step
 would synchronise its threads 2T times per layer, which on a busy machine costs
 whole scheduler time slices.
 
-Each thread multiplies its block ``rows`` rows per BLAS call (the caller picks it
-with :func:`rabbitkit.backend.cpu.rows_per_product`): where OpenBLAS has an
-unpacked path for small products, blocks under its size limit take it, which made
-the per-step products of a 2 x 128 LSTM at batch 32 2.3x faster.
+Each thread multiplies its block ``rows`` rows per BLAS call.  The caller times
+the candidate sizes on the first use of a product shape and keeps the fastest
+(:meth:`rabbitkit.layers.recurrent.Recurrent._time_loop`), or with tuning off
+takes :func:`rabbitkit.backend.cpu.rows_per_product`'s rule: where OpenBLAS has
+an unpacked path for small products, blocks under its size limit take it, which
+made the per-step products of a 2 x 128 LSTM at batch 32 2.3x faster.
 
 Layout: everything is time-major, ``(T, N, ...)``, so ``array[t, n0:n1]`` is a
 contiguous block of rows.  ``hs`` and ``cs`` have T + 1 rows: row 0 is the

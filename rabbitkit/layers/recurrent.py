@@ -18,7 +18,9 @@ have no PyTorch counterpart.
 Speed: the input projection of all steps is one matrix product (a row gather when
 the first layer's input is one-hot), each layer's time loop is one kernel call that
 splits the batch over Numba's threads with a single-threaded BLAS per thread, and
-the weight gradients are one product each over all steps.
+the weight gradients are one product each over all steps.  How many rows of its
+block a thread gives each BLAS call of the per-step product is measured once per
+product shape and machine (:meth:`Recurrent._time_loop`).
 
 On ``device="cuda"`` the same layer runs through time on the GPU: the input
 projection of all steps is one backend GEMM, each step one GEMM for the recurrent
@@ -64,6 +66,17 @@ from .embedding import gather_rows_cpu, scatter_add_rows_cpu
 # thinner blocks make the per-step products too small to pay for the split.
 MIN_ROWS_PER_THREAD = 4
 
+# Rows per BLAS call of the per-step recurrent product that the tuner times, besides
+# the built-in rule's choice and a thread's whole block (sizes over the block are the block).
+ROW_BLOCK_CANDIDATES = (8, 16, 32)
+
+# Multiply-adds of the recurrent product in one timed trial run: the trial runs the
+# kernel over the first steps of the real sequence, as many as make about this much
+# (at least one): a millisecond or two here, so a shape's measurement stays small
+# whatever the sequence length.  Each step has the same product shape, so the
+# first steps rank the candidates as the whole sequence would.
+TRIAL_MULTIPLY_ADDS = 50_000_000
+
 
 class Recurrent(Layer):
     """Shared machinery of stacked recurrent layers (see the module docstring).
@@ -91,6 +104,10 @@ class Recurrent(Layer):
 
     gates = 1
     state_arrays = 1
+    #: Rows per BLAS call of the per-step recurrent product, forced (tests, benchmarks);
+    #: None: measured by :mod:`rabbitkit.backend.tuning`, or the built-in rule when
+    #: tuning is off.
+    row_block = None
 
     def __init__(
         self,
@@ -210,17 +227,87 @@ class Recurrent(Layer):
         return self.params[f"{name}_l{layer}"]
 
     def _split(self, batch):
-        """(row blocks the time-loop kernels run in parallel, rows per BLAS call in a block).
+        """(row blocks the time-loop kernels run in parallel, the built-in rule's rows
+        per BLAS call in a block).
 
         One block without a BLAS thread limit; rows per call from
         :func:`~rabbitkit.backend.cpu.rows_per_product` (the recurrent product is
-        rows x hidden by hidden x gates*hidden, forward and backward alike).
+        rows x hidden by hidden x gates*hidden, forward and backward alike).  The
+        rule is what runs with tuning off; with it on, :meth:`_time_loop` measures
+        it against the other :meth:`_row_block_candidates`.
+
+        The split itself is not a tuning candidate: batch rows never interact and
+        each thread runs its block's whole time loop (one fork/join per layer), so
+        fewer blocks than threads leaves threads idle.  On a shared 2-core machine
+        one block timed level with two while another process held a core: such a
+        measurement records the moment's load, which a per-machine cache must not
+        keep.
         """
         chunks = 1
         if SINGLE_THREADED_BLAS.available:
             chunks = max(1, min(numba.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
         block = -(-batch // chunks)
         return chunks, rows_per_product(self.hidden_size, self.gates * self.hidden_size, block)
+
+    def _row_block_candidates(self, batch):
+        """Rows per BLAS call worth timing for a batch: the rule's, ROW_BLOCK_CANDIDATES
+        and a thread's whole block, ascending, each size once."""
+        chunks, rule = self._split(batch)
+        block = -(-batch // chunks)
+        return sorted({min(rows, block) for rows in (rule, *ROW_BLOCK_CANDIDATES, block)})
+
+    def _time_loop(self, direction, kernel, args, time_major):
+        """Run the time-loop ``kernel(*args, chunks, rows)`` of one layer.
+
+        ``args[0]`` is (T, N, ...); ``time_major`` lists the arguments whose first
+        axis is time (T or T + 1 long).  ``rows`` (per BLAS call of the recurrent
+        product) is :attr:`row_block` if set, else the tuner's choice for this
+        product shape, measured on the first use of the shape (see
+        :meth:`_measured_row_block`), else the built-in rule.  Any choice gives the
+        same results up to float32 rounding.
+        """
+        batch = args[0].shape[1]
+        chunks, rows = self._split(batch)
+        with SINGLE_THREADED_BLAS:
+            if self.row_block is not None:
+                rows = self.row_block
+            else:
+                rows = self._measured_row_block(direction, kernel, args, time_major, chunks, rows)
+            kernel(*args, chunks, rows)
+
+    def _measured_row_block(self, direction, kernel, args, time_major, chunks, rule):
+        """The tuner's rows per call for ``kernel`` at this product shape (``rule`` with
+        tuning off).  Candidates run ``kernel`` itself, on copies of ``args`` cut to
+        the first steps of the sequence: nothing the layer keeps is written, and no
+        random numbers are drawn.  Before each timed run the copies are reset from
+        ``args``, untimed, so every candidate works on the same inputs (the kernels
+        overwrite some of theirs in place: gates, the carried state gradients).
+        """
+        from ..backend import tuning
+
+        steps, batch = args[0].shape[:2]
+        width = self.gates * self.hidden_size
+        sources, trial = [], []  # filled on the first reset: a known shape copies nothing
+
+        def reset_trial_arrays():
+            if not trial:
+                trial_steps = max(1, min(steps, TRIAL_MULTIPLY_ADDS // (batch * self.hidden_size * width)))
+                sources.extend(a[:a.shape[0] - steps + trial_steps] if any(a is t for t in time_major) else a
+                               for a in args)
+                trial.extend(np.empty_like(a) if isinstance(a, np.ndarray) else a for a in sources)
+            for copy, source in zip(trial, sources):
+                if isinstance(source, np.ndarray):
+                    np.copyto(copy, source)
+
+        names = {f"{rows} rows": rows for rows in self._row_block_candidates(batch)}
+        # The product at each step: batch rows x hidden by hidden x width, split over threads.
+        shape = (batch, self.hidden_size, width, self.dtype.name, f"{chunks} threads")
+        choice = tuning.choose(
+            f"{type(self).__name__.lower()}.{direction}", shape,
+            {name: (lambda rows=rows: kernel(*trial, chunks, rows)) for name, rows in names.items()},
+            default=f"{rule} rows", setup=reset_trial_arrays,
+        )
+        return names[choice]
 
     def _bias(self, layer):
         """b_ih + b_hh: where the cell adds both, the kernel adds them once."""
@@ -523,17 +610,16 @@ class RNN(Recurrent):
         hs[0] = start[0]
         w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
         scratch = np.empty((batch, self.hidden_size), dtype=self.dtype)
-        with SINGLE_THREADED_BLAS:
-            rnn_forward_sequence(xproj, w_hh_t, self._bias(layer), hs, scratch, *self._split(batch))
+        self._time_loop("forward", rnn_forward_sequence, (xproj, w_hh_t, self._bias(layer), hs, scratch),
+                        time_major=(xproj, hs))
         cache["hs"] = hs
         cache["final"] = [hs[-1]]
         return hs[1:]
 
     def _backward_layer(self, layer, dout, dcarry, cache):
         dpre = np.empty_like(dout)
-        with SINGLE_THREADED_BLAS:
-            rnn_backward_sequence(dout, self._param("weight_hh", layer), cache["hs"], dcarry[0], dpre,
-                                  *self._split(dout.shape[1]))
+        self._time_loop("backward", rnn_backward_sequence, (dout, self._param("weight_hh", layer), cache["hs"],
+                                                            dcarry[0], dpre), time_major=(dout, cache["hs"], dpre))
         return dpre, dpre
 
     def _forward_layer_cuda(self, layer, xproj, start, cache):
@@ -598,20 +684,21 @@ class LSTM(Recurrent):
         w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
         scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
         peep = self._peepholes(layer)
-        with SINGLE_THREADED_BLAS:
-            lstm_forward_sequence(gates, w_hh_t, self._bias(layer), peep, hs, cs, tanh_cs, scratch, *self._split(batch))
+        self._time_loop("forward", lstm_forward_sequence, (gates, w_hh_t, self._bias(layer), peep, hs, cs, tanh_cs,
+                                                           scratch), time_major=(gates, hs, cs, tanh_cs))
         cache.update(gates=gates, hs=hs, cs=cs, tanh_cs=tanh_cs, peep=peep, final=[hs[-1], cs[-1]])
         return hs[1:]
 
     def _backward_layer(self, layer, dout, dcarry, cache):
         dgates = np.empty_like(cache["gates"])
-        chunks, rows = self._split(dout.shape[1])
+        chunks, _ = self._split(dout.shape[1])
         dpeep = np.zeros((chunks, 3, self.hidden_size), dtype=self.dtype)
-        with SINGLE_THREADED_BLAS:
-            lstm_backward_sequence(
-                dout, cache["gates"], self._param("weight_hh", layer), cache["peep"], cache["cs"], cache["tanh_cs"],
-                dcarry[0], dcarry[1], dgates, dpeep, chunks, rows,
-            )
+        self._time_loop(
+            "backward", lstm_backward_sequence,
+            (dout, cache["gates"], self._param("weight_hh", layer), cache["peep"], cache["cs"], cache["tanh_cs"],
+             dcarry[0], dcarry[1], dgates, dpeep),
+            time_major=(dout, cache["gates"], cache["cs"], cache["tanh_cs"], dgates),
+        )
         if self.peephole:
             dpeep = dpeep.sum(axis=0)
             for row, gate in enumerate(("ci", "cf", "co")):
@@ -674,9 +761,9 @@ class GRU(Recurrent):
         hn = np.empty((steps, batch, self.hidden_size), dtype=self.dtype)
         w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
         scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
-        with SINGLE_THREADED_BLAS:
-            gru_forward_sequence(gates, w_hh_t, self._param("bias_ih", layer), self._param("bias_hh", layer), hs, hn,
-                                 scratch, *self._split(batch))
+        self._time_loop("forward", gru_forward_sequence, (gates, w_hh_t, self._param("bias_ih", layer),
+                                                          self._param("bias_hh", layer), hs, hn, scratch),
+                        time_major=(gates, hs, hn))
         cache.update(gates=gates, hs=hs, hn=hn, final=[hs[-1]])
         return hs[1:]
 
@@ -684,11 +771,12 @@ class GRU(Recurrent):
         dgx = np.empty_like(cache["gates"])
         dgh = np.empty_like(dgx)
         scratch = np.empty_like(dcarry[0])
-        with SINGLE_THREADED_BLAS:
-            gru_backward_sequence(
-                dout, cache["gates"], self._param("weight_hh", layer), cache["hs"], cache["hn"], dcarry[0], dgx, dgh,
-                scratch, *self._split(dout.shape[1]),
-            )
+        self._time_loop(
+            "backward", gru_backward_sequence,
+            (dout, cache["gates"], self._param("weight_hh", layer), cache["hs"], cache["hn"], dcarry[0], dgx, dgh,
+             scratch),
+            time_major=(dout, cache["gates"], cache["hs"], cache["hn"], dgx, dgh),
+        )
         return dgx, dgh
 
     def _forward_layer_cuda(self, layer, gates, start, cache):
