@@ -58,3 +58,31 @@ def test_gradients(shape):
 
 def test_cuda_matches_cpu():
     check_cuda_parity(lambda: Dropout(0.5), (2, 3, 4))
+
+
+# -- the mask: Philox-4x32-10 made inside the kernels --------------------------------
+
+# Random123's known-answer vectors for Philox-4x32-10 (kat_vectors): counter words,
+# key words, the four output words.
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KNOWN_ANSWERS)
+def test_philox_gives_the_reference_words(counter, key, expected):
+    """The shared function as Python (what the CUDA simulator runs) and as its CPU
+    build give Random123's words: the generator is Philox-4x32-10 itself."""
+    import numba
+
+    from rabbitkit.backend.philox import _philox4x32_10, philox4x32_10_cpu
+
+    block, stream, key64 = (np.uint64(high << 32 | low) for low, high in
+                            ((counter[0], counter[1]), (counter[2], counter[3]), key))
+    words_cpu = numba.njit(lambda b, s, k: philox4x32_10_cpu(b, s, k))(block, stream, key64)
+    assert tuple(int(w) for w in _philox4x32_10(block, stream, key64)) == expected
+    assert tuple(int(w) for w in words_cpu) == expected
+
