@@ -132,7 +132,7 @@ def test_cuda_forward_backward_and_clipping_are_deterministic(rng):
 def test_a_recurrent_step_on_cuda_copies_nothing_between_host_and_device(rng, monkeypatch):
     """With the batch on the device: forward (state carried), backward, clipping (no norm
     asked for) make no host<->device copy.  (Inter-layer dropout copies its host-drawn
-    mask over, as the Dropout layer does; it is off here.)"""
+    mask over, which the Dropout layer no longer does; it is off here.)"""
     import numba.cuda
 
     backend = get_backend("cuda")
