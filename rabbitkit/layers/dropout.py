@@ -46,7 +46,10 @@ def dropout_cpu(x, key, stream, threshold, scale, y):
         for lane in range(PHILOX_WORDS):
             i = lane * quarter + block
             if i < n:
-                y[i] = x[i] * scale if words[lane] >= threshold else 0.0
+                if words[lane] >= threshold:
+                    y[i] = x[i] * scale
+                else:  # (here and on CUDA) not "x * scale if kept else 0.0": that is float64, converted twice
+                    y[i] = 0
 
 
 @cuda_kernel
@@ -59,7 +62,10 @@ def dropout_cuda(x, key, stream, threshold, scale, y):
         for lane in range(PHILOX_WORDS):
             i = lane * quarter + block
             if i < n:
-                y[i] = x[i] * scale if words[lane] >= threshold else 0.0
+                if words[lane] >= threshold:
+                    y[i] = x[i] * scale
+                else:
+                    y[i] = 0
 
 
 class Dropout(Layer):
