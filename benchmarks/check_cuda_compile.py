@@ -1,15 +1,24 @@
-"""Compile every CUDA kernel the simulator tests launch with the real CUDA compiler
-(NVVM, for an H100/H200: sm_90), without a GPU.
+"""Compile the CUDA kernels with the real CUDA compiler (NVVM, for an H100/H200:
+sm_90), without a GPU.
 
     python benchmarks/check_cuda_compile.py [test files...]   # default: tests/test_cuda_*.py
+    python benchmarks/check_cuda_compile.py --listed          # the listed signatures only (seconds)
 
 The simulator runs kernels as Python, so it accepts code that numba.cuda's compiler
 refuses (a typing error, an unsupported call).  This script runs the given tests
 in the simulator recording each kernel's argument types, then, in a second process
 with the simulator off, compiles each (kernel, signature) to PTX with the tile and
-block sizes a real GPU gets.  It needs a CUDA toolkit's libnvvm and libdevice
-(``CUDA_HOME``, e.g. /usr/local/cuda), not a driver or a device.  Exit status 1 if
-any kernel fails to compile.
+block sizes a real GPU gets.  To the recorded signatures it adds the listed ones
+(:func:`listed_signatures`: the recurrent, gradient-norm and dropout kernels in
+both float dtypes, whether or not the tests launch them), and the kernels of
+:data:`FLOAT32_KERNELS` must not compute in float64 when given float32 arrays (a
+float64 literal or helper in such a kernel halves its speed or worse on GPUs
+whose float64 units are few).  ``--listed`` compiles the listed signatures alone,
+with no simulator run (``tests/test_recurrent_cuda.py`` does so).  It needs a CUDA
+toolkit's libnvvm and libdevice (``CUDA_HOME``, e.g. /usr/local/cuda, or the
+``nvidia-cuda-nvcc`` wheel), not NVRTC, a driver or a device.  Prints one line per
+(kernel, signature); exit status 1 if any fails to compile or computes in float64
+where it must not.
 """
 import glob
 import os
@@ -63,10 +72,67 @@ def record(paths, out):
     return status
 
 
-def compile_all(path):
-    """Compile each recorded (kernel, signature) for CC with the simulator off."""
+RECURRENT = "rabbitkit.layers._recurrent_kernels"
+BACKEND = "rabbitkit.backend.cuda"
+DROPOUT = "rabbitkit.layers.dropout"
+
+#: Kernels whose every operation on float32 arrays must be float32: their PTX may
+#: convert to and from float64 (``cvt``) but not compute in it.
+FLOAT32_KERNELS = {
+    (RECURRENT, name) for name in (
+        "swap_leading_axes_cuda", "multiply_cuda", "add_cuda", "rnn_step_forward_cuda", "rnn_step_backward_cuda",
+        "lstm_step_forward_cuda", "lstm_step_backward_cuda", "gru_step_forward_cuda", "gru_step_backward_cuda")
+} | {(DROPOUT, "dropout_cuda")}
+
+
+def listed_signatures():
+    """{(module, kernel name): {argument types}} compiled on every run, recorded or not."""
+    from numba import types
+
+    f64 = types.float64
+    listed = {}
+
+    def add(module, name, *signature):
+        listed.setdefault((module, name), set()).add(tuple(signature))
+
+    for dt in (types.float32, types.float64):
+        a1, a2, a3 = (types.Array(dt, n, "C") for n in (1, 2, 3))
+        add(RECURRENT, "swap_leading_axes_cuda", a3, a3)
+        add(RECURRENT, "multiply_cuda", a1, a1, a1)
+        add(RECURRENT, "add_cuda", a1, a1, a1)
+        add(RECURRENT, "rnn_step_forward_cuda", a2, a2, a1, a2)
+        add(RECURRENT, "rnn_step_backward_cuda", a2, a2, a2, a2)
+        add(RECURRENT, "lstm_step_forward_cuda", a2, a2, a1, a1, a1, a1, a2, a2, a2, a2)
+        add(RECURRENT, "lstm_step_backward_cuda", a2, a2, a1, a1, a1, a2, a2, a2, a2, a2)
+        add(RECURRENT, "gru_step_forward_cuda", a2, a2, a1, a1, a2, a2, a2)
+        add(RECURRENT, "gru_step_backward_cuda", a2, a2, a2, a2, a2, a2, a2)
+        add(RECURRENT, "lstm_peephole_grads_cuda", a3, a3, a1, a1, a1)
+        add(BACKEND, "_partial_sum_squares_kernel", a1, types.Array(f64, 2, "C"), types.int64)
+        add(BACKEND, "_scale_by_device_factor_kernel", a1, a1)
+        add(DROPOUT, "dropout_cuda", a1, types.uint64, types.uint64, types.uint64, dt, a1)
+    add(BACKEND, "_finish_norm_kernel", types.Array(f64, 2, "C"), types.boolean, f64, types.Array(f64, 1, "C"),
+        types.Array(types.float32, 1, "C"), types.Array(f64, 1, "C"))
+    return listed
+
+
+def float64_instructions(ptx):
+    """PTX lines that compute in float64 (conversions to and from it left out)."""
+    return sum(".f64" in line and "cvt" not in line for line in ptx.splitlines())
+
+
+def float32_only(signature):
+    """Whether a signature's float arrays are all float32 (and there is one)."""
+    from numba import types
+
+    dtypes = {t.dtype for t in signature if isinstance(t, types.Array) and isinstance(t.dtype, types.Float)}
+    return dtypes == {types.float32}
+
+
+def compile_all(path=None):
+    """Compile the listed and each recorded (kernel, signature) for CC with the simulator off."""
     os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-    os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+    if os.path.isdir("/usr/local/cuda"):  # else numba finds a wheel's toolkit itself
+        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     sys.path.insert(0, ROOT)
     import importlib
 
@@ -95,21 +161,31 @@ def compile_all(path):
             helpers[helper] = cuda.jit(device=True)(helper.pyfunc)
         return helpers[helper]
 
-    with open(path, "rb") as handle:
-        seen = pickle.load(handle)
+    seen = listed_signatures()
+    if path is not None:
+        with open(path, "rb") as handle:
+            for key, signatures in pickle.load(handle).items():
+                seen.setdefault(key, set()).update(signatures)
     failures = 0
     for (module_name, name), signatures in sorted(seen.items()):
         kernel = getattr(importlib.import_module(module_name), name)
         kernel.bind(cuda, build)
         for signature in sorted(signatures, key=str):
+            label = f"{module_name}.{name}{tuple(str(t) for t in signature)}"
             try:
                 ptx, _ = cuda.compile_ptx(kernel.pyfunc, signature, cc=CC)
-                print(f"ok    {module_name}.{name}{tuple(str(t) for t in signature)}: {len(ptx):,} bytes of PTX")
             except Exception as err:  # report every failure, then fail
                 failures += 1
                 lines = [line for line in str(err).strip().splitlines() if line.strip(" :")]
-                print(f"FAIL  {module_name}.{name}{tuple(str(t) for t in signature)}: {type(err).__name__}")
+                print(f"FAIL  {label}: {type(err).__name__}")
                 print("      " + "\n      ".join(lines[:12]))
+                continue
+            wide = float64_instructions(ptx)
+            if wide and (module_name, name) in FLOAT32_KERNELS and float32_only(signature):
+                failures += 1
+                print(f"FAIL  {label}: {wide} float64 instructions for float32 arrays")
+                continue
+            print(f"ok    {label}: {len(ptx):,} bytes of PTX, {wide} float64 instructions")
     print(f"{sum(len(s) for s in seen.values())} signatures of {len(seen)} kernels; {failures} failed")
     return 1 if failures else 0
 
@@ -117,6 +193,8 @@ def compile_all(path):
 def main(argv):
     if len(argv) == 2 and argv[0] == "--compile":
         return compile_all(argv[1])
+    if argv == ["--listed"]:
+        return compile_all()
     paths = argv or sorted(glob.glob(os.path.join(ROOT, "tests", "test_cuda_*.py")))
     with tempfile.TemporaryDirectory() as folder:
         types = os.path.join(folder, "types.pickle")
