@@ -163,6 +163,18 @@ def parameter_multipliers(params, patterns, what, acts_on=None):
     return [1.0 if factor is None else factor for factor in factors]
 
 
+def resolve_multipliers(params, lr_mult=None, decay_mult=None):
+    """(lr factors, weight-decay factors), one each per parameter, from the two pattern tables.
+
+    A parameter weight decay does not act on (anything but a weight) gets decay factor 0,
+    and a ``decay_mult`` pattern that matches only such parameters is refused.
+    """
+    lr_factors = parameter_multipliers(params, lr_mult, "lr_mult")
+    decay_mults = parameter_multipliers(params, decay_mult, "decay_mult",
+                                        acts_on=(_decayed, "weight decay leaves alone (it decays weights only)"))
+    return lr_factors, [mult if _decayed(param) else 0.0 for param, mult in zip(params, decay_mults)]
+
+
 class Optimizer:
     """Base class: per-parameter state buffers, a step counter, state dicts.
 
@@ -191,10 +203,7 @@ class Optimizer:
         self.lr_mult = dict(lr_mult or {})
         self.decay_mult = dict(decay_mult or {})
         #: per parameter (as ``params``): the factor on ``lr`` and on ``weight_decay`` (0 where it does not decay)
-        self.lr_factors = parameter_multipliers(self.params, self.lr_mult, "lr_mult")
-        decay_mults = parameter_multipliers(self.params, self.decay_mult, "decay_mult",
-                                            acts_on=(_decayed, "weight decay leaves alone (it decays weights only)"))
-        self.decay_factors = [mult if _decayed(param) else 0.0 for param, mult in zip(self.params, decay_mults)]
+        self.lr_factors, self.decay_factors = resolve_multipliers(self.params, self.lr_mult, self.decay_mult)
         self.steps = 0
         self.state = []  # per parameter: {buffer name: array}
         self._work = []  # per parameter: (size, is_cuda, flat value, flat grad, flat buffers, lr factor, decay factor)
