@@ -14,8 +14,20 @@ Usage::
 runs one fused kernel per parameter (weight decay, state update and parameter
 update in one pass) on the parameter's device.  Create the optimizer after
 moving the model to its device: it keeps the parameter arrays it was given.
+
+Per-parameter multipliers (Caffe's ``lr_mult``/``decay_mult``, PyTorch's
+parameter groups): ``lr_mult={"0.0": 0.1}`` trains the parameters of layer
+``0.0`` (and of every layer inside it) at a tenth of ``opt.lr``, whatever the
+schedule sets ``opt.lr`` to; ``decay_mult`` likewise scales ``weight_decay``.
+Patterns are shell-style over dotted layer names and parameter names
+(``"features.*"``, ``"*.bias"``), as :func:`rabbitkit.layers.freeze`; the first
+pattern that matches a parameter gives its factor (as ``[init] overrides``),
+1 where none does, and a pattern that matches no parameter is refused::
+
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9, lr_mult={"0.0": 0.1})
 """
 import math
+import numbers
 
 import numpy as np
 from numba import prange
@@ -24,6 +36,7 @@ from .backend.cpu import sized_kernel
 from .backend.cuda import cuda_kernel, device_pair
 from .errors import CheckpointError, ConfigError
 from .hookspecs import hookimpl
+from .layers.base import names_matching
 from .regularizers import squared_norm
 
 cuda = None  # numba.cuda, bound on the first CUDA launch
@@ -109,18 +122,74 @@ def _flat(array):
     return array.reshape(array.size)
 
 
+def _scopes(param_name):
+    """The names a multiplier pattern may match for one parameter: every layer holding
+    it, outermost first, then the parameter itself (``"0.0.9.bias"``: ``"0"``,
+    ``"0.0"``, ``"0.0.9"``, ``"0.0.9.bias"``)."""
+    parts = param_name.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+
+
+def _decayed(param):
+    """Whether weight decay acts on a parameter (weights only: see the module docstring)."""
+    return param.role == "weight"
+
+
+def parameter_multipliers(params, patterns, what, acts_on=None):
+    """One factor per parameter from ``patterns`` (``{pattern: factor}``).
+
+    A pattern matches a parameter when it matches the parameter's name or the
+    dotted name of a layer holding it (so a container's pattern covers everything
+    inside it, as with :func:`rabbitkit.layers.freeze`); the first pattern that
+    matches gives the factor, 1.0 where none does.  A pattern that matches no
+    parameter in ``params`` is a :class:`ConfigError` listing the nearest names.
+    ``acts_on`` = (predicate on a parameter, what the others are): a pattern that
+    matches only parameters the factor has no effect on is refused too.
+    """
+    factors = [None] * len(params)
+    scopes = [_scopes(param.name) for param in params]
+    names = list(dict.fromkeys(name for scope in scopes for name in scope))
+    for pattern, factor in (patterns or {}).items():
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 <= factor < math.inf:
+            raise ConfigError(f"{what} '{pattern}': expected a number >= 0, got {factor!r}")
+        matched = set(names_matching(str(pattern), names, what, kind="trained layer or parameter"))
+        hits = [index for index, scope in enumerate(scopes) if matched.intersection(scope)]
+        if acts_on is not None and not any(acts_on[0](params[index]) for index in hits):
+            raise ConfigError(f"{what} pattern '{pattern}' matches only parameters {acts_on[1]}: "
+                              f"{', '.join(params[index].name for index in hits[:5])}")
+        for index in hits:
+            if factors[index] is None:  # the first matching pattern wins
+                factors[index] = float(factor)
+    return [1.0 if factor is None else factor for factor in factors]
+
+
+def resolve_multipliers(params, lr_mult=None, decay_mult=None):
+    """(lr factors, weight-decay factors), one each per parameter, from the two pattern tables.
+
+    A parameter weight decay does not act on (anything but a weight) gets decay factor 0,
+    and a ``decay_mult`` pattern that matches only such parameters is refused.
+    """
+    lr_factors = parameter_multipliers(params, lr_mult, "lr_mult")
+    decay_mults = parameter_multipliers(params, decay_mult, "decay_mult",
+                                        acts_on=(_decayed, "weight decay leaves alone (it decays weights only)"))
+    return lr_factors, [mult if _decayed(param) else 0.0 for param, mult in zip(params, decay_mults)]
+
+
 class Optimizer:
     """Base class: per-parameter state buffers, a step counter, state dicts.
 
     Subclasses list their state buffers in ``buffer_names()`` (zero-initialised,
     shaped like the parameter, on its device), pick their kernels in
     ``kernels`` = (CPU, CUDA), and give the scalar arguments of one step in
-    ``hyper()``; every kernel is called as ``(w, g, *buffers, lr, decay, *hyper)``.
+    ``hyper()``; every kernel is called as ``(w, g, *buffers, lr, decay, *hyper)``,
+    where ``lr`` and ``decay`` are this parameter's: ``opt.lr`` times its
+    ``lr_mult`` factor, ``weight_decay`` times its ``decay_mult`` factor (0 for
+    parameters other than weights).  See the module docstring for the multipliers.
     """
 
     kernels = None
 
-    def __init__(self, params, lr, weight_decay=0.0):
+    def __init__(self, params, lr, weight_decay=0.0, lr_mult=None, decay_mult=None):
         self.params = list(params)
         for param in self.params:
             if not hasattr(param, "grad") or not hasattr(param, "role"):
@@ -131,18 +200,21 @@ class Optimizer:
             raise ConfigError(f"{type(self).__name__}: lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        self.lr_mult = dict(lr_mult or {})
+        self.decay_mult = dict(decay_mult or {})
+        #: per parameter (as ``params``): the factor on ``lr`` and on ``weight_decay`` (0 where it does not decay)
+        self.lr_factors, self.decay_factors = resolve_multipliers(self.params, self.lr_mult, self.decay_mult)
         self.steps = 0
         self.state = []  # per parameter: {buffer name: array}
-        self._work = []  # per parameter: (size, is_cuda, flat value, flat grad, flat buffers, decays)
-        for param in self.params:
+        self._work = []  # per parameter: (size, is_cuda, flat value, flat grad, flat buffers, lr factor, decay factor)
+        for param, lr_factor, decay_factor in zip(self.params, self.lr_factors, self.decay_factors):
             buffers = {name: param.backend.zeros(param.value.shape, param.value.dtype) for name in self.buffer_names()}
             self.state.append(buffers)
             flat_buffers = tuple(_flat(b) for b in buffers.values())
             if len(flat_buffers) < self.buffer_count:  # unused slots (momentum 0) get an empty array
                 flat_buffers += (param.backend.zeros((0,), param.value.dtype),) * (self.buffer_count - len(flat_buffers))
-            decays = param.role == "weight"
             self._work.append((param.value.size, param.backend.name == "cuda", _flat(param.value), _flat(param.grad),
-                               flat_buffers, decays))
+                               flat_buffers, lr_factor, decay_factor))
 
     buffer_count = 0  # buffer arguments every kernel call takes
 
@@ -159,12 +231,12 @@ class Optimizer:
         cpu_kernel, cuda_kernel_ = self.kernels
         lr, hyper = self._step_scalars()
         weight_decay = self.weight_decay
-        for size, is_cuda, value, grad, buffers, decays in self._work:
-            decay = weight_decay if decays else 0.0
+        # Factors of 1 leave lr and decay bit for bit as they were (x * 1.0 == x).
+        for size, is_cuda, value, grad, buffers, lr_factor, decay_factor in self._work:
             if is_cuda:
-                cuda_kernel_.launch(size, value, grad, *buffers, lr, decay, *hyper)
+                cuda_kernel_.launch(size, value, grad, *buffers, lr * lr_factor, weight_decay * decay_factor, *hyper)
             else:
-                cpu_kernel(size, value, grad, *buffers, lr, decay, *hyper)
+                cpu_kernel(size, value, grad, *buffers, lr * lr_factor, weight_decay * decay_factor, *hyper)
 
     def _step_scalars(self):
         return self.lr, self.hyper()
@@ -204,7 +276,9 @@ class Optimizer:
         self.steps = int(np.asarray(state["step"]).reshape(-1)[0])
 
     def __repr__(self):
-        return f"{type(self).__name__}(lr={self.lr}, weight_decay={self.weight_decay})"
+        multipliers = "".join(f", {name}={table}" for name, table in
+                              (("lr_mult", self.lr_mult), ("decay_mult", self.decay_mult)) if table)
+        return f"{type(self).__name__}(lr={self.lr}, weight_decay={self.weight_decay}{multipliers})"
 
 
 class SGD(Optimizer):
@@ -218,13 +292,14 @@ class SGD(Optimizer):
     kernels = (sgd_cpu, sgd_cuda)
     buffer_count = 1
 
-    def __init__(self, params, lr=0.01, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False):
+    def __init__(self, params, lr=0.01, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+                 lr_mult=None, decay_mult=None):
         self.momentum = float(momentum)
         self.dampening = float(dampening)
         self.nesterov = bool(nesterov)
         if nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ConfigError("SGD: nesterov needs momentum > 0 and dampening = 0")
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, lr_mult, decay_mult)
 
     def buffer_names(self):
         return ("momentum",) if self.momentum != 0 else ()
@@ -244,11 +319,12 @@ class RMSprop(Optimizer):
     kernels = (rmsprop_cpu, rmsprop_cuda)
     buffer_count = 2
 
-    def __init__(self, params, lr=0.01, weight_decay=0.0, alpha=0.99, eps=1e-8, momentum=0.0):
+    def __init__(self, params, lr=0.01, weight_decay=0.0, alpha=0.99, eps=1e-8, momentum=0.0,
+                 lr_mult=None, decay_mult=None):
         self.alpha = float(alpha)
         self.eps = float(eps)
         self.momentum = float(momentum)
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, lr_mult, decay_mult)
 
     def buffer_names(self):
         return ("square_avg", "momentum") if self.momentum > 0 else ("square_avg",)
@@ -268,10 +344,10 @@ class Adam(Optimizer):
     kernels = (adam_cpu, adam_cuda)
     buffer_count = 2
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, lr_mult=None, decay_mult=None):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, lr_mult, decay_mult)
 
     def buffer_names(self):
         return ("exp_avg", "exp_avg_sq")
@@ -280,7 +356,8 @@ class Adam(Optimizer):
         beta1, beta2 = self.betas
         step_size = self.lr / (1.0 - beta1**self.steps)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**self.steps)
-        # the kernel's "lr" slot carries the bias-corrected step size
+        # the kernel's "lr" slot carries the bias-corrected step size (which the lr_mult factor scales as it
+        # would scale lr: step_size is linear in lr)
         return step_size, (beta1, beta2, self.eps, bias_correction2_sqrt)
 
 

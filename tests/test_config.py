@@ -43,6 +43,11 @@ def test_defaults_and_overrides(tmp_path):
     ("experiment.device=\"gpu\"", "experiment.device: expected one of 'cpu', 'cuda', got 'gpu'"),
     ("train.early_stopping={patience=0}", "train.early_stopping.patience: expected an integer >= 1, got 0"),
     ("output.visualizers=\"curves\"", "output.visualizers: expected a list, got 'curves'"),
+    ("train.lr_mult=0.1", "train.lr_mult: expected a table, each value a number >= 0.0, got 0.1"),
+    ("train.lr_mult={\"0\" = -0.1}", "train.lr_mult.\"0\": expected a number >= 0.0, got -0.1"),
+    ("train.decay_mult={\"0\" = \"none\"}", "train.decay_mult.\"0\": expected a number >= 0.0, got 'none'"),
+    ("train.lr_mult={0.0 = 0.1}", "train.lr_mult.\"0\": expected a number >= 0.0, got the table {'0': 0.1} "
+                                 "(a key holding dots needs quotes: { \"0.0\" = 0.1 })"),
 ])
 def test_invalid_values_name_file_key_and_expectation(tmp_path, override, message):
     path = write(tmp_path, BASE)
@@ -157,3 +162,38 @@ def test_loss_options_in_toml(tmp_path):
                                                                      "ignore_indx": 2}}), "classification")
     with pytest.raises(ConfigError, match="train.loss: expected a name or a table with a 'name' key"):
         builder.build_loss(cfg.load(path, overrides={"train.loss": {"ignore_index": 2}}), "classification")
+
+
+def test_multiplier_patterns_are_checked_against_the_model_before_a_run(tmp_path):
+    path = write(tmp_path, BASE)  # mlp hidden [8]: parameters 0.weight, 0.bias, 2.weight, 2.bias
+    summary = describe(cfg.load(path, overrides=['train.lr_mult={"0" = 0.1}', "train.weight_decay=0.01",
+                                                 'train.decay_mult={"*" = 0}']), get_manager())
+    assert summary.endswith("# lr_mult 0.1 on 2 of 4 parameters; decay_mult 0 on 2 of 2 weights")
+    with pytest.raises(ConfigError) as info:
+        describe(cfg.load(path, overrides=['train.lr_mult={"2.wieght" = 0.1}']), get_manager())
+    assert str(info.value) == (f"{path}: train: lr_mult pattern '2.wieght' matches no trained layer or parameter; "
+                               f"nearest names: 2.weight, 0.weight")
+    with pytest.raises(ConfigError, match=r"exp.toml: train.optimizer.lr: set it as train.lr"):
+        describe(cfg.load(path, overrides=['train.optimizer={name = "sgd", lr = 0.1}']), get_manager())
+
+
+def test_an_optimizer_plugin_without_multipliers_is_refused_by_name(tmp_path):
+    import rabbitkit
+    from rabbitkit.plugins import PluginManager
+
+    class PlainSGD:
+        def __init__(self, params, lr=0.01, weight_decay=0.0):
+            pass
+
+    class Plugin:
+        @rabbitkit.hookimpl
+        def rabbit_optimizers(self):
+            return {"plain_sgd": PlainSGD}
+
+    manager = PluginManager(entry_points=False)
+    manager.register(Plugin())
+    path = write(tmp_path, BASE)
+    config = cfg.load(path, overrides=['train.optimizer="plain_sgd"', 'train.lr_mult={"0" = 0.1}'])
+    with pytest.raises(ConfigError) as info:
+        describe(config, manager)
+    assert str(info.value) == f"{path}: train.lr_mult: optimizer 'plain_sgd' takes no per-parameter multipliers"

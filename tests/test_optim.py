@@ -66,17 +66,28 @@ CASES = [
 ]
 
 
-def run_and_compare(optimizer_class, reference, hyper, lr, wd, steps=5):
+# Multipliers for make_model()'s parameters and the factors they give, worked out by hand:
+# "0.bias" matches "0" and "*.bias", and the first pattern wins; "2.weight" alone gets decay 0.5.
+MULTIPLIERS = {"lr_mult": {"0": 0.1, "*.bias": 2.0}, "decay_mult": {"2": 0.5}}
+LR_FACTORS = {"0.weight": 0.1, "0.bias": 0.1, "2.weight": 1.0, "2.bias": 2.0, "3.weight": 1.0}
+DECAY_FACTORS = {"0.weight": 1.0, "2.weight": 0.5}  # the weights; nothing else is decayed
+
+
+def run_and_compare(optimizer_class, reference, hyper, lr, wd, steps=5, multipliers=None):
+    """Steps the optimizer against the reference (each parameter at its own lr and decay when
+    ``multipliers`` is :data:`MULTIPLIERS`); returns the model and the optimizer."""
+    lr_factors, decay_factors = (LR_FACTORS, DECAY_FACTORS) if multipliers else ({}, {})
     model = make_model()
-    opt = optimizer_class(model.parameters(), lr=lr, weight_decay=wd, **hyper)
+    opt = optimizer_class(model.parameters(), lr=lr, weight_decay=wd, **hyper, **(multipliers or {}))
     expected = {p.name: p.value.copy() for p in model.parameters()}
     roles = {p.name: p.role for p in model.parameters()}
     states = {name: {} for name in expected}
     for step, grads in enumerate(gradient_sequence(model, steps), start=1):
         for p in model.parameters():
             p.grad[...] = grads[p.name]
-            decay = wd if roles[p.name] == "weight" else 0.0
-            expected[p.name] = reference(expected[p.name], grads[p.name], states[p.name], step, lr, decay, **hyper)
+            decay = wd * decay_factors.get(p.name, 1.0) if roles[p.name] == "weight" else 0.0
+            expected[p.name] = reference(expected[p.name], grads[p.name], states[p.name], step,
+                                         lr * lr_factors.get(p.name, 1.0), decay, **hyper)
         opt.step()
     for p in model.parameters():
         np.testing.assert_allclose(p.value, expected[p.name], rtol=1e-12, atol=1e-14, err_msg=p.name)
@@ -88,6 +99,85 @@ def run_and_compare(optimizer_class, reference, hyper, lr, wd, steps=5):
 def test_matches_the_pytorch_rule(name, optimizer_class, reference, hyper, wd):
     _, optimizer = run_and_compare(optimizer_class, reference, hyper, lr=0.05, wd=wd)  # compares every step
     assert optimizer.steps > 1
+
+
+@pytest.mark.parametrize("name,optimizer_class,reference,hyper", CASES, ids=[c[0] for c in CASES])
+def test_multipliers_give_each_parameter_its_own_lr_and_decay(name, optimizer_class, reference, hyper):
+    _, optimizer = run_and_compare(optimizer_class, reference, hyper, lr=0.05, wd=0.1, multipliers=MULTIPLIERS)
+    assert optimizer.lr_factors == [LR_FACTORS[p.name] for p in optimizer.params]
+
+
+def test_one_sgd_step_at_a_tenth_of_the_lr_by_hand():
+    model = make_model()
+    params = {p.name: p for p in model.parameters()}
+    before = {name: p.value.copy() for name, p in params.items()}
+    grads = gradient_sequence(model, 1)[0]
+    opt = SGD(model.parameters(), lr=0.5, lr_mult={"0": 0.1, "2.bias": 0.0})
+    for name, p in params.items():
+        p.grad[...] = grads[name]
+    opt.step()
+    np.testing.assert_allclose(params["0.weight"].value, before["0.weight"] - 0.05 * grads["0.weight"], rtol=1e-15)
+    np.testing.assert_allclose(params["2.weight"].value, before["2.weight"] - 0.5 * grads["2.weight"], rtol=1e-15)
+    np.testing.assert_array_equal(params["2.bias"].value, before["2.bias"])  # lr_mult 0: Caffe's way to hold one still
+    opt.lr = 0.2  # what a schedule does between steps: the factor stays on top of the new lr
+    before = params["0.weight"].value.copy()
+    opt.step()
+    np.testing.assert_allclose(params["0.weight"].value, before - 0.02 * grads["0.weight"], rtol=1e-15)
+
+
+def test_one_adam_step_at_a_tenth_of_the_lr_by_hand():
+    # Adam's first step: m_hat = g and v_hat = g^2, so w -= lr * g / (|g| + eps)
+    model = make_model()
+    params = {p.name: p for p in model.parameters()}
+    before = {name: p.value.copy() for name, p in params.items()}
+    grads = gradient_sequence(model, 1)[0]
+    opt = Adam(model.parameters(), lr=0.01, eps=1e-8, lr_mult={"0.weight": 0.1})
+    for name, p in params.items():
+        p.grad[...] = grads[name]
+    opt.step()
+    for name, lr in (("0.weight", 0.001), ("2.weight", 0.01)):
+        g = grads[name]
+        np.testing.assert_allclose(params[name].value, before[name] - lr * g / (np.abs(g) + 1e-8), rtol=1e-13)
+
+
+def test_decay_mult_scales_weight_decay_by_hand():
+    model = make_model()
+    before = {p.name: p.value.copy() for p in model.parameters()}
+    opt = SGD(model.parameters(), lr=0.1, weight_decay=0.5, decay_mult={"0": 0.2})
+    opt.zero_grad()
+    opt.step()  # zero gradients: only weight decay moves anything
+    after = {p.name: p.value for p in model.parameters()}
+    np.testing.assert_allclose(after["0.weight"], before["0.weight"] * (1 - 0.1 * 0.5 * 0.2), rtol=1e-15)
+    np.testing.assert_allclose(after["2.weight"], before["2.weight"] * (1 - 0.1 * 0.5), rtol=1e-15)
+    np.testing.assert_array_equal(after["0.bias"], before["0.bias"])  # matched, but biases are never decayed
+    assert opt.decay_factors == [0.2, 0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("multipliers,message", [
+    ({"lr_mult": {"1.weight": 0.1}}, "lr_mult pattern '1.weight' matches no trained layer or parameter; nearest names: "
+                                     "3.weight, 2.weight, 0.weight"),
+    ({"lr_mult": {"features.*": 0.1}}, "lr_mult pattern 'features.*' matches no trained layer or parameter; "
+                                       "names look like: 0, 0.weight, 0.bias, 2, 2.weight"),
+    ({"decay_mult": {"2.bais": 0.1}}, "decay_mult pattern '2.bais' matches no trained layer or parameter; nearest names: 2.bias, 0.bias"),
+    ({"decay_mult": {"*.bias": 0.0}}, "decay_mult pattern '*.bias' matches only parameters weight decay leaves alone "
+                                      "(it decays weights only): 0.bias, 2.bias"),
+    ({"lr_mult": {"0": -0.1}}, "lr_mult '0': expected a number >= 0, got -0.1"),
+    ({"lr_mult": {"0": "0.1"}}, "lr_mult '0': expected a number >= 0, got '0.1'"),
+    ({"decay_mult": {"0": math.inf}}, "decay_mult '0': expected a number >= 0, got inf"),
+])
+def test_bad_multipliers_are_refused_in_one_line(multipliers, message):
+    with pytest.raises(ConfigError) as info:
+        SGD(make_model().parameters(), **multipliers)
+    assert str(info.value) == message
+
+
+def test_a_multiplier_on_a_frozen_layer_is_refused():
+    from rabbitkit.layers import freeze
+
+    model = make_model()
+    freeze(model, ["0"])  # frozen parameters never reach the optimizer, so nothing would scale
+    with pytest.raises(ConfigError, match="lr_mult pattern '0' matches no trained layer or parameter"):
+        SGD(model.parameters(), lr_mult={"0": 0.1})
 
 
 def test_optimizers_are_registered():
@@ -128,7 +218,11 @@ def test_lr_can_change_between_steps():
 
 
 @pytest.mark.parametrize("optimizer_class,hyper", [(SGD, {"momentum": 0.9}), (RMSprop, {"momentum": 0.3}), (Adam, {})])
-def test_state_dict_round_trip_continues_identically(optimizer_class, hyper):
+@pytest.mark.parametrize("multipliers", [{}, MULTIPLIERS], ids=["plain", "multipliers"])
+def test_state_dict_round_trip_continues_identically(optimizer_class, hyper, multipliers):
+    # multipliers come from the configuration, so the state holds nothing new: the resumed
+    # optimizer, given the same ones, must continue bit for bit
+    hyper = dict(hyper, **multipliers)
     grads = gradient_sequence(make_model(), 6)
 
     def train(model, opt, steps):
@@ -216,7 +310,9 @@ def test_large_parameters_use_the_parallel_kernels():
 
 
 @pytest.mark.parametrize("optimizer_class,hyper", [
-    (SGD, {"momentum": 0.9, "nesterov": True}), (SGD, {}), (RMSprop, {"momentum": 0.5}), (Adam, {})])
+    (SGD, {"momentum": 0.9, "nesterov": True}), (SGD, {}), (RMSprop, {"momentum": 0.5}), (Adam, {}),
+    (SGD, dict(MULTIPLIERS, momentum=0.9)), (RMSprop, MULTIPLIERS), (Adam, MULTIPLIERS)],
+    ids=["sgd-nesterov", "sgd", "rmsprop", "adam", "sgd-multipliers", "rmsprop-multipliers", "adam-multipliers"])
 def test_cuda_matches_cpu(optimizer_class, hyper):
     grads = gradient_sequence(make_model(np.float32), 3)
     results = {}

@@ -94,6 +94,72 @@ def test_resume_extends_a_finished_run_like_a_longer_run(tmp_path):
     assert history_without_timing(extended.history) == history_without_timing(long_run.history)
 
 
+def test_resume_with_multipliers_equals_the_uninterrupted_run(tmp_path):
+    # Multipliers live in the configuration (config.toml), not in the checkpoint: a resumed
+    # run must read them back and continue exactly.
+    multipliers = {"train.schedule": "constant", "train.lr_mult": {"0": 0.1, "*.bias": 3.0}}
+    long_run = run(tmp_path, dict(multipliers, **{"train.epochs": 4}))
+    short = run(tmp_path, dict(multipliers, **{"train.epochs": 2}))
+    extended = api.resume(short.run_dir, quiet=True, epochs=4)
+    assert history_without_timing(extended.history) == history_without_timing(long_run.history)
+    without = run(tmp_path, {"train.schedule": "constant", "train.epochs": 4})
+    assert without.history[-1]["train_loss"] != long_run.history[-1]["train_loss"]  # they did change the run
+
+
+LR_MULT_EXPERIMENT = """
+[experiment]
+name = "lr_mult"
+seed = 3
+[data]
+dataset = "function1d"
+n_train = 64
+n_val = 16
+n_test = 16
+[model]
+architecture = "mlp"
+hidden = [8, 8]
+activation = "Tanh"
+[train]
+epochs = 2
+batch_size = 16
+optimizer = { name = "sgd", momentum = 0.9 }
+lr = 0.05
+weight_decay = 0.01
+lr_mult = { "0" = 0.0, "4.bias" = 0.5 }   # the first layer held still, as Caffe's lr_mult = 0
+decay_mult = { "2" = 0.0 }
+[output]
+visualizers = []
+"""
+
+
+def test_lr_mult_from_toml_holds_a_layer_still_and_is_logged(tmp_path):
+    path = tmp_path / "lr_mult.toml"
+    path.write_text(LR_MULT_EXPERIMENT)
+    initial = {}
+
+    class InitialWeights:
+        @rabbitkit.hookimpl
+        def rabbit_train_start(self, run):
+            initial.update(run.model.state_dict())
+
+    manager = rabbitkit.plugins.get_manager()
+    plugin = InitialWeights()
+    manager.register(plugin, name="initial-weights")
+    try:
+        result = rabbitkit.run(path, out=tmp_path / "runs", quiet=True)
+    finally:
+        manager.unregister(plugin)
+    groups, _ = checkpoint.load(result.run_dir / "checkpoints" / "last.safetensors")
+    final = groups["model"]
+    assert sorted(final) == ["0.bias", "0.weight", "2.bias", "2.weight", "4.bias", "4.weight"]
+    for name in ("0.weight", "0.bias"):
+        np.testing.assert_array_equal(final[name], initial[name], err_msg=name)
+    for name in ("2.weight", "4.weight", "4.bias"):
+        assert np.abs(final[name] - initial[name]).max() > 1e-4, name
+    log = (result.run_dir / "log.txt").read_text().splitlines()
+    assert log[1].endswith("lr_mult 0 on 2 of 6 parameters, 0.5 on 1 of 6 parameters; decay_mult 0 on 1 of 3 weights")
+
+
 SCRIPT = textwrap.dedent("""
     import json, sys, rabbitkit
     experiment = json.loads(sys.argv[1])

@@ -341,27 +341,42 @@ class Layer:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+def names_matching(pattern, names, what, kind="layer"):
+    """The names (a list) that the shell-style ``pattern`` matches, in their order.
+
+    None is a :class:`ConfigError` in one line that names the pattern and the
+    nearest names (or, when none is near, the first few): a typo in a pattern
+    would otherwise silently leave the layers the user meant alone.  ``what``
+    says whose pattern it is (``"freeze"``), ``kind`` what the names are.
+    """
+    hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+    if not hits:
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+        if close:
+            hint = f"; nearest names: {', '.join(close)}"
+        else:
+            hint = f"; names look like: {', '.join(names[:5])}" if names else f"; there is no {kind}"
+        raise ConfigError(f"{what} pattern '{pattern}' matches no {kind}{hint}")
+    return hits
+
+
 def freeze(model, patterns, frozen=True):
     """Freeze (or, with ``frozen=False``, thaw) the layers whose dotted names match a pattern.
 
     Patterns are shell-style (``"features.*"``, ``"conv1"``); a matching
     container freezes everything inside it; ``"*"`` freezes the whole model.
     Returns the names of the layers that matched.  A pattern that matches no
-    layer is a :class:`ConfigError` naming it (a typo would otherwise train the
-    layers the user meant to keep).
+    layer is a :class:`ConfigError` naming it (see :func:`names_matching`).
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    layers = list(model.named_layers())
+    layers = dict(model.named_layers())
     matched = []
     for pattern in patterns:
-        hits = [(name, layer) for name, layer in layers if fnmatch.fnmatchcase(name, pattern)]
-        if pattern == "*":
-            hits = [("", model)] + hits
-        if not hits:
-            close = difflib.get_close_matches(pattern, [name for name, _ in layers], n=3, cutoff=0.5)
-            hint = f"; nearest layer names: {', '.join(close)}" if close else ""
-            raise ConfigError(f"freeze pattern '{pattern}' matches no layer{hint}")
+        if pattern == "*":  # the model itself too (a lone layer has no named layers below it)
+            hits = [("", model), *layers.items()]
+        else:
+            hits = [(name, layers[name]) for name in names_matching(pattern, list(layers), "freeze")]
         for name, layer in hits:
             _set_frozen(layer, frozen)
             matched.append(name)

@@ -3,6 +3,7 @@
 Every name is resolved through the plugin registries, and every option is
 checked against the plugin's signature before anything heavy runs.
 """
+import collections
 import contextlib
 import inspect
 
@@ -110,15 +111,50 @@ def build_loss(config, task, manager=None):
         return cls(**options)
 
 
+# Optimizer arguments that come from [train] keys of the same name, never from train.optimizer's table.
+OPTIMIZER_TRAIN_KEYS = ("lr", "weight_decay", "lr_mult", "decay_mult")
+MULTIPLIER_KEYS = ("lr_mult", "decay_mult")
+
+
 def build_optimizer(config, params, manager=None):
     manager = manager or get_manager()
     path = config["source"]
     train = config["train"]
     name, options = named_spec(train["optimizer"], "train.optimizer", path)
     cls = manager.registry("optimizers").get(name)
-    check_plugin_options(cls, options, "train.optimizer", path, name, skip=("params", "lr", "weight_decay"))
+    for key in OPTIMIZER_TRAIN_KEYS:
+        if key in options:
+            raise ConfigError(f"{path}: train.optimizer.{key}: set it as train.{key} (the optimizer is given it from there)")
+    check_plugin_options(cls, options, "train.optimizer", path, name, skip=("params", *OPTIMIZER_TRAIN_KEYS))
+    multipliers = {key: train[key] for key in MULTIPLIER_KEYS if train[key]}
+    if multipliers:
+        accepted, any_keyword = factory_parameters(cls)
+        for key in multipliers:
+            if key not in accepted and not any_keyword:
+                raise ConfigError(f"{path}: train.{key}: optimizer '{name}' takes no per-parameter multipliers")
+        from ..optim import resolve_multipliers
+
+        # Checked here as well as in the optimizer, so that a pattern's error is said under [train]
+        # (where the user wrote it) rather than under train.optimizer.
+        with blame(config, "train"):
+            resolve_multipliers(params, train["lr_mult"], train["decay_mult"])
     with blame(config, "train.optimizer"):
-        return cls(params, lr=train["lr"], weight_decay=train["weight_decay"], **options)
+        return cls(params, lr=train["lr"], weight_decay=train["weight_decay"], **multipliers, **options)
+
+
+def multiplier_summary(optimizer):
+    """The log line saying how many parameters each lr_mult / decay_mult factor other than 1
+    reached (None when none did): a pattern that caught more or less than meant shows here."""
+    params = optimizer.params
+    weight_factors = [f for f, param in zip(getattr(optimizer, "decay_factors", ()), params) if param.role == "weight"]
+    parts = []
+    for label, factors, what in (("lr_mult", getattr(optimizer, "lr_factors", ()), "parameters"),
+                                 ("decay_mult", weight_factors, "weights")):
+        counts = collections.Counter(factor for factor in factors if factor != 1.0)
+        if counts:
+            parts.append(f"{label} " + ", ".join(f"{factor:g} on {count} of {len(factors)} {what}"
+                                                 for factor, count in counts.items()))
+    return "; ".join(parts) or None
 
 
 def build_regularizers(config, manager=None):

@@ -28,10 +28,13 @@ ANY = object()
 
 
 class Key:
-    """One schema entry: accepted types, default, numeric range, allowed choices, help."""
+    """One schema entry: accepted types, default, numeric range, allowed choices, help.
+
+    ``values``: for a table whose keys are free (patterns), the :class:`Key` every value is checked against.
+    """
 
     def __init__(self, types_, default=None, *, required=False, minimum=None, exclusive_minimum=None,
-                 maximum=None, choices=None, help=""):
+                 maximum=None, choices=None, values=None, help=""):
         self.types = types_ if isinstance(types_, tuple) else (types_,)
         self.default = default
         self.required = required
@@ -39,9 +42,12 @@ class Key:
         self.exclusive_minimum = exclusive_minimum
         self.maximum = maximum
         self.choices = choices
+        self.values = values
         self.help = help
 
     def describe(self):
+        if self.values is not None:
+            return f"a table, each value {self.values.describe()}"
         names = " or ".join(_type_name(t) for t in self.types)
         if self.choices:
             names = "one of " + ", ".join(repr(c) for c in self.choices)
@@ -110,6 +116,12 @@ SCHEMA = {
         "monitor": Key(str, None, help="Metric that picks the best checkpoint (default: val_accuracy or val_loss)."),
         "test_checkpoint": Key(str, "best", choices=("best", "last"), help="Checkpoint tested at the end of the run (and by `rabbit eval` by default): the best by `monitor`, or the last epoch's (the natural choice after a schedule that anneals to zero, when the validation split is small)."),
         "freeze": Key(list, [], help="Layer-name patterns to keep fixed, e.g. [\"features.*\"]: frozen layers compute no weight gradients."),
+        "lr_mult": Key(dict, {}, values=Key(float, minimum=0.0),
+                       help="Per-parameter learning-rate factors (Caffe's lr_mult): layer- or parameter-name patterns to "
+                            "a factor on the scheduled lr, e.g. {\"0.0\" = 0.1}; the first matching pattern wins, 1 elsewhere."),
+        "decay_mult": Key(dict, {}, values=Key(float, minimum=0.0),
+                          help="Per-parameter factors on `weight_decay` (Caffe's decay_mult), patterns as `lr_mult`; "
+                               "weight decay acts on weights only."),
     },
     "eval": {
         "tta": Key((str, list), "none", help="Test-time augmentation at the end of a run: \"none\", \"shifts\", \"standard\" or a list of {shift=[dx, dy], scale, rotate} views (averaged softmax)."),
@@ -180,6 +192,8 @@ def apply_overrides(raw, overrides, source="--set"):
 def _check_value(key, value, where, path):
     if value is None and not key.required:
         return value
+    if key.values is not None and isinstance(value, dict):
+        return {name: _check_table_value(key.values, entry, f'{where}."{name}"', path) for name, entry in value.items()}
     ok = False
     for t in key.types:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -203,6 +217,13 @@ def _check_value(key, value, where, path):
         if key.maximum is not None and value > key.maximum:
             raise ConfigError(f"{path}: {where}: expected {key.describe()}, got {value!r}")
     return value
+
+
+def _check_table_value(key, value, where, path):
+    if isinstance(value, dict):  # TOML reads an unquoted { 0.0 = 0.1 } as the nested table {"0": {"0": 0.1}}
+        raise ConfigError(f"{path}: {where}: expected {key.describe()}, got the table {value!r} "
+                          f"(a key holding dots needs quotes: {{ \"0.0\" = 0.1 }})")
+    return _check_value(key, value, where, path)
 
 
 def _resolve_table(table, schema, where, path, open_ok=False):

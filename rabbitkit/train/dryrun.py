@@ -11,7 +11,8 @@ def describe(config, manager):
         feeder = make_feeder(dataset, config)
     model = builder.build_model(config, feeder.input_shape, feeder.num_outputs, manager)
     builder.build_loss(config, dataset.task, manager)
-    builder.build_optimizer(config, model.parameters(), manager)
+    frozen = builder.freeze_layers(config, model)  # as a run does: the optimizer sees only trained parameters
+    optimizer = builder.build_optimizer(config, model.parameters(), manager)
     builder.build_regularizers(config, manager)
     builder.build_schedule(config)
     builder.build_visualizers(config, manager)
@@ -20,4 +21,5 @@ def describe(config, manager):
         dump_toml(config),
         f"# model (input {feeder.input_shape}, {feeder.num_outputs} outputs)",
         model.summary(feeder.input_shape),
+        *(f"# {line}" for line in (frozen, builder.multiplier_summary(optimizer)) if line),
     ])

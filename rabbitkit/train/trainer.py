@@ -94,6 +94,7 @@ class Run:
         self.params = self.model.parameters()
         self.loss = builder.build_loss(config, self.task, self.manager)
         self.optimizer = builder.build_optimizer(config, self.params, self.manager)
+        self._multipliers = builder.multiplier_summary(self.optimizer)
         self.regularizers = builder.build_regularizers(config, self.manager)
         self.schedule = builder.build_schedule(config)
         self.visualizers = builder.build_visualizers(config, self.manager)
@@ -181,7 +182,7 @@ class Run:
             self.directory.write_config(dump_toml(config))
             self.log(f"run {self.run_dir}: {config['data']['dataset']} ({self.task}), "
                      f"{self.model.num_parameters():,} parameters, device {self.device}")
-            for line in (builder.load_pretrained(config, self.model, self.manager), self._frozen):
+            for line in (builder.load_pretrained(config, self.model, self.manager), self._frozen, self._multipliers):
                 if line:
                     self.log(line)
         if self.test_missing:
