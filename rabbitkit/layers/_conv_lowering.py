@@ -73,33 +73,35 @@ def pad_sample(x, xpad, ph, pw):
 
 
 @kernel(parallel=False)
-def im2col_wide(xpad, cols, kh, kw, hp, wp):
-    """Row (c, i, j) of cols (K, Ho*Wp) = the padded planes from offset c*Hp*Wp + i*Wp + j."""
+def wide_rows(xpad, cols, kh, kw, hp, wp, scatter):
+    """Row (c, i, j) of cols (K, Ho*Wp) <-> the padded planes xpad (flat) from offset
+    c*Hp*Wp + i*Wp + j: copied into cols (im2col), or with ``scatter`` added back
+    into xpad (the column gradient's col2im)."""
     length = cols.shape[1]
     channels = cols.shape[0] // (kh * kw)
     for c in range(channels):
         for i in range(kh):
             for j in range(kw):
                 start = c * hp * wp + i * wp + j
-                src = xpad[start : start + length]
-                dst = cols[(c * kh + i) * kw + j]
-                for k in range(length):
-                    dst[k] = src[k]
+                plane = xpad[start : start + length]
+                row = cols[(c * kh + i) * kw + j]
+                if scatter:
+                    for k in range(length):
+                        plane[k] += row[k]
+                else:
+                    for k in range(length):
+                        row[k] = plane[k]
+
+
+@kernel(parallel=False)
+def im2col_wide(xpad, cols, kh, kw, hp, wp):
+    wide_rows(xpad, cols, kh, kw, hp, wp, False)
 
 
 @kernel(parallel=False)
 def scatter_wide(dcols, dxpad, kh, kw, hp, wp):
     """dxpad (flat padded planes) += the dcols rows where im2col_wide read them."""
-    length = dcols.shape[1]
-    channels = dcols.shape[0] // (kh * kw)
-    for c in range(channels):
-        for i in range(kh):
-            for j in range(kw):
-                start = c * hp * wp + i * wp + j
-                dst = dxpad[start : start + length]
-                src = dcols[(c * kh + i) * kw + j]
-                for k in range(length):
-                    dst[k] += src[k]
+    wide_rows(dxpad, dcols, kh, kw, hp, wp, True)
 
 
 @kernel(parallel=False)
