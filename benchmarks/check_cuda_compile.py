@@ -80,7 +80,7 @@ DROPOUT = "rabbitkit.layers.dropout"
 #: convert to and from float64 (``cvt``) but not compute in it.
 FLOAT32_KERNELS = {
     (RECURRENT, name) for name in (
-        "swap_leading_axes_cuda", "multiply_cuda", "add_cuda", "rnn_step_forward_cuda", "rnn_step_backward_cuda",
+        "swap_leading_axes_cuda", "add_cuda", "rnn_step_forward_cuda", "rnn_step_backward_cuda",
         "lstm_step_forward_cuda", "lstm_step_backward_cuda", "gru_step_forward_cuda", "gru_step_backward_cuda")
 } | {(DROPOUT, "dropout_cuda")}
 
@@ -98,7 +98,6 @@ def listed_signatures():
     for dt in (types.float32, types.float64):
         a1, a2, a3 = (types.Array(dt, n, "C") for n in (1, 2, 3))
         add(RECURRENT, "swap_leading_axes_cuda", a3, a3)
-        add(RECURRENT, "multiply_cuda", a1, a1, a1)
         add(RECURRENT, "add_cuda", a1, a1, a1)
         add(RECURRENT, "rnn_step_forward_cuda", a2, a2, a1, a2)
         add(RECURRENT, "rnn_step_backward_cuda", a2, a2, a2, a2)

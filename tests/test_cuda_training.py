@@ -6,7 +6,7 @@ import pytest
 
 import rabbitkit
 from rabbitkit.backend import cuda as cuda_backend
-from rabbitkit.backend import get_backend
+from rabbitkit.backend import device_of, get_backend
 from rabbitkit.errors import BackendError
 from rabbitkit.layers.pooling import MaxPool2D
 from rabbitkit.plugins import get_manager
@@ -55,8 +55,10 @@ def config(data, model, device):
 
 class Transfers:
     """Counts host<->device copies by wrapping the copy functions everything goes
-    through (numba.cuda.to_device, the device array's copy_to_host / copy_to_device),
-    and checks that no kernel is launched with a host array (an implicit copy)."""
+    through (numba.cuda.to_device, the device array's copy_to_host / copy_to_device,
+    the last only from a host array: device-to-device copies, such as the recurrent
+    layers' state copies, stay on the device), and checks that no kernel is launched
+    with a host array (an implicit copy)."""
 
     def __init__(self, monkeypatch):
         self.active = False
@@ -75,8 +77,8 @@ class Transfers:
         monkeypatch.setattr(module, "to_device", wrap(module.to_device, "in", lambda ary, *a: np.shape(ary)))
         monkeypatch.setattr(array_type, "copy_to_host",
                             wrap(array_type.copy_to_host, "out", lambda self, *a: tuple(self.shape)))
-        monkeypatch.setattr(array_type, "copy_to_device",
-                            wrap(array_type.copy_to_device, "in", lambda self, ary, *a: np.shape(ary)))
+        monkeypatch.setattr(array_type, "copy_to_device", wrap(
+            array_type.copy_to_device, "in", lambda self, ary, *a: None if device_of(ary) == "cuda" else np.shape(ary)))
         compiled = cuda_backend.CudaKernel.compiled
 
         def checked(kernel):
@@ -99,7 +101,7 @@ class Transfers:
         monkeypatch.setattr(cuda_backend.CudaKernel, "compiled", checked)
 
     def _record(self, direction, shape):
-        if self.active:
+        if self.active and shape is not None:
             self.log.append((direction, tuple(shape)))
 
 
@@ -184,6 +186,44 @@ def test_gtsrb_cnn_two_steps_on_cuda_match_cpu(tmp_path, gtsrb_data, monkeypatch
     losses) and uploads no mask."""
     cuda_steps = check_two_steps_and_checkpoint(tmp_path, gtsrb_data, GTSRB_CNN, monkeypatch)
     assert cuda_steps.dropout and all(p > 0 for p in cuda_steps.dropout)
+
+
+def char_rnn_config(corpus, device):
+    return {
+        "experiment": {"name": "c", "seed": 3, "device": device},
+        "data": {"dataset": "text", "path": str(corpus), "split": [0.8, 0.1, 0.1]},
+        "model": {"architecture": "char_rnn", "cell": "lstm", "hidden_size": 4, "num_layers": 2, "dropout": 0.5},
+        "train": {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 2, "seq_len": 3, "optimizer": "adam",
+                  "lr": 0.01, "clip_grad_norm": 1.0},
+        "output": {"visualizers": [], "progress": False},
+    }
+
+
+def test_char_rnn_steps_on_cuda_move_only_the_batch_in_and_scalars_out(tmp_path, monkeypatch):
+    """char-rnn's 2-layer stateful LSTM with dropout between its layers, clipping and
+    Adam: the CUDA run gives the CPU run's losses (it drops the same units), and inside
+    a step only the batch goes in (no dropout mask) and only scalars come out."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 20)
+    recorders = {}
+    transfers = Transfers(monkeypatch)
+    manager = get_manager()
+    for device in ("cpu", "cuda"):
+        recorders[device] = StepRecorder(transfers if device == "cuda" else None)
+        manager.register(recorders[device])
+        try:
+            rabbitkit.run(char_rnn_config(corpus, device), out=tmp_path / device, quiet=True)
+        finally:
+            manager.unregister(recorders[device])
+    cpu_steps, cuda_steps = recorders["cpu"], recorders["cuda"]
+    assert len(cuda_steps.losses) == 3
+    np.testing.assert_allclose(cuda_steps.losses, cpu_steps.losses, rtol=1e-5)
+    for log, x_shape, y_shape in cuda_steps.per_step:
+        inputs = [shape for direction, shape in log if direction == "in"]
+        outputs = [shape for direction, shape in log if direction == "out"]
+        # the character ids for the OneHot layer (flattened) and the targets for the loss
+        assert sorted(inputs) == sorted([(int(np.prod(x_shape)),), y_shape]), log
+        assert outputs and all(int(np.prod(shape)) <= 3 for shape in outputs), log
 
 
 def test_gtsrb_cnn_refused_by_name_while_pooling_has_no_cuda_kernels(tmp_path, gtsrb_data):

@@ -6,6 +6,7 @@ import pytest
 from rabbitkit.errors import BackendError, ConfigError
 from rabbitkit.layers.recurrent import GRU, LSTM, RNN
 from rabbitkit.testing import check_gradients
+from test_dropout import masked, within_binomial_bound
 
 
 # -- plain numpy references (one cell step at a time, batch-first) --------------------
@@ -300,10 +301,60 @@ def test_dropout_only_in_training_and_between_layers(rng):
     assert not np.allclose(a, b) and not np.allclose(a, eval_out)
     layer.seed(3)
     np.testing.assert_allclose(layer.forward(x, training=True), a)
-    mask = layer._cache["caches"][0]["mask"]
-    assert set(np.unique(mask)) <= {0.0, 2.0} and 0.2 < (mask == 0).mean() < 0.8
+    # the second layer reads the first one's states zeroed where the Philox mask of
+    # (key, stream 0) drops them and doubled elsewhere
+    below, above = layer._cache["caches"]
+    states = below["hs"][1:]
+    kept = masked(layer.dropout_masks.key, 0, 0.5, states.size, np.float64).reshape(states.shape)
+    np.testing.assert_array_equal(above["input"], np.where(kept, states * 2.0, 0.0))
+    assert 0.2 < kept.mean() < 0.8
     single = LSTM(3, 4, num_layers=1, dropout=0.5, dtype=np.float64)
     np.testing.assert_allclose(single.forward(x, training=True), single.forward(x, training=False))
+
+
+def dropped_between_layers(layer):
+    """The latest forward's masks between stacked layers, as bools (kept), one a boundary:
+    where the layer above read a zero (a cell's state is never exactly zero here)."""
+    return [cache["input"] != 0 for cache in layer._cache["caches"][1:]]
+
+
+@pytest.mark.parametrize("cls,options", CELLS, ids=CELL_IDS)
+def test_dropout_between_layers_keeps_one_minus_p_with_a_stream_a_boundary(cls, options, rng):
+    p = 0.3
+    layer = cls(3, 32, num_layers=3, dropout=p, dtype=np.float32, **options)
+    x = rng.uniform(-1, 1, (8, 20, 3)).astype(np.float32)
+    layer.seed(5)
+    assert layer.dropout_masks.stream == 0
+    layer.forward(x, training=True)
+    first, second = dropped_between_layers(layer)
+    size = first.size  # 5,120 elements a boundary
+    for stream, kept in enumerate((first, second)):
+        assert within_binomial_bound(kept.sum(), size, 1 - p), stream
+        np.testing.assert_array_equal(kept.reshape(-1), masked(layer.dropout_masks.key, stream, p, size))
+    # the two boundaries' masks are unrelated: they agree only by chance
+    assert within_binomial_bound((first == second).sum(), size, p ** 2 + (1 - p) ** 2)
+    assert layer.dropout_masks.stream == 2
+    layer.forward(x, training=False)  # evaluation takes no stream
+    assert layer.dropout_masks.stream == 2
+    layer.forward(x, training=True)
+    np.testing.assert_array_equal(dropped_between_layers(layer)[0].reshape(-1),
+                                  masked(layer.dropout_masks.key, 2, p, size))
+
+
+def test_reseeding_restarts_the_dropout_masks(rng):
+    """What exact resume rests on: the trainer reseeds the model before every step, and
+    a layer whose streams have moved on then drops what a fresh one does."""
+    x = rng.uniform(-1, 1, (4, 6, 3)).astype(np.float32)
+    used = LSTM(3, 8, num_layers=3, dropout=0.4)
+    fresh = LSTM(3, 8, num_layers=3, dropout=0.4)
+    fresh.load_state_dict(used.state_dict())
+    for _ in range(2):
+        used.forward(x, training=True)
+    used.seed(11)
+    fresh.seed(11)
+    for _ in range(2):
+        np.testing.assert_array_equal(used.forward(x, training=True), fresh.forward(x, training=True))
+    assert used.dropout_masks.key == fresh.dropout_masks.key
 
 
 # -- layout, errors, shapes ---------------------------------------------------------------

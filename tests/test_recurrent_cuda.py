@@ -23,6 +23,7 @@ PARITY_CASES = {
     "lstm-peephole-2-layers-last-step": (
         lambda: LSTM(5, 3, num_layers=2, peephole=True, return_sequences=False, dropout=0.3), (3, 2, 5)),
     "gru-2-layers-dropout": (lambda: GRU(5, 3, num_layers=2, dropout=0.4), (3, 2, 5)),
+    "lstm-3-layers-dropout": (lambda: LSTM(5, 3, num_layers=3, dropout=0.5), (3, 2, 5)),
     "rnn-batch1-t1": (lambda: RNN(4, 3, return_sequences=False), (1, 1, 4)),
     "lstm-peephole-batch1-t1": (lambda: LSTM(4, 3, peephole=True), (1, 1, 4)),
     "gru-batch1-t1": (lambda: GRU(4, 3, return_sequences=False), (1, 1, 4)),
@@ -35,6 +36,39 @@ def test_cuda_kernels_match_cpu_kernels(case):
     make, shape = PARITY_CASES[case]
     results = check_cuda_parity(make, shape)
     assert "input grad" in results["cuda"] and len(results["cuda"]) == len(results["cpu"])
+
+
+@pytest.mark.parametrize("make", [lambda: LSTM(4, 5, num_layers=3, dropout=0.5),
+                                  lambda: GRU(4, 5, num_layers=3, dropout=0.3)], ids=["lstm", "gru"])
+def test_cuda_drops_the_cpu_units_between_layers_bit_for_bit(make, rng):
+    """The masks between stacked layers (the second training forward's streams) are
+    the same bits on both devices, Philox's for the layer's key, with nothing but
+    the kernels' scalars passed; outputs and gradients stay within the parity tolerances."""
+    from test_dropout import masked
+
+    template = make()
+    x = rng.uniform(-1, 1, (3, 7, 4)).astype(np.float32)
+    dy = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    results = {}
+    for device in ("cpu", "cuda"):
+        layer = make()
+        layer.load_state_dict(template.state_dict())
+        layer.to(device)
+        layer.seed(9)
+        layer.forward(x)
+        y = to_host(layer.forward(x))
+        caches = layer._cache["caches"]
+        kept = [to_host(cache["input"]) != 0 for cache in caches[1:]]
+        results[device] = (y, to_host(layer.backward(dy)), kept, [cache["mask"] for cache in caches[:-1]],
+                           layer.dropout_masks.key)
+    (y_cpu, dx_cpu, kept_cpu, masks_cpu, key), (y_cuda, dx_cuda, kept_cuda, masks_cuda, key_cuda) = results.values()
+    assert key_cuda == key and masks_cuda == masks_cpu
+    for stream, (on_cpu, on_cuda) in enumerate(zip(kept_cpu, kept_cuda), start=2):
+        np.testing.assert_array_equal(on_cuda, on_cpu)
+        np.testing.assert_array_equal(on_cpu.reshape(-1), masked(key, stream, template.dropout, on_cpu.size))
+        assert 0 < on_cpu.sum() < on_cpu.size
+    np.testing.assert_allclose(y_cuda, y_cpu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx_cuda, dx_cpu, rtol=1e-4, atol=1e-5)
 
 
 def run_encoder_decoder(device, params, x, x2, dy, carry_x):
@@ -130,13 +164,13 @@ def test_cuda_forward_backward_and_clipping_are_deterministic(rng):
 
 
 def test_a_recurrent_step_on_cuda_copies_nothing_between_host_and_device(rng, monkeypatch):
-    """With the batch on the device: forward (state carried), backward, clipping (no norm
-    asked for) make no host<->device copy.  (Inter-layer dropout copies its host-drawn
-    mask over, which the Dropout layer no longer does; it is off here.)"""
+    """With the batch on the device: forward (state carried, dropout between the layers),
+    backward, clipping (no norm asked for) make no host<->device copy: the dropout
+    mask is made in its kernel."""
     import numba.cuda
 
     backend = get_backend("cuda")
-    layer = GRU(3, 3, num_layers=2, stateful=True).to("cuda")
+    layer = GRU(3, 3, num_layers=2, stateful=True, dropout=0.5).to("cuda")
     x = backend.asarray(rng.uniform(-1, 1, (2, 2, 3)).astype(np.float32))
     dy = backend.asarray(rng.standard_normal((2, 2, 3)).astype(np.float32))
     layer.forward(x)  # the carried state exists from here on

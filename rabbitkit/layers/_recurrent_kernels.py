@@ -364,13 +364,6 @@ def swap_leading_axes_cuda(src, dst):
 
 
 @cuda_kernel
-def multiply_cuda(x, m, y):
-    """y = x * m on flat arrays (y may be x): the inter-layer dropout mask."""
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        y[i] = x[i] * m[i]
-
-
-@cuda_kernel
 def add_cuda(a, b, out):
     """out = a + b on flat arrays (b_ih + b_hh, which the RNN and LSTM cells add once)."""
     for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):

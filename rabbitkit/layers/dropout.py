@@ -19,6 +19,10 @@ count.  The trainer reseeds the model before every step from (seed, epoch,
 batch), which makes a resumed run's masks those of an uninterrupted one with
 nothing to checkpoint.  Backward runs the same kernel with the forward's key and
 stream: the same mask, made again instead of kept.
+
+:class:`DropoutMasks` keeps that key and stream, and :func:`apply_mask_cpu` /
+:func:`apply_mask_cuda` run the kernels on flat arrays: the recurrent layers'
+dropout between stacked layers uses the same three.
 """
 import numpy as np
 
@@ -67,6 +71,44 @@ def dropout_cuda(x, key, stream, threshold, scale, y):
         apply_words_cuda(x, y, block, quarter, philox4x32_10_cuda(block, stream, key), threshold, scale)
 
 
+class DropoutMasks:
+    """The masks of one layer's dropout with drop probability ``p``: the Philox key,
+    drawn from the layer's generator at the first mask after :meth:`reset`, and the
+    stream of the next mask, which counts the masks taken since."""
+
+    def __init__(self, p, dtype):
+        self.threshold = keep_threshold(p)
+        # p = 1 drops everything; the scale then never multiplies a kept value.
+        self.scale = np.dtype(dtype).type(1.0 / (1.0 - p) if p < 1.0 else 0.0)
+        self.reset()
+
+    def reset(self):
+        """A new key at the next mask, and streams from 0 (what ``layer.seed`` does)."""
+        self.key = None
+        self.stream = 0
+
+    def take(self, rng):
+        """The next mask, as the kernel arguments ``(key, stream, threshold, scale)``:
+        :func:`apply_mask_cpu` / :func:`apply_mask_cuda` with it make the same mask
+        again (backward)."""
+        if self.key is None:
+            self.key = int(rng.integers(0, 2 ** 64, dtype=np.uint64))
+        mask = (np.uint64(self.key), np.uint64(self.stream), self.threshold, self.scale)
+        self.stream += 1
+        return mask
+
+
+def apply_mask_cpu(mask, x, y):
+    """y = x dropped by ``mask`` (from :meth:`DropoutMasks.take`) and scaled; flat
+    arrays, y may be x."""
+    dropout_cpu(x, *mask, y)
+
+
+def apply_mask_cuda(mask, x, y):
+    """:func:`apply_mask_cpu` on flat device arrays."""
+    dropout_cuda.launch(-(-x.size // PHILOX_WORDS), x, *mask, y)
+
+
 class Dropout(Layer):
     """Inverted dropout with drop probability ``p`` (0 <= p <= 1); works on any shape."""
 
@@ -75,38 +117,32 @@ class Dropout(Layer):
         self.p = float(p)
         if not 0.0 <= self.p <= 1.0:
             raise ConfigError(f"Dropout probability must be in [0, 1], got {p}")
-        # p = 1 drops everything; the scale then never multiplies a kept value.
-        self.scale = 1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0
-        self.threshold = keep_threshold(self.p)
-        self.key = None  # drawn from self.rng by the first training forward (see the module docstring)
-        self.stream = 0  # the Philox stream of the next training forward's mask
-        self._mask = None  # (key, stream) of the last training forward: what backward applies again
+        self.masks = DropoutMasks(self.p, self.dtype)
+        self._mask = None  # the last training forward's mask: what backward applies again
+
+    @property
+    def key(self):
+        """The Philox key of the masks (None until the first training forward after a seed)."""
+        return self.masks.key
+
+    @property
+    def stream(self):
+        """The Philox stream of the next training forward's mask."""
+        return self.masks.stream
 
     def seed(self, seed):
         """Reset the generator and with it the masks: a new key, and streams from 0."""
         super().seed(seed)
-        self.key = None
-        self.stream = 0
-
-    def _next_mask(self):
-        if self.key is None:
-            self.key = int(self.rng.integers(0, 2 ** 64, dtype=np.uint64))
-        mask = (self.key, self.stream)
-        self.stream += 1
-        return mask
+        self.masks.reset()
 
     def _active(self, training):
         return training and self.p > 0.0
-
-    def _mask_args(self):
-        key, stream = self._mask
-        return np.uint64(key), np.uint64(stream), self.threshold, self.dtype.type(self.scale)
 
     def forward_cpu(self, x, training):
         if not self._active(training):
             self._mask = None
             return x
-        self._mask = self._next_mask()
+        self._mask = self.masks.take(self.rng)
         return self._apply_cpu(x)
 
     def backward_cpu(self, dy):
@@ -116,14 +152,14 @@ class Dropout(Layer):
 
     def _apply_cpu(self, x):
         y = np.empty_like(x)
-        dropout_cpu(x.reshape(-1), *self._mask_args(), y.reshape(-1))
+        apply_mask_cpu(self._mask, x.reshape(-1), y.reshape(-1))
         return y
 
     def forward_cuda(self, x, training):
         if not self._active(training):
             self._mask = None
             return x
-        self._mask = self._next_mask()
+        self._mask = self.masks.take(self.rng)
         return self._apply_cuda(x)
 
     def backward_cuda(self, dy):
@@ -133,8 +169,7 @@ class Dropout(Layer):
 
     def _apply_cuda(self, x):
         y = self.backend.empty(x.shape, self.dtype)
-        blocks = -(-x.size // PHILOX_WORDS)
-        dropout_cuda.launch(blocks, x.reshape(x.size), *self._mask_args(), y.reshape(y.size))
+        apply_mask_cuda(self._mask, x.reshape(x.size), y.reshape(y.size))
         return y
 
     def output_shape(self, input_shape):

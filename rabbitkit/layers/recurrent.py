@@ -28,6 +28,14 @@ product and one fused kernel for the gates and the cell update (forward and
 backward alike), and the weight and bias gradients are single GEMMs and ordered
 column sums over all steps afterwards (deterministic: no float atomics).  States,
 carried states and state gradients stay on the device.
+
+Dropout between stacked layers is :class:`~rabbitkit.layers.dropout.Dropout`'s:
+the same Philox kernels make the mask where they apply it, on either device, so
+the CPU and CUDA runs drop the same units bit for bit and no mask is uploaded.
+One key is drawn from the layer's generator at the first training forward after
+the layer is made or seeded; each training forward takes the next
+``num_layers - 1`` streams, one for the output of each layer but the last.
+Backward applies the forward's (key, stream) again: the same mask, made again.
 """
 import math
 
@@ -46,7 +54,6 @@ from ._recurrent_kernels import (
     lstm_peephole_grads_cuda,
     lstm_step_backward_cuda,
     lstm_step_forward_cuda,
-    multiply_cuda,
     one_hot_rows_cpu,
     gru_forward_sequence,
     lstm_backward_sequence,
@@ -59,6 +66,7 @@ from ._recurrent_kernels import (
 )
 from .base import Layer
 from .dense import add_column_sums_cuda
+from .dropout import DropoutMasks, apply_mask_cpu, apply_mask_cuda
 from ..backend.cpu import SINGLE_THREADED_BLAS, rows_per_product
 from .embedding import gather_rows_cpu, scatter_add_rows_cpu
 
@@ -139,6 +147,7 @@ class Recurrent(Layer):
         self.final_state = None
         self.initial_state_grad = None
         self._cache = None
+        self.dropout_masks = DropoutMasks(self.dropout, self.dtype)
         bound = 1.0 / math.sqrt(self.hidden_size)  # PyTorch's default for every tensor
         rows = self.gates * self.hidden_size
         for layer in range(self.num_layers):
@@ -151,6 +160,11 @@ class Recurrent(Layer):
 
     def _add_layer_params(self, layer, bound):
         """Hook for cell-specific extra parameters (LSTM peepholes)."""
+
+    def seed(self, seed):
+        """Reset the generator and with it the dropout masks: a new key, streams from 0."""
+        super().seed(seed)
+        self.dropout_masks.reset()
 
     # -- states -------------------------------------------------------------------
     @property
@@ -322,11 +336,9 @@ class Recurrent(Layer):
             raise ConfigError(f"{type(self).__name__} needs at least one time step")
         return x.shape[0], x.shape[1]
 
-    def _draw_mask(self, shape):
-        """Inverted-dropout mask between stacked layers (host, from the layer's generator,
-        so both devices draw the same one): 0 or 1 / (1 - dropout)."""
-        keep = 1.0 - self.dropout
-        return (self.rng.random(shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+    def _drops_after(self, layer, training):
+        """Whether dropout applies to this layer's output (training, between layers)."""
+        return training and self.dropout > 0 and layer < self.num_layers - 1
 
     def _finish_forward(self, caches, shape, finals):
         self._cache = {"caches": caches, "shape": shape}
@@ -348,9 +360,11 @@ class Recurrent(Layer):
             out = self._forward_layer(layer, xproj.reshape(steps, batch, -1), [s[layer] for s in start], cache)
             for final, value in zip(finals, cache["final"]):
                 final[layer] = value
-            if training and self.dropout > 0 and layer < self.num_layers - 1:
-                cache["mask"] = self._draw_mask(out.shape)
-                out = out * cache["mask"]
+            if self._drops_after(layer, training):
+                cache["mask"] = self.dropout_masks.take(self.rng)
+                dropped = np.empty_like(out)  # out is the kept states' view: not in place
+                apply_mask_cpu(cache["mask"], out.reshape(-1), dropped.reshape(-1))
+                out = dropped
             caches.append(cache)
             inp = out
         self._finish_forward(caches, x.shape, finals)
@@ -411,8 +425,9 @@ class Recurrent(Layer):
             dinp = matmul(dgx2, self._param("weight_ih", layer)).reshape(steps, batch, -1)
             if layer > 0:
                 below = self._cache["caches"][layer - 1]
-                if "mask" in below:
-                    dinp *= below["mask"]
+                if "mask" in below:  # the forward's mask, made again, in place
+                    flat = dinp.reshape(-1)  # (matmul's fresh array: a view)
+                    apply_mask_cpu(below["mask"], flat, flat)
                 dout = dinp
         self.initial_state_grad = self._pack_state(dstate)
         if dinp is None:
@@ -438,11 +453,11 @@ class Recurrent(Layer):
                                            [s[layer] for s in start], cache)
             for final, value in zip(finals, cache["final"]):
                 final[layer].copy_to_device(value)
-            if training and self.dropout > 0 and layer < self.num_layers - 1:
-                cache["mask"] = backend.asarray(self._draw_mask(out.shape).reshape(out.size))
-                masked = backend.empty(out.shape, self.dtype)
-                multiply_cuda.launch(out.size, out.reshape(out.size), cache["mask"], masked.reshape(out.size))
-                out = masked
+            if self._drops_after(layer, training):
+                cache["mask"] = self.dropout_masks.take(self.rng)
+                dropped = backend.empty(out.shape, self.dtype)
+                apply_mask_cuda(cache["mask"], out.reshape(out.size), dropped.reshape(out.size))
+                out = dropped
             caches.append(cache)
             inp = out
         self._finish_forward(caches, x.shape, finals)
@@ -501,7 +516,7 @@ class Recurrent(Layer):
                 below = self._cache["caches"][layer - 1]
                 if "mask" in below:
                     flat = dinp.reshape(dinp.size)
-                    multiply_cuda.launch(dinp.size, flat, below["mask"], flat)
+                    apply_mask_cuda(below["mask"], flat, flat)
                 dout = dinp
         self.initial_state_grad = self._pack_state(dstate)
         if dinp is None:
