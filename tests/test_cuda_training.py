@@ -8,11 +8,9 @@ import rabbitkit
 from rabbitkit.backend import cuda as cuda_backend
 from rabbitkit.backend import device_of, get_backend
 from rabbitkit.errors import BackendError
-from rabbitkit.layers.pooling import MaxPool2D
 from rabbitkit.plugins import get_manager
 from test_main_job import write_official_gtsrb
 
-POOLING_ON_CUDA = MaxPool2D(2).supports_cuda()
 
 # The GTSRB net's layer types without pooling (which has CUDA kernels on another
 # branch): strided and padded convolutions, batch norm on images and features, ReLU
@@ -180,7 +178,6 @@ def test_gtsrb_layers_two_steps_on_cuda_match_cpu(tmp_path, gtsrb_data, monkeypa
     check_two_steps_and_checkpoint(tmp_path, gtsrb_data, {"layers": POOL_FREE}, monkeypatch)
 
 
-@pytest.mark.skipif(not POOLING_ON_CUDA, reason="MaxPool2D has no CUDA kernels yet (they come with branch 'layers')")
 def test_gtsrb_cnn_two_steps_on_cuda_match_cpu(tmp_path, gtsrb_data, monkeypatch):
     """With dropout in training mode: the CUDA run drops the CPU run's units (the same
     losses) and uploads no mask."""
@@ -224,14 +221,6 @@ def test_char_rnn_steps_on_cuda_move_only_the_batch_in_and_scalars_out(tmp_path,
         # the character ids for the OneHot layer (flattened) and the targets for the loss
         assert sorted(inputs) == sorted([(int(np.prod(x_shape)),), y_shape]), log
         assert outputs and all(int(np.prod(shape)) <= 3 for shape in outputs), log
-
-
-def test_gtsrb_cnn_refused_by_name_while_pooling_has_no_cuda_kernels(tmp_path, gtsrb_data):
-    if POOLING_ON_CUDA:
-        pytest.skip("pooling has CUDA kernels: the net runs (see the test above)")
-    with pytest.raises(BackendError) as info:
-        rabbitkit.run(config(gtsrb_data, GTSRB_CNN, "cuda"), out=tmp_path / "runs", quiet=True)
-    assert str(info.value) == 'layer MaxPool2D has no CUDA kernels; use device = "cpu" or layers that have them'
 
 
 def test_third_party_layer_is_refused_in_one_line_naming_it():

@@ -7,7 +7,6 @@ import pytest
 from rabbitkit.backend import device_of, get_backend, to_host
 from rabbitkit.layers.base import Param
 from rabbitkit.layers.dense import Dense
-from rabbitkit.layers.embedding import Embedding, OneHot
 from rabbitkit.layers.recurrent import GRU, LSTM, RNN
 from rabbitkit.layers.sequential import Sequential
 from rabbitkit.losses import SoftmaxCrossEntropy
@@ -260,9 +259,6 @@ def test_two_training_steps_of_the_char_rnn_core_match_cpu(rng):
     assert losses[1] != losses[0]
 
 
-@pytest.mark.skipif(not OneHot(2).supports_cuda(),
-                    reason="OneHot has no CUDA kernels in this branch yet (Embedding/OneHot CUDA kernels come "
-                           "with the Conv2D/BatchNorm/Embedding CUDA work); the char-rnn core is tested above")
 def test_two_training_steps_of_the_char_rnn_match_cpu(rng):
     vocab = 5
     losses = check_runs_match(lambda: build_char_rnn((vocab,), vocab, hidden_size=4, num_layers=2, dropout=0.25),
@@ -270,9 +266,6 @@ def test_two_training_steps_of_the_char_rnn_match_cpu(rng):
     assert losses[1] != losses[0]
 
 
-@pytest.mark.skipif(not Embedding(2, 2).supports_cuda(),
-                    reason="Embedding has no CUDA kernels in this branch yet (they come with the "
-                           "Conv2D/BatchNorm/Embedding CUDA work); its encoder-decoder state flow is tested above")
 def test_two_training_steps_of_seq2seq_match_cpu(rng):
     from rabbitkit.models.seq2seq import ReverseTask, Seq2Seq
 
