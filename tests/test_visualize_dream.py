@@ -280,3 +280,20 @@ def test_dream_on_a_loaded_model_with_caffe_preprocessing_takes_and_gives_pixels
     np.testing.assert_array_equal(subject.input_range[0].ravel(), [-104.0, -117.0, -123.0])
     np.testing.assert_array_equal(subject.input_range[1].ravel(), [151.0, 138.0, 132.0])
     assert subject.span() == pytest.approx(255.0)  # so a step of 1.5 is 1.5 pixel levels, as in the notebook
+
+
+def test_dream_on_cuda_gives_the_cpu_result():
+    """Deep Dream with the net on the device (Numba's CUDA simulator here): octaves,
+    jitter, tiles and clipping on the host, the forward and input gradient on the
+    device, the same image as on the CPU to float32 rounding."""
+    x = np.random.default_rng(8).uniform(0, 1, size=(3, 13, 12)).astype(np.float32)
+    options = dict(layer=["3", "7"], weights=[1.0, 0.5], octaves=2, octave_scale=1.2, steps=1, jitter=3,
+                   tile_size=9, seed=2, input_range=([0.0] * 3, [1.0] * 3), progress=False)
+    cpu_log, cuda_log = common.StepLog(), common.StepLog()
+    net = conv_net(np.float32)
+    on_cpu = dream(net, x, log=cpu_log, **options)
+    net.to("cuda")
+    on_cuda = dream(net, x, log=cuda_log, **options)
+    np.testing.assert_allclose(cuda_log.column("objective"), cpu_log.column("objective"), rtol=1e-4)
+    np.testing.assert_allclose(on_cuda, on_cpu, atol=1e-4)
+    assert not np.allclose(on_cpu, x)
