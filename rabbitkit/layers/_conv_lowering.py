@@ -56,20 +56,31 @@ def valid_output_range(size_out, size_in, stride, padding, offset):
 
 
 @kernel(parallel=False)
-def pad_sample(x, xpad, ph, pw):
-    """xpad (flat) = the planes of x (C, H, W) zero-padded to (H + 2ph) x (W + 2pw), then zeros."""
+def interior_rows(x, xpad, ph, pw, into_padded):
+    """The planes of x (C, H, W) <-> the interior of the padded planes xpad (flat,
+    (H + 2ph) x (W + 2pw) each): copied into xpad, or out of it into x."""
     channels, h, w = x.shape
     hp = h + 2 * ph
     wp = w + 2 * pw
-    for k in range(xpad.size):
-        xpad[k] = 0.0
     for c in range(channels):
         for r in range(h):
             start = (c * hp + r + ph) * wp + pw
-            dst = xpad[start : start + w]
-            src = x[c, r]
-            for q in range(w):
-                dst[q] = src[q]
+            padded = xpad[start : start + w]
+            plain = x[c, r]
+            if into_padded:
+                for q in range(w):
+                    padded[q] = plain[q]
+            else:
+                for q in range(w):
+                    plain[q] = padded[q]
+
+
+@kernel(parallel=False)
+def pad_sample(x, xpad, ph, pw):
+    """xpad (flat) = the planes of x (C, H, W) zero-padded to (H + 2ph) x (W + 2pw), then zeros."""
+    for k in range(xpad.size):
+        xpad[k] = 0.0
+    interior_rows(x, xpad, ph, pw, True)
 
 
 @kernel(parallel=False)
@@ -107,16 +118,7 @@ def scatter_wide(dcols, dxpad, kh, kw, hp, wp):
 @kernel(parallel=False)
 def unpad_sample(dxpad, dx, ph, pw):
     """dx (C, H, W) = the interior of the padded planes dxpad (flat)."""
-    channels, h, w = dx.shape
-    hp = h + 2 * ph
-    wp = w + 2 * pw
-    for c in range(channels):
-        for r in range(h):
-            start = (c * hp + r + ph) * wp + pw
-            src = dxpad[start : start + w]
-            dst = dx[c, r]
-            for q in range(w):
-                dst[q] = src[q]
+    interior_rows(dx, dxpad, ph, pw, False)
 
 
 @kernel(parallel=False)
