@@ -22,7 +22,7 @@ where it must not.
 """
 import glob
 import os
-import pickle
+import json
 import subprocess
 import sys
 import tempfile
@@ -32,7 +32,8 @@ CC = (9, 0)
 
 
 def record(paths, out):
-    """Run the tests in the simulator; pickle {(module, name): {argument types}}."""
+    """Run the tests in the simulator; write {(module, name): {argument types}} as JSON
+    (:func:`type_record`: plain names, so reading it back executes nothing)."""
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
     sys.path.insert(0, ROOT)
     import numba
@@ -67,9 +68,31 @@ def record(paths, out):
 
     cuda_backend.CudaKernel.compiled = recording
     status = pytest.main(["-q", "-p", "no:cacheprovider", *paths])
-    with open(out, "wb") as handle:
-        pickle.dump(seen, handle)
+    records = [[module, name, [[type_record(t) for t in signature] for signature in signatures]]
+               for (module, name), signatures in seen.items()]
+    with open(out, "w") as handle:
+        json.dump(records, handle)
     return status
+
+
+def type_record(numba_type):
+    """A kernel argument's Numba type as JSON: ["array", dtype, ndim, layout] or ["scalar", dtype]."""
+    from numba import types
+
+    if isinstance(numba_type, types.Array):
+        return ["array", str(numba_type.dtype), numba_type.ndim, numba_type.layout]
+    return ["scalar", "bool" if numba_type == types.boolean else str(numba_type)]
+
+
+def type_from_record(record):
+    import numpy as np
+    from numba import types
+    from numba.np.numpy_support import from_dtype
+
+    if record[0] == "array":
+        _, dtype, ndim, layout = record
+        return types.Array(from_dtype(np.dtype(dtype)), int(ndim), layout)
+    return from_dtype(np.dtype(record[1]))
 
 
 RECURRENT = "rabbitkit.layers._recurrent_kernels"
@@ -82,7 +105,8 @@ FLOAT32_KERNELS = {
     (RECURRENT, name) for name in (
         "swap_leading_axes_cuda", "add_cuda", "rnn_step_forward_cuda", "rnn_step_backward_cuda",
         "lstm_step_forward_cuda", "lstm_step_backward_cuda", "gru_step_forward_cuda", "gru_step_backward_cuda")
-} | {(DROPOUT, "dropout_cuda")}
+} | {(DROPOUT, "dropout_cuda")} | {
+    ("rabbitkit.layers.adaptive_pool", name) for name in ("adaptive_avg_forward_cuda", "adaptive_avg_backward_cuda")}
 
 
 def listed_signatures():
@@ -162,9 +186,10 @@ def compile_all(path=None):
 
     seen = listed_signatures()
     if path is not None:
-        with open(path, "rb") as handle:
-            for key, signatures in pickle.load(handle).items():
-                seen.setdefault(key, set()).update(signatures)
+        with open(path) as handle:
+            for module, name, signatures in json.load(handle):
+                seen.setdefault((module, name), set()).update(
+                    tuple(type_from_record(record) for record in signature) for signature in signatures)
     failures = 0
     for (module_name, name), signatures in sorted(seen.items()):
         kernel = getattr(importlib.import_module(module_name), name)
@@ -196,7 +221,7 @@ def main(argv):
         return compile_all()
     paths = argv or sorted(glob.glob(os.path.join(ROOT, "tests", "test_cuda_*.py")))
     with tempfile.TemporaryDirectory() as folder:
-        types = os.path.join(folder, "types.pickle")
+        types = os.path.join(folder, "types.json")
         status = subprocess.run([sys.executable, __file__, "--record", types, *paths], cwd=ROOT).returncode
         if status not in (0, 5) or not os.path.exists(types):
             print(f"the simulator tests failed (status {status}); nothing compiled")

@@ -30,11 +30,11 @@ def _bin_mean(x, plane, i, j, ho, wo):
     h, w = x.shape[1], x.shape[2]
     r0, r1 = (i * h) // ho, -((-(i + 1) * h) // ho)
     c0, c1 = (j * w) // wo, -((-(j + 1) * w) // wo)
-    total = 0.0
+    total = x.dtype.type(0.0)  # a literal 0.0 or an integer divisor would widen float32 sums to float64
     for r in range(r0, r1):
         for c in range(c0, c1):
             total += x[plane, r, c]
-    return total / ((r1 - r0) * (c1 - c0))
+    return total / x.dtype.type((r1 - r0) * (c1 - c0))
 
 
 bin_bounds_cpu, bin_bounds_cuda = device_pair(_bin)
@@ -60,7 +60,7 @@ def adaptive_avg_backward(dy, dx):
             r0, r1 = bin_bounds_cpu(i, h, ho)
             for j in range(wo):
                 c0, c1 = bin_bounds_cpu(j, w, wo)
-                share = dy[plane, i, j] / ((r1 - r0) * (c1 - c0))
+                share = dy[plane, i, j] / dx.dtype.type((r1 - r0) * (c1 - c0))
                 for r in range(r0, r1):
                     for c in range(c0, c1):
                         dx[plane, r, c] += share
@@ -86,14 +86,14 @@ def adaptive_avg_backward_cuda(dy, dx):
         plane = k // (h * w)
         r = (k // w) % h
         c = k % w
-        acc = 0.0
+        acc = dx.dtype.type(0.0)
         for i in range(ho):
             r0, r1 = bin_bounds_cuda(i, h, ho)
             if r0 <= r < r1:
                 for j in range(wo):
                     c0, c1 = bin_bounds_cuda(j, w, wo)
                     if c0 <= c < c1:
-                        acc += dy[plane, i, j] / ((r1 - r0) * (c1 - c0))
+                        acc += dy[plane, i, j] / dx.dtype.type((r1 - r0) * (c1 - c0))
         dx[plane, r, c] = acc
 
 
