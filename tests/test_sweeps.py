@@ -28,6 +28,19 @@ def test_local_sweep_runs_each_point(tmp_path):
     assert len({r.run_dir for _, r in results}) == 2
 
 
+def test_a_sweep_on_cuda_gives_the_cpu_sweep(tmp_path):
+    """The same grid with ``experiment.device = "cuda"`` (Numba's CUDA simulator here):
+    every point trains on the device and ends with the CPU point's losses."""
+    grid = {"train.lr": [0.1, 0.01]}
+    on_cpu = sweep(EXPERIMENT, grid, out=tmp_path / "cpu")
+    on_cuda = sweep(dict(EXPERIMENT, experiment={"device": "cuda"}), grid, out=tmp_path / "cuda")
+    assert [values for values, _ in on_cuda] == [values for values, _ in on_cpu]
+    for (_, cpu), (_, cuda) in zip(on_cpu, on_cuda):
+        assert 'device = "cuda"' in (cuda.run_dir / "config.toml").read_text()
+        assert cuda.metrics["test_loss"] == pytest.approx(cpu.metrics["test_loss"], rel=1e-4)
+        assert cuda.history[0]["train_loss"] == pytest.approx(cpu.history[0]["train_loss"], rel=1e-4)
+
+
 def test_a_bad_point_fails_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="train.lr"):
         sweep(EXPERIMENT, {"train.lr": [0.1, -1.0]}, out=tmp_path)
