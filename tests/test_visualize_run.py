@@ -87,6 +87,23 @@ def test_saliency_maps_and_predicted_classes(loaded):
     assert maps.shape == (3, 16, 16) and maps.min() >= 0 and np.allclose(maps.max(axis=(1, 2)), 1.0)
 
 
+def test_class_models_and_saliency_on_cuda_give_the_cpu_result(trained):
+    """The run's net on the device (Numba's CUDA simulator here): class models (regularisers
+    on the host, forward and input gradient on the device) and saliency maps match the CPU's."""
+    model = open_model(trained)
+    pictures = [fixtures.pattern(kind, np.random.default_rng(9)) for kind in fixtures.CLASSES]
+    on_cpu = class_models(model, [0, 2], steps=3, seed=4, progress=False)
+    cpu_maps, cpu_classes = saliency(model, pictures)
+    model.model.to("cuda")
+    on_cuda = class_models(model, [0, 2], steps=3, seed=4, progress=False)
+    cuda_maps, cuda_classes = saliency(model, pictures)
+    assert all(layer.device == "cuda" for layer in model.model.layers)  # not moved back to run on the host
+    for cpu_image, cuda_image in zip(on_cpu.images, on_cuda.images):
+        np.testing.assert_allclose(cuda_image, cpu_image, rtol=1e-4, atol=1e-4)
+    assert cuda_classes == cpu_classes
+    np.testing.assert_allclose(cuda_maps, cpu_maps, rtol=1e-4, atol=1e-5)
+
+
 # -- the commands ------------------------------------------------------------------------------
 def test_rabbit_layers_lists_names_types_shapes_parameters(trained):
     result = rabbit("layers", trained)
