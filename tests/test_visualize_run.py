@@ -157,6 +157,33 @@ def test_rabbit_visualize_class_models_and_saliency(trained, photo, tmp_path):
     assert (tmp_path / "saliency.csv").read_text().splitlines()[1] == "1,blob.png,1,blob"
 
 
+def test_rabbit_dream_and_visualize_with_device_cuda(trained, photo, tmp_path):
+    """The commands with ``--device cuda`` (Numba's CUDA simulator here) write the CPU's
+    pictures (pixels within one level: float32 sums in another order may round
+    across a level) and logs; a device that does not exist is one line."""
+    import csv
+
+    for device in ("cpu", "cuda"):
+        result = rabbit("dream", trained, photo, "-o", tmp_path / f"dream-{device}.png", "--layer", "4",
+                        "--octaves", 2, "--steps", 2, "--seed", 1, "--device", device)
+        assert result.exit_code == 0, result.output
+        result = rabbit("visualize", trained, "--classes", "1", "-o", tmp_path / f"classes-{device}.png",
+                        "--steps", 2, "--device", device)
+        assert result.exit_code == 0, result.output
+    for name in ("dream", "classes"):
+        cpu, cuda = (common.load_image(tmp_path / f"{name}-{d}.png").astype(int) for d in ("cpu", "cuda"))
+        assert cpu.shape == cuda.shape and np.abs(cpu - cuda).max() <= 1, name
+        logs = [list(csv.DictReader(open(tmp_path / f"{name}-{d}.csv"))) for d in ("cpu", "cuda")]
+        assert len(logs[0]) == len(logs[1]) > 0
+        for cpu_row, cuda_row in zip(*logs):
+            value = "objective" if name == "dream" else next(k for k in cpu_row if k not in ("step", "batch"))
+            assert float(cuda_row[value]) == pytest.approx(float(cpu_row[value]), rel=1e-4), (name, value)
+    result = CliRunner().invoke(main, ["dream", str(trained), str(photo), "-o", str(tmp_path / "x.png"),
+                                       "--layer", "4", "--device", "tpu"])
+    assert result.exit_code != 0 and "--device 'tpu': expected one of cpu, cuda" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.fixture
 def corrupt(tmp_path):
     path = tmp_path / "inputs" / "corrupt.png"

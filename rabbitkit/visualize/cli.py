@@ -16,11 +16,27 @@ def model_options(command):
     return click.option("--arch", help="Architecture of a weights file (zoo net name).")(command)
 
 
-def open_model(spec, arch, which):
+def device_option(command):
+    return click.option("--device", default="cpu", show_default=True,
+                        help="cpu or cuda: where the model runs (the image steps stay on the host).")(command)
+
+
+def place(loaded, device):
+    """Move a LoadedModel's net to ``device`` ("cpu" or "cuda"); a bad name is one line."""
+    from ..backend import DEVICES
+
+    if device not in DEVICES:
+        raise ConfigError(f"--device '{device}': expected one of {', '.join(DEVICES)}")
+    if device != "cpu":
+        loaded.model.to(device)
+    return loaded
+
+
+def open_model(spec, arch, which, device="cpu"):
     from ..pretrained import open_model as resolve
 
     load_plugins()
-    return resolve(spec, arch=arch, which=which)
+    return place(resolve(spec, arch=arch, which=which), device)
 
 
 def load_plugins():
@@ -132,10 +148,11 @@ def build_objective(layers, layer_weights, channel, unit, class_index, objective
 @click.option("--frames", type=int, default=1, show_default=True, help="Zoom loop: frames to write.")
 @click.option("--zoom", type=float, default=0.05, show_default=True, help="Zoom per frame.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the jitter and tile shifts.")
+@device_option
 @model_options
 def dream_command(model, image, out, layers, layer_weights, channel, unit, class_index, objective_name,
                   objective_options, minimise, guide, octaves, octave_scale, steps, step_size, jitter, no_clip,
-                  tile_size, size, frames, zoom, seed, arch, which):
+                  tile_size, size, frames, zoom, seed, device, arch, which):
     """Deep Dream IMAGE with MODEL (google/deepdream's algorithm) into OUT (PNG) and its CSV log.
 
     MODEL: a run directory (its best checkpoint), a rabbitkit checkpoint, or a weights file with --arch.
@@ -147,7 +164,7 @@ def dream_command(model, image, out, layers, layer_weights, channel, unit, class
     out = output_path(out)
     pixels = common.load_image(image, size=size)
     guide_pixels = common.load_image(guide, size=size) if guide else None
-    loaded = open_model(model, arch, which)
+    loaded = open_model(model, arch, which, device)
     options = dict(clip=not no_clip, tile_size=tile_size, seed=seed, log=common.StepLog(),
                    octaves=4 if octaves is None else octaves, octave_scale=octave_scale, steps=steps,
                    step_size=step_size, jitter=jitter)
@@ -190,9 +207,10 @@ def dream_command(model, image, out, layers, layer_weights, channel, unit, class
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Classes optimised together.")
 @click.option("--columns", type=int, help="Tiles per row of the grid.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise.")
+@device_option
 @model_options
 def visualize_command(model, out, classes, preset, steps, regularizers, saliency_images, batch_size, columns, seed,
-                      arch, which):
+                      device, arch, which):
     """Class models of RUN (activation maximisation from noise, one titled tile per class)
     or, with --saliency, gradient saliency maps beside the images; PNG plus CSV.
 
@@ -205,10 +223,10 @@ def visualize_command(model, out, classes, preset, steps, regularizers, saliency
     out = output_path(out)
     if saliency_images:
         pictures = [common.load_image(path) for path in saliency_images]
-        loaded = open_model(model, arch, which)
+        loaded = open_model(model, arch, which, device)
         grid, log = saliency_picture(loaded, pictures, [pathlib.Path(p).name for p in saliency_images], columns)
     else:
-        loaded = open_model(model, arch, which)
+        loaded = open_model(model, arch, which, device)
         from .classes import class_models
 
         log = common.StepLog()

@@ -3,6 +3,7 @@ the work is :func:`rabbitkit.visualize.style.style_transfer`)."""
 import click
 
 from ..errors import ConfigError
+from .cli import device_option, place
 from .style import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 
 
@@ -41,7 +42,7 @@ def _numbers(text, what, kind=float):
 @click.option("--scales", metavar="S1,S2,...", help="Coarse-to-fine longest sides, e.g. 256,512 (overrides --image-size).")
 @click.option("--pooling", default="max", show_default=True, help="max, or avg (max pooling swapped for average).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise initialisation.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def style(model, arch, content, styles, style_blend, output, content_layers, style_layers, content_weight,
           style_weight, tv_weight, iterations, optimizer, learning_rate, lbfgs_memory, init, original_colors,
@@ -50,17 +51,12 @@ def style(model, arch, content, styles, style_blend, output, content_layers, sty
 
     MODEL is a run directory, a rabbitkit checkpoint, or a weights file with --arch.
     """
-    from ..backend import DEVICES
     from ..pretrained import open_model
     from .style import style_transfer
 
     blend = _numbers(style_blend, "--style-blend") if style_blend else None
     sizes = _numbers(scales, "--scales", int) if scales else [image_size]
-    if device not in DEVICES:
-        raise ConfigError(f"--device '{device}': expected one of {', '.join(DEVICES)}")
-    loaded = open_model(model, arch=arch)
-    if device != "cpu":
-        loaded.model.to(device)
+    loaded = place(open_model(model, arch=arch), device)
     result = style_transfer(
         loaded, content, list(styles), output=output, content_layers=content_layers, style_layers=style_layers,
         style_blend=blend, content_weight=content_weight, style_weight=style_weight, tv_weight=tv_weight,
