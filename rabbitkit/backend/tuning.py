@@ -16,7 +16,7 @@ Variants differ only in the order of floating-point sums (float32 rounding).
 then takes its built-in default and runs are bit-reproducible.
 ``rabbit tune EXP.toml`` tunes an experiment's shapes ahead and prints the choices.
 
-Users: Conv2D (per-sample or whole-batch lowering) and the recurrent layers (rows
+Users: Conv2D (per-sample, whole-batch or banded lowering) and the recurrent layers (rows
 per BLAS call of the per-step product, ``Recurrent._time_loop``).
 """
 import functools
