@@ -14,8 +14,8 @@ Reports, as markdown tables:
   four 3x3 convs, two max-pools, fc 4096-256-43, dropout, batch 64, SGD momentum)
   on both, images/s and the ratio;
 * the char-rnn step (bench_lstm.py's model: one-hot 65, 2-layer LSTM 128, batch
-  32 x 50, Adam, clipping to norm 5) on both, when rabbitkit's LSTM has CUDA
-  kernels (else a line saying it is skipped);
+  32 x 50, Adam, clipping to norm 5) on both (a net with a layer that has no CUDA
+  kernels, a plugin's say, gets a line saying it is skipped);
 * peak device memory of each side for each net: rabbitkit's as the bytes its
   arrays hold at most (every numba.cuda allocation counted until its array is
   freed), PyTorch's as ``torch.cuda.max_memory_allocated``.
@@ -185,7 +185,7 @@ def convnet_sides(torch, batch):
     model = bench_convnet.rabbit_net()
     if not model.supports_cuda():
         missing = ", ".join(sorted(set(model._layers_without_cuda())))
-        return None, f"skipped: {missing} has no CUDA kernels yet (pooling comes with branch 'layers')"
+        return None, f"skipped: {missing} has no CUDA kernels"
     model.to("cuda")
     model.skip_input_grad()
     loss = SoftmaxCrossEntropy()
@@ -232,7 +232,7 @@ def char_rnn_sides(torch):
                            num_layers=bench_lstm.LAYERS)
     if not model.supports_cuda():
         missing = ", ".join(sorted(set(model._layers_without_cuda())))
-        return None, f"skipped: {missing} has no CUDA kernels yet (they come with branch 'cudarnn')"
+        return None, f"skipped: {missing} has no CUDA kernels"
     model.to("cuda")
     loss = SoftmaxCrossEntropy()
     optimizer = Adam(model.parameters(), lr=bench_lstm.LR)
