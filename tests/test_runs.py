@@ -152,6 +152,14 @@ def test_compare_overlays_curves_and_lists_only_differing_keys(runs, tmp_path):
     assert final["status"] == ["completed", "stopped", "early"]
 
 
+def test_compare_takes_a_folder_of_runs_such_as_a_sweeps(runs, tmp_path):
+    folder, made = runs
+    result = invoke("compare", folder, "-o", tmp_path / "all.png")
+    assert result.exit_code == 0, result.output
+    header = result.output.split("\n\n")[1].splitlines()[0].split()
+    assert header[0] == "final" and sorted(header[1:]) == sorted(path.name for path in made.values())
+
+
 def test_compare_needs_run_directories(tmp_path):
     result = invoke("compare", tmp_path)
     assert result.exit_code == 2 and "not a run directory (no config.toml)" in result.output

@@ -3,7 +3,7 @@ import pathlib
 
 from ..errors import RabbitError
 from . import status as status_module
-from .runs import read_run
+from .runs import find_runs, read_run
 from .tables import aligned, number
 
 FINAL = ("train_loss", "val_loss", "val_accuracy", "val_bpc")
@@ -53,7 +53,8 @@ def compare_text(runs, names):
 
 
 def compare_runs(paths, output="compare.png"):
-    """Read ``paths`` (run directories), plot them into ``output``; returns (text, output path)."""
+    """Read ``paths`` (run directories, or folders of them such as a sweep's), plot them
+    into ``output``; returns (text, output path)."""
     if not paths:
         raise RabbitError("compare: give at least one run directory")
     runs = []
@@ -61,7 +62,13 @@ def compare_runs(paths, output="compare.png"):
         path = pathlib.Path(path)
         if not path.is_dir():
             raise RabbitError(f"{path}: run directory not found")
-        runs.append(read_run(path))
+        inside = [] if (path / "config.toml").is_file() else find_runs(path)
+        # A folder of runs (a sweep's, runs/) stands for the runs in it; any other
+        # folder is read as one run, and read_run says what it lacks.
+        if inside:
+            runs.extend(read_run(info.path) for info in inside)
+        else:
+            runs.append(read_run(path))
     empty = [str(r.path) for r in runs if not r.history]
     if len(empty) == len(runs):
         raise RabbitError(f"{', '.join(empty)}: no epoch finished yet (metrics.csv is empty or missing)")
