@@ -274,10 +274,11 @@ class Conv2D(Layer):
         plane = (padded - (kw - 1)) // x.shape[1] + kw - 1 if wide else 1
         return scratch("conv_xpad_plane", (numba.get_num_threads(), plane), self.dtype)
 
-    def _variant(self, direction, x, run):
+    def _variant(self, direction, x, run, column_elements):
         """Which CPU variant runs ``direction`` at x's shape: forced, measured once per
         machine (:mod:`rabbitkit.backend.tuning`), or the default.  ``run(name)``
-        executes a variant without touching ``grads``."""
+        executes a variant without touching ``grads``; ``column_elements``: the size of
+        the batch's whole column matrix (what whole-batch lowering would allocate)."""
         from ..backend import tuning
 
         banded = self.stride == (1, 1) and SINGLE_THREADED_BLAS.available  # its threads each call BLAS
@@ -290,8 +291,7 @@ class Conv2D(Layer):
             names, default = [WHOLE_BATCH], WHOLE_BATCH
         if banded:
             names.append(BANDED)
-            _, _, rows, positions = self._plan(x)
-            if rows * positions * x.shape[0] > self.whole_batch_column_budget:
+            if column_elements > self.whole_batch_column_budget:
                 names.remove(WHOLE_BATCH)  # not even for one timing: its scratch would stay allocated
                 default = names[0]
         shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
@@ -340,7 +340,7 @@ class Conv2D(Layer):
                 np.dot(weight, cols, out=product)
                 store_batch(product, self._bias(), y, self.fused_relu)
 
-        run(self._variant("forward", x, run))
+        run(self._variant("forward", x, run, rows * positions * x.shape[0]))
         return y
 
     def backward_cpu(self, dy):
@@ -412,7 +412,7 @@ class Conv2D(Layer):
                 raise_batch(cols, xpad, dx, *geometry)
             return dweight, dbias_parts.sum(axis=0)
 
-        dweight, dbias = run(self._variant("backward", x, run))
+        dweight, dbias = run(self._variant("backward", x, run, rows * positions * x.shape[0]))
         if self.weight_grads_wanted:
             self.grads["weight"].reshape(self.out_channels, -1)[...] += dweight
             if self.has_bias:
