@@ -45,7 +45,7 @@ def test_forward_matches_scipy_correlate(case, rng):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded"])
+@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded", "winograd"])
 def test_gradients(case, bias, algorithm, monkeypatch):
     monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", 64)  # bands of kh - 1 rows (or one)
     n, c, h, w, o, k, s, p = case
@@ -170,15 +170,16 @@ def test_kernel_blas_is_single_threaded_inside_kernels_and_nesting_restores():
 @pytest.mark.parametrize("stride, relu, band_bytes", [(1, False, 1 << 19), (2, False, 1 << 19), (1, True, 1 << 19),
                                                      (1, True, 200), (1, False, 1)])
 def test_cpu_variants_agree_to_float32_rounding(stride, relu, band_bytes, rng, monkeypatch):
-    """Per-sample, whole-batch and banded lowering compute the same thing (sums in
-    another order); ``band_bytes`` makes one band per image, several, or the fewest
-    rows a band may have (kh - 1)."""
+    """Per-sample, whole-batch and banded lowering and Winograd compute the same thing
+    (sums in another order); ``band_bytes`` makes one band per image, several, or the
+    fewest rows a band may have (kh - 1).  Stride 2 has no banded or Winograd variant
+    (whole-batch runs)."""
     from rabbitkit.layers.activations import ReLU
     from rabbitkit.layers.sequential import Sequential
 
     monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", band_bytes)
     results = []
-    for algorithm in ("per-sample", "whole-batch", "banded"):
+    for algorithm in ("per-sample", "whole-batch", "banded", "winograd"):
         conv = Conv2D(3, 5, 3, stride=stride, padding=1)
         conv.load_state_dict({"weight": np.linspace(-1, 1, 135).reshape(5, 3, 3, 3), "bias": np.arange(5) / 10})
         conv.algorithm = algorithm
@@ -214,7 +215,7 @@ def test_banded_lowering_never_writes_the_whole_column_matrix(rng):
     assert band_block * 4 < column_matrix
 
 
-@pytest.mark.parametrize("algorithm", ["whole-batch", "banded"])
+@pytest.mark.parametrize("algorithm", ["whole-batch", "banded", "winograd"])
 def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
     from rabbitkit.layers import freeze
 
@@ -229,3 +230,71 @@ def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
     reference.forward(x)
     np.testing.assert_allclose(conv.backward(dy), reference.backward(dy), rtol=1e-5, atol=1e-6)
     assert not conv.grads["weight"].any() and not conv.grads["bias"].any()
+
+
+# Winograd F(2x2, 3x3): (batch, in, height, width, out, padding) with odd and even
+# output sizes (a last tile half outside), one-pixel images and padding 0 to 2.
+WINOGRAD_CASES = [
+    (2, 3, 7, 6, 4, 1),
+    (1, 2, 5, 8, 3, 0),
+    (3, 1, 4, 3, 2, 2),
+    (1, 2, 1, 1, 3, 1),
+    (2, 4, 9, 5, 1, 1),
+]
+
+
+@pytest.fixture
+def one_tile_row_bands(monkeypatch):
+    """Bands of one tile row: many bands per image, so both parities of the input
+    gradient's scatter run and neighbouring bands share padded rows."""
+    monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", 1)
+    monkeypatch.setattr("rabbitkit.layers._conv_winograd.MIN_BAND_TILES", 1)
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_gradients(case, relu, one_tile_row_bands):
+    """Finite differences (float64) through the Winograd kernels, with and without a
+    fused ReLU: the backward pass is the exact adjoint of the transformed forward."""
+    from rabbitkit.layers.activations import ReLU
+    from rabbitkit.layers.sequential import Sequential
+
+    n, c, h, w, o, p = case
+    conv = Conv2D(c, o, 3, padding=p, dtype=np.float64)
+    conv.algorithm = "winograd"
+    model = Sequential([conv, ReLU(dtype=np.float64)]) if relu else conv
+    report = check_gradients(model, (n, c, h, w))
+    assert report.checked["input"] == min(n * c * h * w, 150)
+    assert conv.fused_relu == relu
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+@pytest.mark.parametrize("bands", ["one tile row", "default"])
+def test_winograd_matches_lowering_in_float32(case, bands, rng, request):
+    """Forward, input gradient, weight and bias gradients of Winograd against
+    per-sample lowering, float32, to float32 rounding (the transforms sum up to four
+    times as many terms per element)."""
+    if bands == "one tile row":
+        request.getfixturevalue("one_tile_row_bands")
+    n, c, h, w, o, p = case
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    results = []
+    for algorithm in ("per-sample", "winograd"):
+        conv = Conv2D(c, o, 3, padding=p)
+        conv.load_state_dict({"weight": np.sin(np.arange(o * c * 9)).reshape(o, c, 3, 3), "bias": np.arange(o) / 7})
+        conv.algorithm = algorithm
+        y = conv.forward(x)
+        dx = conv.backward(np.cos(np.arange(y.size)).reshape(y.shape).astype(np.float32))
+        results.append((y, dx, conv.grads["weight"].copy(), conv.grads["bias"].copy()))
+    for lowered, tiled in zip(*results):
+        np.testing.assert_allclose(tiled, lowered, rtol=1e-5, atol=2e-5)
+
+
+def test_winograd_only_for_3x3_at_stride_1():
+    """Forcing Winograd on another kernel size or stride runs whole-batch lowering."""
+    from rabbitkit.layers.conv2d import WINOGRAD, WHOLE_BATCH
+
+    for kernel, stride in [(5, 1), (3, 2), ((3, 1), 1)]:
+        conv = Conv2D(2, 3, kernel, stride=stride)
+        conv.algorithm = WINOGRAD
+        assert conv._variant("forward", np.zeros((1, 2, 8, 8), np.float32), None, 0) == WHOLE_BATCH

@@ -118,7 +118,7 @@ def test_a_damaged_cache_is_measured_again(tuner):
 
 
 def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
-    """With two threads and a batch of two, Conv2D offers its three variants; all give one result."""
+    """With two threads and a batch of two, a 3x3 Conv2D offers its four variants; all give one result."""
     import numba
 
     from rabbitkit.layers.conv2d import Conv2D
@@ -138,7 +138,7 @@ def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 2, 6, 6)).astype(np.float32)
     y = layer.forward(x)
     layer.backward(np.ones_like(y))
-    variants = ["banded", "per-sample", "whole-batch"]
+    variants = ["banded", "per-sample", "whole-batch", "winograd"]
     assert asked == [("conv2d.forward", variants), ("conv2d.backward", variants)]
     np.testing.assert_allclose(layer.grads["bias"], np.full(3, 72.0), rtol=1e-6)  # added once, not per timing call
     choices = tuning.measured()
@@ -160,10 +160,10 @@ def test_whole_batch_lowering_is_not_offered_above_its_column_budget(tuner, monk
     layer.forward(x)
     tuning.set_enabled(False)
     layer.backward(np.ones((1, 3, 9, 7), np.float32))
-    assert asked == [(["banded"], "banded"), (["banded"], "banded")]
+    assert asked == [(["banded", "winograd"], "banded"), (["banded", "winograd"], "banded")]
     layer.whole_batch_column_budget = 2 * 9 * 9 * 9
     layer.forward(x)
-    assert asked[-1] == (["banded", "whole-batch"], "whole-batch")
+    assert asked[-1] == (["banded", "whole-batch", "winograd"], "whole-batch")
 
 
 def test_rabbit_tune_measures_an_experiments_conv_shapes(tmp_path):

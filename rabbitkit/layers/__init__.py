@@ -6,6 +6,8 @@ __all__ = ["Layer", "Param", "fans", "freeze", "resolve_dtype"]
 
 
 def __getattr__(name):
+    if name.startswith("_"):  # private submodules (``from . import _conv_winograd``), never layers
+        raise AttributeError(f"module 'rabbitkit.layers' has no attribute '{name}'")
     from ..plugins import registry
 
     layers = registry("layers")
