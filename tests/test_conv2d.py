@@ -45,7 +45,7 @@ def test_forward_matches_scipy_correlate(case, rng):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded", "winograd"])
+@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded", "winograd", "winograd-batch"])
 def test_gradients(case, bias, algorithm, monkeypatch):
     monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", 64)  # bands of kh - 1 rows (or one)
     n, c, h, w, o, k, s, p = case
@@ -179,7 +179,7 @@ def test_cpu_variants_agree_to_float32_rounding(stride, relu, band_bytes, rng, m
 
     monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", band_bytes)
     results = []
-    for algorithm in ("per-sample", "whole-batch", "banded", "winograd"):
+    for algorithm in ("per-sample", "whole-batch", "banded", "winograd", "winograd-batch"):
         conv = Conv2D(3, 5, 3, stride=stride, padding=1)
         conv.load_state_dict({"weight": np.linspace(-1, 1, 135).reshape(5, 3, 3, 3), "bias": np.arange(5) / 10})
         conv.algorithm = algorithm
@@ -215,7 +215,7 @@ def test_banded_lowering_never_writes_the_whole_column_matrix(rng):
     assert band_block * 4 < column_matrix
 
 
-@pytest.mark.parametrize("algorithm", ["whole-batch", "banded", "winograd"])
+@pytest.mark.parametrize("algorithm", ["whole-batch", "banded", "winograd", "winograd-batch"])
 def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
     from rabbitkit.layers import freeze
 
@@ -253,7 +253,8 @@ def one_tile_row_bands(monkeypatch):
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 @pytest.mark.parametrize("relu", [False, True])
-def test_winograd_gradients(case, relu, one_tile_row_bands):
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd-batch"])
+def test_winograd_gradients(case, relu, algorithm, one_tile_row_bands):
     """Finite differences (float64) through the Winograd kernels, with and without a
     fused ReLU: the backward pass is the exact adjoint of the transformed forward."""
     from rabbitkit.layers.activations import ReLU
@@ -261,7 +262,7 @@ def test_winograd_gradients(case, relu, one_tile_row_bands):
 
     n, c, h, w, o, p = case
     conv = Conv2D(c, o, 3, padding=p, dtype=np.float64)
-    conv.algorithm = "winograd"
+    conv.algorithm = algorithm
     model = Sequential([conv, ReLU(dtype=np.float64)]) if relu else conv
     report = check_gradients(model, (n, c, h, w))
     assert report.checked["input"] == min(n * c * h * w, 150)
@@ -269,17 +270,17 @@ def test_winograd_gradients(case, relu, one_tile_row_bands):
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
-@pytest.mark.parametrize("bands", ["one tile row", "default"])
+@pytest.mark.parametrize("bands", ["one tile row", "default", "whole batch"])
 def test_winograd_matches_lowering_in_float32(case, bands, rng, request):
-    """Forward, input gradient, weight and bias gradients of Winograd against
-    per-sample lowering, float32, to float32 rounding (the transforms sum up to four
-    times as many terms per element)."""
+    """Forward, input gradient, weight and bias gradients of Winograd (in bands, or the
+    whole batch at once) against per-sample lowering, float32, to float32 rounding (the
+    transforms sum up to four times as many terms per element)."""
     if bands == "one tile row":
         request.getfixturevalue("one_tile_row_bands")
     n, c, h, w, o, p = case
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     results = []
-    for algorithm in ("per-sample", "winograd"):
+    for algorithm in ("per-sample", "winograd-batch" if bands == "whole batch" else "winograd"):
         conv = Conv2D(c, o, 3, padding=p)
         conv.load_state_dict({"weight": np.sin(np.arange(o * c * 9)).reshape(o, c, 3, 3), "bias": np.arange(o) / 7})
         conv.algorithm = algorithm
@@ -292,9 +293,10 @@ def test_winograd_matches_lowering_in_float32(case, bands, rng, request):
 
 def test_winograd_only_for_3x3_at_stride_1():
     """Forcing Winograd on another kernel size or stride runs whole-batch lowering."""
-    from rabbitkit.layers.conv2d import WINOGRAD, WHOLE_BATCH
+    from rabbitkit.layers.conv2d import WHOLE_BATCH, WINOGRAD, WINOGRAD_BATCH
 
     for kernel, stride in [(5, 1), (3, 2), ((3, 1), 1)]:
-        conv = Conv2D(2, 3, kernel, stride=stride)
-        conv.algorithm = WINOGRAD
-        assert conv._variant("forward", np.zeros((1, 2, 8, 8), np.float32), None, 0) == WHOLE_BATCH
+        for algorithm in (WINOGRAD, WINOGRAD_BATCH):
+            conv = Conv2D(2, 3, kernel, stride=stride)
+            conv.algorithm = algorithm
+            assert conv._variant("forward", np.zeros((1, 2, 8, 8), np.float32), None, 0) == WHOLE_BATCH

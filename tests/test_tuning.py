@@ -118,7 +118,7 @@ def test_a_damaged_cache_is_measured_again(tuner):
 
 
 def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
-    """With two threads and a batch of two, a 3x3 Conv2D offers its four variants; all give one result."""
+    """With two threads and a batch of two, a 3x3 Conv2D offers its five variants; all give one result."""
     import numba
 
     from rabbitkit.layers.conv2d import Conv2D
@@ -138,7 +138,7 @@ def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 2, 6, 6)).astype(np.float32)
     y = layer.forward(x)
     layer.backward(np.ones_like(y))
-    variants = ["banded", "per-sample", "whole-batch", "winograd"]
+    variants = ["banded", "per-sample", "whole-batch", "winograd", "winograd-batch"]
     assert asked == [("conv2d.forward", variants), ("conv2d.backward", variants)]
     np.testing.assert_allclose(layer.grads["bias"], np.full(3, 72.0), rtol=1e-6)  # added once, not per timing call
     choices = tuning.measured()
@@ -147,7 +147,8 @@ def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
 
 def test_whole_batch_lowering_is_not_offered_above_its_column_budget(tuner, monkeypatch):
     """A column matrix over the budget is never lowered, not even to time it: the
-    banded variant runs (and is the default with tuning off)."""
+    banded variant runs (and is the default with tuning off).  The same budget holds
+    the whole batch's transformed tiles of whole-batch Winograd."""
     from rabbitkit.layers.conv2d import Conv2D
 
     asked = []
@@ -164,6 +165,9 @@ def test_whole_batch_lowering_is_not_offered_above_its_column_budget(tuner, monk
     layer.whole_batch_column_budget = 2 * 9 * 9 * 9
     layer.forward(x)
     assert asked[-1] == (["banded", "whole-batch", "winograd"], "whole-batch")
+    layer.whole_batch_column_budget = 16 * (2 + 3) * 5 * 4  # whole-batch Winograd's transformed 5 x 4 tiles
+    layer.forward(x)
+    assert asked[-1] == (["banded", "whole-batch", "winograd", "winograd-batch"], "whole-batch")
 
 
 def test_rabbit_tune_measures_an_experiments_conv_shapes(tmp_path):

@@ -43,10 +43,8 @@ from numba import prange
 from ..backend.cpu import kernel
 from . import _conv_lowering
 
+
 # G (4x3): the weight transform, U = G g G^T.
-WEIGHT_TRANSFORM = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-
-
 def tile_grid(ho, wo):
     """(tile rows, tile columns, padded rows hq, padded columns wq) for an ho x wo output."""
     th, tw = (ho + 1) // 2, (wo + 1) // 2
@@ -73,9 +71,9 @@ def band_tile_rows(channels, outputs, tw, th, itemsize, samples, threads):
 # Kernels rather than numpy products: numpy's BLAS keeps its threads spinning for a
 # while after a call, and they would steal the cores from the band kernels that follow.
 @kernel(parallel=False)
-def expand_row(a0, a1, a2):
+def expand_row(a0, a1, a2, half):
     """A row (a0, a1, a2) times G^T: a0, (a0 + a1 + a2) / 2, (a0 - a1 + a2) / 2, a2."""
-    return a0, 0.5 * (a0 + a1 + a2), 0.5 * (a0 - a1 + a2), a2
+    return a0, half * (a0 + a1 + a2), half * (a0 - a1 + a2), a2
 
 
 @kernel(parallel=False)
@@ -93,16 +91,17 @@ def transform_weights(weight, u, transposed):
     when ``transposed`` (what the input gradient multiplies by)."""
     outputs, channels = weight.shape[0], weight.shape[1]
     rows, cols = (channels, outputs) if transposed else (outputs, channels)
+    half = weight.dtype.type(0.5)  # constants of the array's type: a Python float would widen the sums to float64
     for p in prange(rows):
         for q in range(cols):
             g = weight[q, p] if transposed else weight[p, q]
             # G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2; then each times G^T.
-            r0 = expand_row(g[0, 0], g[0, 1], g[0, 2])
-            r1 = expand_row(0.5 * (g[0, 0] + g[1, 0] + g[2, 0]), 0.5 * (g[0, 1] + g[1, 1] + g[2, 1]),
-                            0.5 * (g[0, 2] + g[1, 2] + g[2, 2]))
-            r2 = expand_row(0.5 * (g[0, 0] - g[1, 0] + g[2, 0]), 0.5 * (g[0, 1] - g[1, 1] + g[2, 1]),
-                            0.5 * (g[0, 2] - g[1, 2] + g[2, 2]))
-            r3 = expand_row(g[2, 0], g[2, 1], g[2, 2])
+            r0 = expand_row(g[0, 0], g[0, 1], g[0, 2], half)
+            r1 = expand_row(half * (g[0, 0] + g[1, 0] + g[2, 0]), half * (g[0, 1] + g[1, 1] + g[2, 1]),
+                            half * (g[0, 2] + g[1, 2] + g[2, 2]), half)
+            r2 = expand_row(half * (g[0, 0] - g[1, 0] + g[2, 0]), half * (g[0, 1] - g[1, 1] + g[2, 1]),
+                            half * (g[0, 2] - g[1, 2] + g[2, 2]), half)
+            r3 = expand_row(g[2, 0], g[2, 1], g[2, 2], half)
             put_row(u, 0, p, q, r0)
             put_row(u, 4, p, q, r1)
             put_row(u, 8, p, q, r2)
@@ -110,26 +109,27 @@ def transform_weights(weight, u, transposed):
 
 
 @kernel(parallel=False)
-def reduce_row(u0, u1, u2, u3):
+def reduce_row(u0, u1, u2, u3, half):
     """A row of dU times G (4x3): u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3."""
-    return u0 + 0.5 * (u1 + u2), 0.5 * (u1 - u2), 0.5 * (u1 + u2) + u3
+    return u0 + half * (u1 + u2), half * (u1 - u2), half * (u1 + u2) + u3
 
 
 @kernel
 def weight_gradient(du, dweight):
     """dweight (O, C, 3, 3) = G^T dU G from du (16, O, C): the adjoint of transform_weights."""
     outputs, channels = du.shape[1], du.shape[2]
+    half = du.dtype.type(0.5)
     for o in prange(outputs):
         for c in range(channels):
-            h0 = reduce_row(du[0, o, c], du[1, o, c], du[2, o, c], du[3, o, c])
-            h1 = reduce_row(du[4, o, c], du[5, o, c], du[6, o, c], du[7, o, c])
-            h2 = reduce_row(du[8, o, c], du[9, o, c], du[10, o, c], du[11, o, c])
-            h3 = reduce_row(du[12, o, c], du[13, o, c], du[14, o, c], du[15, o, c])
+            h0 = reduce_row(du[0, o, c], du[1, o, c], du[2, o, c], du[3, o, c], half)
+            h1 = reduce_row(du[4, o, c], du[5, o, c], du[6, o, c], du[7, o, c], half)
+            h2 = reduce_row(du[8, o, c], du[9, o, c], du[10, o, c], du[11, o, c], half)
+            h3 = reduce_row(du[12, o, c], du[13, o, c], du[14, o, c], du[15, o, c], half)
             g = dweight[o, c]
             for s in range(3):  # G^T on the left: the same combination of rows
-                g[0, s] = h0[s] + 0.5 * (h1[s] + h2[s])
-                g[1, s] = 0.5 * (h1[s] - h2[s])
-                g[2, s] = 0.5 * (h1[s] + h2[s]) + h3[s]
+                g[0, s] = h0[s] + half * (h1[s] + h2[s])
+                g[1, s] = half * (h1[s] - h2[s])
+                g[2, s] = half * (h1[s] + h2[s]) + h3[s]
 
 
 # -- padding into the tile layout --------------------------------------------------------
@@ -196,22 +196,24 @@ def tile_columns(ra, rb, sign, o0, o1, o2, o3):
 
 
 @kernel(parallel=False)
-def transform_tiles(xpad, v, i0, i1):
-    """v (16, C, (i1 - i0) * tw) = B^T d B for the tiles of tile rows [i0, i1) of one
-    padded sample xpad (C, hq, wq)."""
-    channels, _, wq = xpad.shape
+def transform_tiles(xpad, v, i0, i1, c0, c1, offset):
+    """v[:, c, offset + k] = B^T d B for the tiles k of tile rows [i0, i1) and channels
+    [c0, c1) of one padded sample xpad (C, hq, wq)."""
+    wq = xpad.shape[2]
     tw = wq // 2 - 1
-    for c in range(channels):
+    plus = xpad.dtype.type(1)  # signs of the array's type: a Python float would widen the sums to float64
+    minus = -plus
+    for c in range(c0, c1):
         plane = xpad[c]
         for i in range(i0, i1):
-            a = (i - i0) * tw
+            a = offset + (i - i0) * tw
             e = a + tw
             r0, r1, r2, r3 = plane[2 * i], plane[2 * i + 1], plane[2 * i + 2], plane[2 * i + 3]
             # B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-            tile_columns(r0, r2, -1.0, v[0, c, a:e], v[1, c, a:e], v[2, c, a:e], v[3, c, a:e])
-            tile_columns(r1, r2, 1.0, v[4, c, a:e], v[5, c, a:e], v[6, c, a:e], v[7, c, a:e])
-            tile_columns(r2, r1, -1.0, v[8, c, a:e], v[9, c, a:e], v[10, c, a:e], v[11, c, a:e])
-            tile_columns(r1, r3, -1.0, v[12, c, a:e], v[13, c, a:e], v[14, c, a:e], v[15, c, a:e])
+            tile_columns(r0, r2, minus, v[0, c, a:e], v[1, c, a:e], v[2, c, a:e], v[3, c, a:e])
+            tile_columns(r1, r2, plus, v[4, c, a:e], v[5, c, a:e], v[6, c, a:e], v[7, c, a:e])
+            tile_columns(r2, r1, minus, v[8, c, a:e], v[9, c, a:e], v[10, c, a:e], v[11, c, a:e])
+            tile_columns(r1, r3, minus, v[12, c, a:e], v[13, c, a:e], v[14, c, a:e], v[15, c, a:e])
 
 
 @kernel(parallel=False)
@@ -228,28 +230,29 @@ def store_pairs(s0, s1, s2, s3, shift, relu, dst):
     """dst (one output row) = (s0 + s1 + s2, s1 - s2 - s3) + shift of each tile,
     interleaved, rectified if ``relu``; an odd-length row takes the last tile's first."""
     pairs = dst.size // 2
+    zero = dst.dtype.type(0)
     for j in range(pairs):
         left = s0[j] + s1[j] + s2[j] + shift
         right = s1[j] - s2[j] - s3[j] + shift
         if relu:
-            left, right = max(left, 0.0), max(right, 0.0)
+            left, right = max(left, zero), max(right, zero)
         dst[2 * j] = left
         dst[2 * j + 1] = right
     if dst.size % 2:
         left = s0[pairs] + s1[pairs] + s2[pairs] + shift
-        dst[dst.size - 1] = max(left, 0.0) if relu else left
+        dst[dst.size - 1] = max(left, zero) if relu else left
 
 
 @kernel(parallel=False)
-def store_tiles(m, bias, relu, y, i0, i1):
-    """y rows [2*i0, 2*i1) of one sample (O, Ho, Wo) = A^T m A + bias (rectified if
-    ``relu``) from m (16, O, (i1 - i0) * tw), which it overwrites; outputs past Ho or
-    Wo are not stored."""
-    outputs, ho, wo = y.shape
+def store_tiles(m, bias, relu, y, i0, i1, o0, o1, offset):
+    """Rows [2*i0, 2*i1) of channels [o0, o1) of one sample y (O, Ho, Wo) = A^T m A + bias
+    (rectified if ``relu``) from m[:, o, offset + k] for the tiles k of those tile rows,
+    which it overwrites; outputs past Ho or Wo are not stored."""
+    ho, wo = y.shape[1], y.shape[2]
     tw = (wo + 1) // 2
-    for o in range(outputs):
+    for o in range(o0, o1):
         for i in range(i0, i1):
-            a = (i - i0) * tw
+            a = offset + (i - i0) * tw
             e = a + tw
             for k in range(4):  # A^T m: rows k and 4 + k of the product then hold A^T's rows
                 a_transform(m[k, o, a:e], m[4 + k, o, a:e], m[8 + k, o, a:e], m[12 + k, o, a:e])
@@ -263,22 +266,23 @@ def split_grad(dy, y, relu, scale, even, odd):
     """even[j], odd[j] = scale * dy[2j], dy[2j + 1] (0 past the row's end), zero where the
     output y is 0 with a fused ``relu``; returns their sum."""
     total = 0.0
+    zero = dy.dtype.type(0)
     pairs = dy.size // 2
     for j in range(pairs):
         g0 = scale * dy[2 * j]
         g1 = scale * dy[2 * j + 1]
         if relu:
-            g0 = g0 if y[2 * j] > 0 else 0.0
-            g1 = g1 if y[2 * j + 1] > 0 else 0.0
+            g0 = g0 if y[2 * j] > 0 else zero
+            g1 = g1 if y[2 * j + 1] > 0 else zero
         even[j] = g0
         odd[j] = g1
         total += g0 + g1
     if dy.size % 2:
         g0 = scale * dy[dy.size - 1]
         if relu:
-            g0 = g0 if y[dy.size - 1] > 0 else 0.0
+            g0 = g0 if y[dy.size - 1] > 0 else zero
         even[pairs] = g0
-        odd[pairs] = 0.0
+        odd[pairs] = zero
         total += g0
     return total
 
@@ -297,30 +301,31 @@ def grad_columns(top_even, top_odd, bottom_even, bottom_odd, ta, tb, o0, o1, o2,
 
 
 @kernel(parallel=False)
-def transform_output_grad(dy, y, relu, dm, rows, dbias, i0, i1):
-    """dm (16, O, (i1 - i0) * tw) = A dY A^T for the 2x2 output-gradient blocks of tile
-    rows [i0, i1) of one sample dy (O, Ho, Wo), zero past Ho or Wo and, with a fused
-    ``relu``, where the output y is 0; dbias += the sums of those gradients.  rows:
-    scratch (4, tw) for the block rows split into even and odd columns."""
-    outputs, ho, _ = dy.shape
+def transform_output_grad(dy, y, relu, dm, rows, dbias, i0, i1, o0, o1, offset):
+    """dm[:, o, offset + k] = A dY A^T for the 2x2 output-gradient blocks k of tile rows
+    [i0, i1) and channels [o0, o1) of one sample dy (O, Ho, Wo), zero past Ho or Wo and,
+    with a fused ``relu``, where the output y is 0; dbias += the sums of those
+    gradients.  rows: scratch (4, tw) for the block rows split into even and odd columns."""
+    ho = dy.shape[1]
     tw = rows.shape[1]
-    for o in range(outputs):
+    one, zero = dy.dtype.type(1), dy.dtype.type(0)  # of the array's type, as in transform_tiles
+    for o in range(o0, o1):
         total = 0.0
         for i in range(i0, i1):
-            a = (i - i0) * tw
+            a = offset + (i - i0) * tw
             e = a + tw
             under = min(2 * i + 1, ho - 1)
-            low = 1.0 if 2 * i + 1 < ho else 0.0  # an odd Ho's last tile row has one output row
-            total += split_grad(dy[o, 2 * i], y[o, 2 * i], relu, 1.0, rows[0], rows[1])
+            low = one if 2 * i + 1 < ho else zero  # an odd Ho's last tile row has one output row
+            total += split_grad(dy[o, 2 * i], y[o, 2 * i], relu, one, rows[0], rows[1])
             total += split_grad(dy[o, under], y[o, under], relu, low, rows[2], rows[3])
             # A g: rows g0, g0 + g1, g0 - g1, -g1 of the block.
-            grad_columns(rows[0], rows[1], rows[2], rows[3], 1.0, 0.0,
+            grad_columns(rows[0], rows[1], rows[2], rows[3], one, zero,
                          dm[0, o, a:e], dm[1, o, a:e], dm[2, o, a:e], dm[3, o, a:e])
-            grad_columns(rows[0], rows[1], rows[2], rows[3], 1.0, 1.0,
+            grad_columns(rows[0], rows[1], rows[2], rows[3], one, one,
                          dm[4, o, a:e], dm[5, o, a:e], dm[6, o, a:e], dm[7, o, a:e])
-            grad_columns(rows[0], rows[1], rows[2], rows[3], 1.0, -1.0,
+            grad_columns(rows[0], rows[1], rows[2], rows[3], one, -one,
                          dm[8, o, a:e], dm[9, o, a:e], dm[10, o, a:e], dm[11, o, a:e])
-            grad_columns(rows[0], rows[1], rows[2], rows[3], 0.0, -1.0,
+            grad_columns(rows[0], rows[1], rows[2], rows[3], zero, -one,
                          dm[12, o, a:e], dm[13, o, a:e], dm[14, o, a:e], dm[15, o, a:e])
         dbias[o] += total
 
@@ -353,15 +358,15 @@ def scatter_row(t0, t1, t2, t3, row):
 
 
 @kernel(parallel=False)
-def scatter_tiles(dv, dxpad, i0, i1):
-    """dxpad (C, hq, wq) += B dV B^T for the tiles of tile rows [i0, i1), overwriting dv:
-    the adjoint of transform_tiles, tile row after tile row in a fixed order."""
-    channels, _, wq = dxpad.shape
-    tw = wq // 2 - 1
-    for c in range(channels):
+def scatter_tiles(dv, dxpad, i0, i1, c0, c1, offset):
+    """Channels [c0, c1) of one padded sample dxpad (C, hq, wq) += B dV B^T of the tiles
+    dv[:, c, offset + k] of tile rows [i0, i1), overwriting dv: the adjoint of
+    transform_tiles, tile row after tile row in a fixed order."""
+    tw = dxpad.shape[2] // 2 - 1
+    for c in range(c0, c1):
         plane = dxpad[c]
         for i in range(i0, i1):
-            a = (i - i0) * tw
+            a = offset + (i - i0) * tw
             e = a + tw
             for s in range(4):  # B dV, column by column
                 b_transform(dv[s, c, a:e], dv[4 + s, c, a:e], dv[8 + s, c, a:e], dv[12 + s, c, a:e])
@@ -395,10 +400,10 @@ def winograd_forward(xpad, u, bias, relu, y, work, band):
         i1 = min(i0 + band, th)
         tiles = (i1 - i0) * tw
         v, m = band_views(work, numba.get_thread_id(), channels, outputs, tiles)
-        transform_tiles(xpad[b], v, i0, i1)
+        transform_tiles(xpad[b], v, i0, i1, 0, channels, 0)
         for xi in range(16):
             np.dot(u[xi], v[xi], m[xi])
-        store_tiles(m, bias, relu, y[b], i0, i1)
+        store_tiles(m, bias, relu, y[b], i0, i1, 0, outputs, 0)
 
 
 @kernel
@@ -421,9 +426,9 @@ def winograd_backward(xpad, dy, y, relu, u_t, dxpad, work, grad_rows, du_parts, 
         tiles = (i1 - i0) * tw
         slot = numba.get_thread_id()
         v, dm = band_views(work, slot, channels, outputs, tiles)
-        transform_output_grad(dy[b], y[b], relu, dm, grad_rows[slot], dbias_parts[slot], i0, i1)
+        transform_output_grad(dy[b], y[b], relu, dm, grad_rows[slot], dbias_parts[slot], i0, i1, 0, outputs, 0)
         if weight_grad:
-            transform_tiles(xpad[b], v, i0, i1)
+            transform_tiles(xpad[b], v, i0, i1, 0, channels, 0)
             for xi in range(16):
                 np.dot(dm[xi], v[xi].T, du_product[slot])
                 part = du_parts[slot, xi]
@@ -434,4 +439,62 @@ def winograd_backward(xpad, dy, y, relu, u_t, dxpad, work, grad_rows, du_parts, 
         if input_grad:
             for xi in range(16):
                 np.dot(u_t[xi], dm[xi], v[xi])  # dV reuses the tiles' buffer
-            scatter_tiles(v, dxpad[b], i0, i1)
+            scatter_tiles(v, dxpad[b], i0, i1, 0, channels, 0)
+
+
+# -- the whole-batch kernels -------------------------------------------------------------
+# The batch's tiles in one (16, C, N*T) matrix (T = th * tw tiles per sample): the
+# transforms run parallel over (sample, channel) and the 16 products parallel over
+# the tile element, each with all N*T tiles as columns.  For small images (VGG's
+# 28 and 14 px stages) a band of a few tile rows gives products too narrow to run
+# BLAS at speed; here each product is as wide as the batch.  A thread owns whole
+# channel planes, so the input gradient's scatter needs no even/odd passes and the
+# weight gradient no per-thread parts.
+@kernel
+def winograd_forward_batch(xpad, u, bias, relu, y, v, m):
+    """y = conv3x3(x) + bias (rectified if ``relu``); v (16, C, N*T), m (16, O, N*T): scratch."""
+    n, outputs, ho, wo = y.shape
+    channels = xpad.shape[1]
+    th = (ho + 1) // 2
+    tiles = th * ((wo + 1) // 2)
+    for task in prange(n * channels):
+        b = task // channels
+        c = task - b * channels
+        transform_tiles(xpad[b], v, 0, th, c, c + 1, b * tiles)
+    for xi in prange(16):
+        np.dot(u[xi], v[xi], m[xi])
+    for task in prange(n * outputs):
+        b = task // outputs
+        o = task - b * outputs
+        store_tiles(m, bias, relu, y[b], 0, th, o, o + 1, b * tiles)
+
+
+@kernel
+def winograd_backward_batch(xpad, dy, y, relu, u_t, dxpad, v, dm, grad_rows, du, dbias_parts, input_grad,
+                            weight_grad):
+    """dU (16, O, C) and dbias parts (if ``weight_grad``), and dxpad += B dV B^T (if
+    ``input_grad``); v (16, C, N*T), dm (16, O, N*T), grad_rows (threads, 4, tw): scratch."""
+    n, outputs, ho, wo = dy.shape
+    channels = u_t.shape[1]
+    th = (ho + 1) // 2
+    tiles = th * ((wo + 1) // 2)
+    for task in prange(n * outputs):
+        b = task // outputs
+        o = task - b * outputs
+        slot = numba.get_thread_id()
+        transform_output_grad(dy[b], y[b], relu, dm, grad_rows[slot], dbias_parts[slot], 0, th, o, o + 1,
+                              b * tiles)
+    if weight_grad:
+        for task in prange(n * channels):
+            b = task // channels
+            c = task - b * channels
+            transform_tiles(xpad[b], v, 0, th, c, c + 1, b * tiles)
+        for xi in prange(16):
+            np.dot(dm[xi], v[xi].T, du[xi])
+    if input_grad:
+        for xi in prange(16):
+            np.dot(u_t[xi], dm[xi], v[xi])  # dV reuses the tiles' buffer
+        for task in prange(n * channels):
+            b = task // channels
+            c = task - b * channels
+            scatter_tiles(v, dxpad[b], 0, th, c, c + 1, b * tiles)

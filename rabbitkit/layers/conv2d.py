@@ -38,14 +38,30 @@ from ..backend.cpu import SINGLE_THREADED_BLAS
 from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_kernel
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from .base import Layer
 from . import _conv_winograd as winograd
-from ._conv_lowering import (BANDED, PER_SAMPLE, WHOLE_BATCH, band_rows, conv_backward_banded,  # noqa: F401
-                             conv_backward_parallel, conv_forward_banded, conv_forward_parallel, load_batch_grad,
-                             lower_batch, pad_batch, raise_batch, scratch, store_batch, unpad_batch,
-                             valid_output_range)
+from ._conv_lowering import (  # noqa: F401
+    BANDED,
+    PER_SAMPLE,
+    WHOLE_BATCH,
+    band_rows,
+    conv_backward_banded,
+    conv_backward_parallel,
+    conv_forward_banded,
+    conv_forward_parallel,
+    load_batch_grad,
+    lower_batch,
+    pad_batch,
+    raise_batch,
+    scratch,
+    store_batch,
+    unpad_batch,
+    valid_output_range,
+)
+from .base import Layer
 
-WINOGRAD = "winograd"  # F(2x2, 3x3), 3x3 kernels at stride 1 (see rabbitkit.layers._conv_winograd)
+# Winograd F(2x2, 3x3) for 3x3 kernels at stride 1 (see rabbitkit.layers._conv_winograd):
+# bands of tile rows per thread, or the whole batch's tiles in one matrix per tile element.
+WINOGRAD, WINOGRAD_BATCH = "winograd", "winograd-batch"
 
 cuda = None  # numba.cuda, bound on the first CUDA launch
 
@@ -248,13 +264,13 @@ class Conv2D(Layer):
         return 2 * self.out_channels * self.in_channels * kh * kw * ho * wo
 
     # -- CPU ------------------------------------------------------------------------
-    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH, BANDED or WINOGRAD) instead of the
-    #: tuner's choice; BANDED applies to stride 1 only, WINOGRAD to 3x3 kernels at
-    #: stride 1 (other layers then run WHOLE_BATCH).
+    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH, BANDED, WINOGRAD or WINOGRAD_BATCH)
+    #: instead of the tuner's choice; BANDED applies to stride 1 only, the Winograd ones
+    #: to 3x3 kernels at stride 1 (other layers then run WHOLE_BATCH).
     algorithm = None
 
     #: Elements of the largest column matrix the whole-batch variant may lower (256 MiB
-    #: in float32).  Above it only the variants with per-thread blocks run: VGG's
+    #: in float32), and of the transformed tiles of whole-batch Winograd.  Above it only the variants with per-thread blocks run: VGG's
     #: conv1_2 on a 512 px image would need 151 M elements (606 MB) for one sample;
     #: at 224 px it needs 29 M and whole-batch is still measured.
     whole_batch_column_budget = 1 << 26
@@ -290,7 +306,8 @@ class Conv2D(Layer):
         banded = self.stride == (1, 1) and SINGLE_THREADED_BLAS.available  # its threads each call BLAS
         tiled = banded and self.kernel_size == (3, 3)
         if self.algorithm is not None:
-            unavailable = (self.algorithm == BANDED and not banded) or (self.algorithm == WINOGRAD and not tiled)
+            unavailable = ((self.algorithm == BANDED and not banded)
+                           or (self.algorithm in (WINOGRAD, WINOGRAD_BATCH) and not tiled))
             return WHOLE_BATCH if unavailable else self.algorithm
         threads = numba.get_num_threads()
         if x.shape[0] >= threads > 1 and SINGLE_THREADED_BLAS.available:
@@ -304,6 +321,10 @@ class Conv2D(Layer):
                 default = names[0]
         if tiled:
             names.append(WINOGRAD)
+            ho, wo = self.output_shape(x.shape[1:])[1:]
+            tiles = x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2)
+            if 16 * (self.in_channels + self.out_channels) * tiles <= self.whole_batch_column_budget:
+                names.append(WINOGRAD_BATCH)
         shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
                  self.fused_relu, self.needs_input_grad, self.weight_grads_wanted)
         return tuning.choose(f"conv2d.{direction}", shape, {name: (lambda name=name: run(name)) for name in names},
@@ -318,29 +339,34 @@ class Conv2D(Layer):
     def _bias(self):
         return self.params["bias"] if self.has_bias else np.zeros(self.out_channels, dtype=self.dtype)
 
-    def _winograd_plan(self, x, ho, wo):
-        """(the padded batch in the tile layout (scratch), tile rows per band, flat scratch
-        per thread for a band's transformed tiles)."""
+    def _winograd_plan(self, x, ho, wo, whole):
+        """(the padded batch in the tile layout, tile rows per band (0 for the whole-batch
+        kernels), the scratch of the transformed tiles: flat per thread for bands, or
+        (16, C, N*T) and (16, O, N*T) for the whole batch)."""
         th, tw, hq, wq = winograd.tile_grid(ho, wo)
-        slots = numba.get_num_threads()
-        band = winograd.band_tile_rows(self.in_channels, self.out_channels, tw, th, self.dtype.itemsize, x.shape[0],
-                                       slots)
-        xpad = scratch("conv_winograd_xpad", (x.shape[0], self.in_channels, hq, wq), self.dtype)
-        work = scratch("conv_winograd_work", (slots, 16 * (self.in_channels + self.out_channels) * band * tw),
-                       self.dtype)
-        return xpad, band, work
+        slots, outputs, channels = numba.get_num_threads(), self.out_channels, self.in_channels
+        xpad = scratch("conv_winograd_xpad", (x.shape[0], channels, hq, wq), self.dtype)
+        if whole:
+            columns = x.shape[0] * th * tw
+            return xpad, 0, (scratch("conv_winograd_v", (16, channels, columns), self.dtype),
+                             scratch("conv_winograd_m", (16, outputs, columns), self.dtype))
+        band = winograd.band_tile_rows(channels, outputs, tw, th, self.dtype.itemsize, x.shape[0], slots)
+        return xpad, band, scratch("conv_winograd_work", (slots, 16 * (channels + outputs) * band * tw), self.dtype)
 
-    def _winograd_forward(self, x, y):
-        xpad, band, work = self._winograd_plan(x, y.shape[2], y.shape[3])
+    def _winograd_forward(self, x, y, whole):
+        xpad, band, work = self._winograd_plan(x, y.shape[2], y.shape[3], whole)
         winograd.pad_tiles(x, xpad, *self.padding)
         u = scratch("conv_winograd_u", (16, self.out_channels, self.in_channels), self.dtype)
         winograd.transform_weights(self.params["weight"], u, False)
         with SINGLE_THREADED_BLAS:
-            winograd.winograd_forward(xpad, u, self._bias(), self.fused_relu, y, work, band)
+            if whole:
+                winograd.winograd_forward_batch(xpad, u, self._bias(), self.fused_relu, y, *work)
+            else:
+                winograd.winograd_forward(xpad, u, self._bias(), self.fused_relu, y, work, band)
 
-    def _winograd_backward(self, x, dy, mask_source, relu, dx, dbias_parts):
+    def _winograd_backward(self, x, dy, mask_source, relu, dx, dbias_parts, whole):
         """dx (if wanted) and (dweight (O, K) or None, dbias), grads untouched."""
-        xpad, band, work = self._winograd_plan(x, dy.shape[2], dy.shape[3])
+        xpad, band, work = self._winograd_plan(x, dy.shape[2], dy.shape[3], whole)
         slots, outputs, channels = numba.get_num_threads(), self.out_channels, self.in_channels
         weight_grad, input_grad = self.weight_grads_wanted, self.needs_input_grad
         if weight_grad:  # the forward's padded batch may since have been another layer's scratch
@@ -350,20 +376,26 @@ class Conv2D(Layer):
         u_t = scratch("conv_winograd_u", (16, channels, outputs), self.dtype)
         winograd.transform_weights(self.params["weight"], u_t, True)
         grad_rows = scratch("conv_winograd_grad_rows", (slots, 4, (dy.shape[3] + 1) // 2), self.dtype)
-        du_shape = (slots, 16, outputs, channels) if weight_grad else (slots, 16, 1, 1)
-        du_parts = scratch("conv_winograd_du_parts", du_shape, self.dtype)
-        du_parts.fill(0)
-        du_product = scratch("conv_winograd_du_product", (slots,) + du_shape[2:], self.dtype)
+        du_shape = (16, outputs, channels) if weight_grad else (16, 1, 1)
         with SINGLE_THREADED_BLAS:
-            for parity in (0, 1):
-                winograd.winograd_backward(xpad, dy, mask_source, relu, u_t, dxpad, work, grad_rows, du_parts,
-                                           du_product, dbias_parts, band, parity, input_grad, weight_grad)
+            if whole:
+                du = scratch("conv_winograd_du", du_shape, self.dtype)
+                winograd.winograd_backward_batch(xpad, dy, mask_source, relu, u_t, dxpad, *work, grad_rows, du,
+                                                 dbias_parts, input_grad, weight_grad)
+            else:
+                du_parts = scratch("conv_winograd_du_parts", (slots,) + du_shape, self.dtype)
+                du_parts.fill(0)
+                du_product = scratch("conv_winograd_du_product", (slots,) + du_shape[1:], self.dtype)
+                for parity in (0, 1):
+                    winograd.winograd_backward(xpad, dy, mask_source, relu, u_t, dxpad, work, grad_rows, du_parts,
+                                               du_product, dbias_parts, band, parity, input_grad, weight_grad)
+                du = du_parts.sum(axis=0) if weight_grad else None
         if input_grad:
             winograd.unpad_tiles(dxpad, dx, *self.padding)
         dweight = None
         if weight_grad:
             dweight = np.empty_like(self.params["weight"])
-            winograd.weight_gradient(du_parts.sum(axis=0), dweight)
+            winograd.weight_gradient(du, dweight)
             dweight = dweight.reshape(outputs, -1)
         return dweight, dbias_parts.sum(axis=0)
 
@@ -382,8 +414,8 @@ class Conv2D(Layer):
                 product = scratch("conv_rows", (slots, self.out_channels, positions), self.dtype)
                 with SINGLE_THREADED_BLAS:
                     conv_forward_parallel(x, weight, self._bias(), self.fused_relu, y, xpad, cols, product, *geometry)
-            elif variant == WINOGRAD:
-                self._winograd_forward(x, y)
+            elif variant in (WINOGRAD, WINOGRAD_BATCH):
+                self._winograd_forward(x, y, variant == WINOGRAD_BATCH)
             elif variant == BANDED:
                 band, hp, wp = self._band_plan(x, geometry, rows)
                 slots = numba.get_num_threads()
@@ -460,8 +492,8 @@ class Conv2D(Layer):
                 return dweight, dbias_parts.sum(axis=0)
             if variant == BANDED:
                 return banded_backward(dbias_parts)
-            if variant == WINOGRAD:
-                return self._winograd_backward(x, dy, mask_source, relu, dx, dbias_parts)
+            if variant in (WINOGRAD, WINOGRAD_BATCH):
+                return self._winograd_backward(x, dy, mask_source, relu, dx, dbias_parts, variant == WINOGRAD_BATCH)
             out_rows = scratch("conv_rows_all", (self.out_channels, x.shape[0] * positions), self.dtype)
             load_batch_grad(dy, mask_source, relu, out_rows, np.empty((1, 1), self.dtype), dbias_parts)
             cols = scratch("conv_cols_all", (rows, out_rows.shape[1]), self.dtype)
