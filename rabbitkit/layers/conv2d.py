@@ -342,16 +342,18 @@ class Conv2D(Layer):
     def _winograd_plan(self, x, ho, wo, whole):
         """(the padded batch in the tile layout, tile rows per band (0 for the whole-batch
         kernels), the scratch of the transformed tiles: flat per thread for bands, or
-        (16, C, N*T) and (16, O, N*T) for the whole batch)."""
+        (16, C, N*T) and (16, O, N*T) for the whole batch).  The buffers are the lowering
+        variants' (same tags): a call runs one variant, and a net whose layers chose
+        different variants keeps one set of scratch, not one per variant."""
         th, tw, hq, wq = winograd.tile_grid(ho, wo)
         slots, outputs, channels = numba.get_num_threads(), self.out_channels, self.in_channels
-        xpad = scratch("conv_winograd_xpad", (x.shape[0], channels, hq, wq), self.dtype)
+        xpad = scratch("conv_xpad_batch", (x.shape[0], channels, hq, wq), self.dtype)
         if whole:
             columns = x.shape[0] * th * tw
-            return xpad, 0, (scratch("conv_winograd_v", (16, channels, columns), self.dtype),
-                             scratch("conv_winograd_m", (16, outputs, columns), self.dtype))
+            return xpad, 0, (scratch("conv_cols_all", (16, channels, columns), self.dtype),
+                             scratch("conv_product_all", (16, outputs, columns), self.dtype))
         band = winograd.band_tile_rows(channels, outputs, tw, th, self.dtype.itemsize, x.shape[0], slots)
-        return xpad, band, scratch("conv_winograd_work", (slots, 16 * (channels + outputs) * band * tw), self.dtype)
+        return xpad, band, scratch("conv_band_cols", (slots, 16 * (channels + outputs) * band * tw), self.dtype)
 
     def _winograd_forward(self, x, y, whole):
         xpad, band, work = self._winograd_plan(x, y.shape[2], y.shape[3], whole)
@@ -371,7 +373,7 @@ class Conv2D(Layer):
         weight_grad, input_grad = self.weight_grads_wanted, self.needs_input_grad
         if weight_grad:  # the forward's padded batch may since have been another layer's scratch
             winograd.pad_tiles(x, xpad, *self.padding)
-        dxpad = scratch("conv_winograd_dxpad", xpad.shape if input_grad else (1, 1, 1, 1), self.dtype)
+        dxpad = scratch("conv_dxpad_batch", xpad.shape if input_grad else (1, 1, 1, 1), self.dtype)
         dxpad.fill(0)
         u_t = scratch("conv_winograd_u", (16, channels, outputs), self.dtype)
         winograd.transform_weights(self.params["weight"], u_t, True)
