@@ -451,16 +451,22 @@ def winograd_backward(xpad, dy, y, relu, u_t, dxpad, work, grad_rows, du_parts, 
 # channel planes, so the input gradient's scatter needs no even/odd passes and the
 # weight gradient no per-thread parts.
 @kernel
-def winograd_forward_batch(xpad, u, bias, relu, y, v, m):
-    """y = conv3x3(x) + bias (rectified if ``relu``); v (16, C, N*T), m (16, O, N*T): scratch."""
-    n, outputs, ho, wo = y.shape
-    channels = xpad.shape[1]
-    th = (ho + 1) // 2
-    tiles = th * ((wo + 1) // 2)
+def transform_batch(xpad, v, th, tiles):
+    """v[:, c, b*T + k] = B^T d B of tile k of sample b, parallel over (sample, channel)."""
+    n, channels = xpad.shape[0], xpad.shape[1]
     for task in prange(n * channels):
         b = task // channels
         c = task - b * channels
         transform_tiles(xpad[b], v, 0, th, c, c + 1, b * tiles)
+
+
+@kernel
+def winograd_forward_batch(xpad, u, bias, relu, y, v, m):
+    """y = conv3x3(x) + bias (rectified if ``relu``); v (16, C, N*T), m (16, O, N*T): scratch."""
+    n, outputs, ho, wo = y.shape
+    th = (ho + 1) // 2
+    tiles = th * ((wo + 1) // 2)
+    transform_batch(xpad, v, th, tiles)
     for xi in prange(16):
         np.dot(u[xi], v[xi], m[xi])
     for task in prange(n * outputs):
@@ -485,10 +491,7 @@ def winograd_backward_batch(xpad, dy, y, relu, u_t, dxpad, v, dm, grad_rows, du,
         transform_output_grad(dy[b], y[b], relu, dm, grad_rows[slot], dbias_parts[slot], 0, th, o, o + 1,
                               b * tiles)
     if weight_grad:
-        for task in prange(n * channels):
-            b = task // channels
-            c = task - b * channels
-            transform_tiles(xpad[b], v, 0, th, c, c + 1, b * tiles)
+        transform_batch(xpad, v, th, tiles)
         for xi in prange(16):
             np.dot(dm[xi], v[xi].T, du[xi])
     if input_grad:
