@@ -72,14 +72,22 @@ class FeatureProbe:
             self._saved.append((layer, layer.frozen, layer.needs_input_grad))
             layer.frozen = True
             layer.needs_input_grad = True
-        # A ReLU fused into the layer before it would hide that layer's own output
-        # (and skip the ReLU's): no fusion in a Sequential that holds a probed layer.
-        self._fusion = [(seq, seq.fuse_relu) for seq in self._sequentials_holding_targets()]
-        for seq, _ in self._fusion:
-            seq.fuse_relu = False
+        # A ReLU fused into a probed layer would hide that layer's own (signed) output:
+        # such pairs are not fused while the probe is open.  Every other pair stays
+        # fused, a probed ReLU included (it then passes on the fused layer's output,
+        # the same values), which saves a stored activation and two passes per pair.
+        self._observed = [(layer, layer.output_observed) for layer in self.layers.values()]
+        for layer in self.layers.values():
+            layer.output_observed = True
+        self._plan_fusion_again()
         for name, layer in self.layers.items():
             self._wrap(name, layer)
         self._open = True
+
+    def _plan_fusion_again(self):
+        for _, layer in self._all:
+            if isinstance(layer, Sequential):
+                layer._fusion_planned_for = None
 
     def close(self):
         """Unwrap the layers and restore freezing, input-gradient and fusion settings."""
@@ -91,20 +99,11 @@ class FeatureProbe:
         for layer, frozen, needs_input_grad in self._saved:
             layer.frozen = frozen
             layer.needs_input_grad = needs_input_grad
-        for seq, fuse in self._fusion:
-            seq.fuse_relu = fuse
+        for layer, observed in self._observed:
+            layer.output_observed = observed
         # The views planned fusion on shared layers: every Sequential plans again.
-        for _, layer in self._all:
-            if isinstance(layer, Sequential):
-                layer._fusion_planned_for = None
+        self._plan_fusion_again()
         self._open = False
-
-    def _sequentials_holding_targets(self):
-        holders = []
-        for _, container in self._all:
-            if isinstance(container, Sequential) and any(child in self.layers.values() for child in container.layers):
-                holders.append(container)
-        return holders
 
     def _wrap(self, name, layer):
         forward, backward = layer.forward, layer.backward  # the class's bound methods

@@ -161,6 +161,36 @@ def test_probed_conv_output_is_not_the_fused_relu_output():
     np.testing.assert_array_equal(np.maximum(conv_out, 0).reshape(1, -1), expected)
 
 
+def test_probed_relu_stays_fused_and_gives_the_unfused_results():
+    """Probing the ReLU after a conv keeps the pair fused (one stored activation, no
+    ReLU passes) while probing the conv unfuses it; either way the outputs and the
+    input gradients equal those of the unfused net, gradients injected at two depths."""
+    def net(fuse):
+        model = Sequential([Conv2D(2, 3, 3, padding=1, dtype=F64), ReLU(dtype=F64),
+                            Conv2D(3, 2, 3, padding=1, dtype=F64), ReLU(dtype=F64), Flatten(dtype=F64)],
+                           dtype=F64, fuse_relu=fuse)
+        for index, layer in enumerate([model.layers[0], model.layers[2]]):
+            layer.load_state_dict({"weight": np.sin(np.arange(layer.params["weight"].size) + index).reshape(
+                layer.params["weight"].shape), "bias": np.linspace(-0.2, 0.2, layer.out_channels)})
+        return model
+
+    x = np.random.default_rng(5).normal(size=(2, 2, 6, 5))
+    results = {}
+    for fuse in (True, False):
+        model = net(fuse)
+        with FeatureProbe(model, ["1", "2"]) as probe:
+            outputs = probe.forward(x)
+            first, second = model.layers[0], model.layers[2]
+            assert first.fused_relu == fuse and model.layers[1].absorbed == fuse  # ReLU probed: fused
+            assert not second.fused_relu  # conv probed: its own signed output
+            gradients = {"1": np.cos(np.arange(outputs["1"].size)).reshape(outputs["1"].shape),
+                         "2": np.sin(np.arange(outputs["2"].size)).reshape(outputs["2"].shape)}
+            results[fuse] = (outputs["1"].copy(), outputs["2"].copy(), probe.backward(gradients))
+        assert (results[fuse][1] < 0).any()
+    for fused, unfused in zip(results[True], results[False]):
+        np.testing.assert_allclose(fused, unfused, rtol=1e-12, atol=1e-12)
+
+
 def test_probe_refuses_wrong_gradient_shape():
     model = small_net()
     with FeatureProbe(model, ["features.1"]) as probe:

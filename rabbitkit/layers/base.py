@@ -73,6 +73,12 @@ class Layer:
     absorbs_relu = False
     fused_relu = False
 
+    #: Someone reads this layer's own output (a :class:`rabbitkit.probe.FeatureProbe`
+    #: target): a ReLU after it must not be fused into it, or the output would come
+    #: out rectified.  A probed ReLU itself may still be absorbed: its output is then
+    #: the fused layer's, the same values.
+    output_observed = False
+
     #: A frozen layer keeps its parameters: its backward still returns the input
     #: gradient but leaves ``grads`` untouched, and ``parameters()`` (what
     #: optimizers and regularizers see) skips it.  Set through :func:`freeze`.

@@ -55,13 +55,15 @@ class Sequential(Layer):
     _fusion_planned_for = None
 
     def _plan_relu_fusion(self):
-        """Mark (producer, ReLU) pairs for fusion.  Re-run by the next forward after a
-        change of device, of ``fuse_relu`` or of the number of layers."""
+        """Mark (producer, ReLU) pairs for fusion, except where the producer's own output
+        is observed (``Layer.output_observed``).  Re-run by the next forward after a
+        change of device, of ``fuse_relu`` or of the number of layers (and when a
+        probe opens or closes: it clears ``_fusion_planned_for``)."""
         for index, producer in enumerate(self.layers):
             consumer = self.layers[index + 1] if index + 1 < len(self.layers) else None
             relu_next = type(consumer) is ReLU
             # Both devices: Conv2D's and BatchNorm's CUDA kernels rectify and mask too.
-            fuse = (self.fuse_relu and relu_next and producer.absorbs_relu
+            fuse = (self.fuse_relu and relu_next and producer.absorbs_relu and not producer.output_observed
                     and producer.device == consumer.device)
             if producer.absorbs_relu:
                 producer.fused_relu = fuse
