@@ -269,11 +269,13 @@ class Conv2D(Layer):
     #: to 3x3 kernels at stride 1 (other layers then run WHOLE_BATCH).
     algorithm = None
 
-    #: Elements of the largest column matrix the whole-batch variant may lower (256 MiB
-    #: in float32), and of the transformed tiles of whole-batch Winograd.  Above it only the variants with per-thread blocks run: VGG's
-    #: conv1_2 on a 512 px image would need 151 M elements (606 MB) for one sample;
-    #: at 224 px it needs 29 M and whole-batch is still measured.
-    whole_batch_column_budget = 1 << 26
+    #: Elements of the largest column matrix the whole-batch variant may lower, and of
+    #: the transformed tiles of whole-batch Winograd (32 MiB in float32).  Above it only
+    #: the variants with per-thread blocks run, and the scratch stays small: VGG's
+    #: conv1_2 would need 29 M column elements at 224 px and 151 M (606 MB) at 512 px.
+    #: Measured on style transfer at 512 px (AMD EPYC): with 64 M the step was no
+    #: faster and its peak memory 1,677 MiB against 1,245 MiB with 8 M.
+    whole_batch_column_budget = 1 << 23
 
     def _plan(self, x):
         """Geometry arguments of the kernels and the shape of one sample's column matrix."""
