@@ -15,6 +15,9 @@ import os as _os
 # * Numba's OpenMP workers (libgomp) spin too: see rabbitkit.backend.cpu for the
 #   passive wait with a short spin.
 _ENVIRONMENT_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+# numpy loaded before rabbitkit has its OpenBLAS started without the timeout above
+# (rabbitkit.backend.cpu warns once, where it can see which BLAS numpy has).
+_NUMPY_LOADED_FIRST = "numpy" in __import__("sys").modules
 _SET_BY_RABBITKIT = [name for name in _ENVIRONMENT_DEFAULTS if name not in _os.environ]
 for _name, _value in _ENVIRONMENT_DEFAULTS.items():
     _os.environ.setdefault(_name, _value)

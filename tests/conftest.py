@@ -11,6 +11,10 @@ os.environ.setdefault("RABBIT_OFFLINE", "1")
 # tests compare runs bit for bit); tests/test_tuning.py turns it on where it is tested.
 os.environ.setdefault("RABBIT_TUNE", "0")
 
+# Before numpy, as a user's script should: rabbitkit's thread settings then reach
+# numpy's OpenBLAS when it loads (rabbitkit.backend.cpu warns otherwise).
+import rabbitkit  # noqa: E402,F401
+
 import sys  # noqa: E402
 
 # The simulator runs a block's CUDA threads as Python threads and its block runner

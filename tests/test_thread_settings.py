@@ -173,3 +173,25 @@ def test_pytorch_in_the_same_process_is_warned_about_once(first, after, expected
         assert out == ["0"]
     else:
         assert out[0] == "1" and expected in out[1] and "separate processes" in out[1]
+
+
+@pytest.mark.parametrize("first, settings, warned", [
+    ("numpy", {}, True),
+    ("rabbitkit", {}, False),
+    ("numpy", {"OPENBLAS_THREAD_TIMEOUT": "4"}, False),
+    ("numpy", {"OPENBLAS_NUM_THREADS": "1"}, False),
+])
+def test_numpy_imported_first_is_warned_about_once(first, settings, warned):
+    """numpy's OpenBLAS started before rabbitkit's settings spins after every product:
+    one warning that says what to do, and none where the settings reached it or it
+    runs one thread."""
+    if not any(c.internal_api == "openblas" for c in cpu._LOADED_BLAS[1] if c not in cpu._LOADED_BLAS[0]):
+        pytest.skip("numpy's BLAS here is not a separate OpenBLAS")
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS + ("OPENBLAS_NUM_THREADS",)}
+    env.update(settings, OPENBLAS_NUM_THREADS=settings.get("OPENBLAS_NUM_THREADS", "2"))
+    order = "import numpy, rabbitkit.backend.cpu" if first == "numpy" else "import rabbitkit.backend.cpu, numpy"
+    done = subprocess.run([sys.executable, "-W", "always", "-c", order], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stderr.count("numpy was imported before rabbitkit") == (1 if warned else 0), done.stderr
+    if warned:
+        assert "OPENBLAS_THREAD_TIMEOUT=4" in done.stderr

@@ -156,6 +156,37 @@ _LOADED_BLAS = _kernel_blas_controllers()  # one scan of the loaded libraries at
 KERNEL_BLAS_PINNED = pin_kernel_blas(_LOADED_BLAS)
 
 
+def spinning_numpy_blas(blas=_LOADED_BLAS):
+    """numpy's OpenBLAS when it was started before ``import rabbitkit`` without
+    ``OPENBLAS_THREAD_TIMEOUT`` and runs threads: its workers then spin for about
+    2**28 cycles after every product numpy makes (rabbitkit's set-up in its
+    ``__init__`` came too late for it), else None."""
+    import rabbitkit
+
+    if not rabbitkit._NUMPY_LOADED_FIRST or "OPENBLAS_THREAD_TIMEOUT" not in rabbitkit._SET_BY_RABBITKIT:
+        return None
+    kernel_side, every = blas
+    for controller in every:
+        if controller in kernel_side or controller.internal_api != "openblas" or controller.num_threads < 2:
+            continue
+        return controller
+    return None
+
+
+if spinning_numpy_blas() is not None:
+    import warnings
+
+    # Measured (AMD EPYC, 2 cores): a style-transfer step at 256 px took 0.81 s instead of
+    # 0.57 s; the spinning workers hold the cores the next Numba kernel needs.
+    warnings.warn(
+        "rabbitkit: numpy was imported before rabbitkit, so its OpenBLAS threads spin after every product and "
+        "take the cores from rabbitkit's kernels (up to 1.4x slower here). Import rabbitkit before numpy, or "
+        "set OPENBLAS_THREAD_TIMEOUT=4 in the environment before Python starts.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 # OpenBLAS's AVX-512 kernels (cores SkylakeX, Cooperlake, SapphireRapids; 0.3.16 and
 # later) multiply a product with M * N * K <= 1e6 straight from its operands, with no
 # packing of them into aligned panels first (``gemm_small_kernel_permit``).  Above the
