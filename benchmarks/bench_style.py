@@ -103,6 +103,7 @@ def rabbit_side(size, seed, warmup, repeats, threads):
     # Before numpy, as the rabbit command does: its OPENBLAS_THREAD_TIMEOUT must reach numpy's
     # OpenBLAS as it loads.  Without it this step measured 0.81 s instead of 0.57 s at 256 px.
     import rabbitkit  # noqa: F401
+    # isort: split
     import numba
     import numpy as np
     from threadpoolctl import threadpool_info

@@ -13,7 +13,9 @@ os.environ.setdefault("RABBIT_TUNE", "0")
 
 # Before numpy, as a user's script should: rabbitkit's thread settings then reach
 # numpy's OpenBLAS when it loads (rabbitkit.backend.cpu warns otherwise).
-import rabbitkit  # noqa: E402,F401
+import rabbitkit  # noqa: F401
+
+# isort: split
 
 import sys  # noqa: E402
 
