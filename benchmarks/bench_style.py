@@ -112,7 +112,12 @@ def rabbit_side(size, seed, warmup, repeats, threads):
     from rabbitkit.layers.conv2d import Conv2D
     from rabbitkit.layers.pooling import MaxPool2D
     from rabbitkit.layers.sequential import Sequential
-    from rabbitkit.layers.style_losses import ContentLoss, StyleLoss, TotalVariationLoss, gram_matrix
+    from rabbitkit.layers.style_losses import (
+        ContentLoss,
+        StyleLoss,
+        TotalVariationLoss,
+        gram_matrix,
+    )
     from rabbitkit.probe import FeatureProbe
     from rabbitkit.visualize.style import _Objective
 
