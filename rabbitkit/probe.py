@@ -116,7 +116,10 @@ class FeatureProbe:
 
         def probed_backward(dy):
             injected = probe._injected.pop(name, None)
-            if injected is not None:
+            if callable(injected):  # made now, and the probe's to overwrite: dy is added into it
+                made = probe._made_gradient(name, injected)
+                dy = made if dy is None else probe._add_into(made, dy, layer)
+            elif injected is not None:
                 dy = injected if dy is None else probe._sum(dy, injected, layer)
             return backward(dy)
 
@@ -144,22 +147,31 @@ class FeatureProbe:
     def backward(self, gradients):
         """Input gradient of sum_k <gradients[k], output_k> for the last :meth:`forward`.
 
-        ``gradients`` maps probed names to arrays of their outputs' shapes; a name
-        left out contributes nothing.
+        ``gradients`` maps probed names to arrays of their outputs' shapes, or to
+        callables that make such an array when the backward pass reaches that layer (a
+        new array each call, which the probe may overwrite: a loss's gradient then
+        lives only from there on, as in an autograd engine); a name left out
+        contributes nothing.
         """
         unknown = set(gradients) - set(self.names)
         if unknown:
             raise KeyError(f"not probed: {sorted(unknown)}; probed: {self.names}")
         backend = self.model.backend
         self._injected = {}
+        top = None
         for name, grad in gradients.items():
-            expected = tuple(self.outputs[name].shape)
-            if tuple(np.shape(grad)) != expected:
-                raise ValueError(f"gradient for '{name}' has shape {tuple(np.shape(grad))}, its output {expected}")
-            if name != MODEL_OUTPUT:
+            if callable(grad):
+                if name != MODEL_OUTPUT:
+                    self._injected[name] = grad
+                    continue
+                grad = self._made_gradient(name, grad)
+            self._check_shape(name, grad)
+            if name == MODEL_OUTPUT:
+                top = grad
+            else:
                 self._injected[name] = backend.asarray(grad, self.model.dtype)
-        if MODEL_OUTPUT in gradients:
-            dy = backend.asarray(np.array(gradients[MODEL_OUTPUT], dtype=self.model.dtype), self.model.dtype)
+        if top is not None:
+            dy = backend.asarray(np.array(top, dtype=self.model.dtype), self.model.dtype)
         else:
             dy = backend.zeros(tuple(self._top.shape), self.model.dtype)
         dx = self.view.backward(dy)
@@ -169,16 +181,31 @@ class FeatureProbe:
             raise RuntimeError(f"gradients injected at {leftover} never reached the input")
         return dx
 
+    def _check_shape(self, name, grad):
+        expected = tuple(self.outputs[name].shape)
+        if tuple(np.shape(grad)) != expected:
+            raise ValueError(f"gradient for '{name}' has shape {tuple(np.shape(grad))}, its output {expected}")
+
+    def _made_gradient(self, name, make):
+        grad = make()
+        self._check_shape(name, grad)
+        return self.model.backend.asarray(grad, self.model.dtype)
+
     @staticmethod
-    def _sum(dy, injected, layer):
-        out = layer.backend.empty(tuple(dy.shape), layer.dtype)
-        layer.backend.copy_into(out, dy)  # dy may be another layer's saved array
-        flat, add = out.reshape(out.size), injected.reshape(injected.size)
+    def _add_into(out, dy, layer):
+        """out += dy, in place (out: a gradient the probe made and owns)."""
+        flat, add = out.reshape(out.size), dy.reshape(dy.size)
         if layer.device == "cuda":
             add_into_cuda.launch(out.size, flat, add)
         else:
             add_into_cpu(out.size, flat, add)
         return out
+
+    @staticmethod
+    def _sum(dy, injected, layer):
+        out = layer.backend.empty(tuple(dy.shape), layer.dtype)
+        layer.backend.copy_into(out, dy)  # dy may be another layer's saved array
+        return FeatureProbe._add_into(out, injected, layer)
 
 
 def _truncate(layer, paths):

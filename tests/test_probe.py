@@ -191,6 +191,32 @@ def test_probed_relu_stays_fused_and_gives_the_unfused_results():
         np.testing.assert_allclose(fused, unfused, rtol=1e-12, atol=1e-12)
 
 
+def test_gradients_made_on_demand_equal_given_arrays_and_are_made_once():
+    """A callable gradient is called when the backward pass reaches its layer, once; the
+    input gradient equals the one from the same arrays given up front, and a wrong
+    shape from a callable is refused too."""
+    model = small_net()
+    x = np.random.default_rng(6).normal(size=(2, 2, 4, 6))
+    names = ["features.1", "features.2.left.0", "features.4"]
+    with FeatureProbe(model, names) as probe:
+        outputs = probe.forward(x)
+        arrays = {n: np.sin(np.arange(outputs[n].size) + k).reshape(outputs[n].shape) for k, n in enumerate(names)}
+        expected = probe.backward({n: a.copy() for n, a in arrays.items()})
+        probe.forward(x)
+        calls = []
+
+        def maker(name):
+            return lambda: calls.append(name) or arrays[name].copy()
+
+        got = probe.backward({n: maker(n) for n in names})
+        assert sorted(calls) == sorted(names) and len(calls) == 3
+        assert calls[0] == "features.4"  # the deepest first: made as the backward pass reaches it
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+        probe.forward(x)
+        with pytest.raises(ValueError, match="features.1"):
+            probe.backward({"features.1": lambda: np.zeros((1, 1))})
+
+
 def test_probe_refuses_wrong_gradient_shape():
     model = small_net()
     with FeatureProbe(model, ["features.1"]) as probe:

@@ -199,11 +199,26 @@ def test_cuda_total_variation_matches_cpu():
     assert_same_on_cuda(cpu.forward(x), cpu.backward(), gpu.forward(_on_cuda(x)), gpu.backward())
 
 
+def test_style_loss_makes_its_gradient_afresh_at_each_backward():
+    """StyleLoss.backward makes a new array from the last forward (style transfer asks
+    for it only when its backward pass reaches the layer, and may overwrite it)."""
+    rng = np.random.default_rng(15)
+    f, g = rng.normal(size=(1, 3, 4, 5)), rng.normal(size=(1, 3, 4, 5))
+    loss, fresh = StyleLoss(reference_gram(g)[0], 3.0), StyleLoss(reference_gram(g)[0], 3.0)
+    loss.forward(g)
+    first = loss.backward()
+    value = loss.forward(f)
+    second = loss.backward()
+    assert not np.shares_memory(second, first)
+    second[...] = 0  # the caller's to overwrite: the next call makes it again
+    assert value == fresh.forward(f)
+    np.testing.assert_array_equal(loss.backward(), fresh.backward())
+
+
 def test_a_second_forward_reuses_the_gradient_buffer_and_gives_the_same_numbers():
     rng = np.random.default_rng(14)
     f, g = rng.normal(size=(1, 3, 4, 5)), rng.normal(size=(1, 3, 4, 5))
-    for make in (lambda: StyleLoss(reference_gram(g)[0], 3.0), lambda: ContentLoss(g, 2.0),
-                 lambda: TotalVariationLoss(0.5)):
+    for make in (lambda: ContentLoss(g, 2.0), lambda: TotalVariationLoss(0.5)):
         loss, fresh = make(), make()
         loss.forward(g)
         first = loss.backward()

@@ -266,7 +266,10 @@ class StyleLoss:
 
     ``target`` is a (C, C) Gram matrix (:func:`gram_matrix` of the style image's
     features, or :func:`blend_grams` of several).  ``forward`` keeps the features'
-    Gram matrix in ``self.gram``.
+    Gram matrix in ``self.gram``.  ``backward`` forms the features' gradient afresh at
+    each call, an array the caller may keep or overwrite: style transfer asks for it
+    only when its backward pass reaches the layer, so the gradients of the five style
+    layers (138 MiB at 512 px) are never all alive at once.
     """
 
     def __init__(self, target, weight=1.0):
@@ -278,7 +281,7 @@ class StyleLoss:
         self.target = target
         self.weight = float(weight)
         self.gram = None
-        self._dy = None
+        self._pending = None  # (dG, features as (N, C, H*W), scale, backend, shape) of the last forward
         self._device_targets = {}
 
     @classmethod
@@ -312,15 +315,14 @@ class StyleLoss:
         else:
             total = gram_residual_kernel_cpu(g.size, flat_g, target, flat_dg, c * c, scale, grad_scale)
         self.gram = g
-        reuse = self._dy is not None and tuple(self._dy.shape) == (n, c, h, w)
-        previous = self._dy.reshape(n, c, h * w) if reuse else None
-        self._dy = _gram_backward(dg, f3, backend, scale, previous).reshape(n, c, h, w)
+        self._pending = (dg, f3, scale, backend, (n, c, h, w))
         return self.weight * total / (c * c)
 
     def backward(self):
-        if self._dy is None:
+        if self._pending is None:
             raise RuntimeError("StyleLoss.backward() called before forward()")
-        return self._dy
+        dg, f3, scale, backend, shape = self._pending
+        return _gram_backward(dg, f3, backend, scale).reshape(shape)
 
     def __repr__(self):
         return f"StyleLoss(channels={self.target.shape[0]}, weight={self.weight:g})"

@@ -250,7 +250,9 @@ class _Objective:
                 value = loss.forward(features[name])
                 terms[kind] += value
                 terms[f"{kind}:{name}"] = value
-                grad = loss.backward()
+                # A style loss's gradient is made when the backward pass reaches its layer
+                # (StyleLoss.backward makes a new array): not all five are alive at once.
+                grad = loss.backward if kind == "style" else loss.backward()
                 gradients[name] = grad if name not in gradients else _added(gradients[name], grad, backend)
         dx = np.asarray(backend.to_host(self.probe.backward(gradients)), dtype=np.float64).reshape(self.shape)
         if self.tv is not None:
@@ -263,9 +265,14 @@ class _Objective:
 
 
 def _added(a, b, backend):
-    """a + b for two gradients of one layer (host or device)."""
-    total = np.asarray(backend.to_host(a), dtype=np.float64) + np.asarray(backend.to_host(b), dtype=np.float64)
-    return backend.asarray(total.astype(np.dtype(a.dtype)), a.dtype)
+    """a + b for two gradients of one layer (host or device; either may be a callable
+    that makes it, see FeatureProbe.backward): made when first needed."""
+    def total():
+        first, second = (g() if callable(g) else g for g in (a, b))
+        added = np.asarray(backend.to_host(first), dtype=np.float64) + np.asarray(backend.to_host(second), np.float64)
+        return backend.asarray(added.astype(np.dtype(first.dtype)), first.dtype)
+
+    return total
 
 
 def _parse_layers(value, default):
