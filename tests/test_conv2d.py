@@ -230,8 +230,13 @@ def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
     dy = rng.standard_normal((1, 3, 6, 5)).astype(np.float32)
     conv.forward(x)
     reference.forward(x)
+    assert conv._x is None  # a frozen layer keeps no input: its backward needs only the shape
     np.testing.assert_allclose(conv.backward(dy), reference.backward(dy), rtol=1e-5, atol=1e-6)
     assert not conv.grads["weight"].any() and not conv.grads["bias"].any()
+    conv.forward(x)
+    freeze(conv, "*", frozen=False)
+    with pytest.raises(RuntimeError, match="unfrozen after a forward pass"):
+        conv.backward(dy)
 
 
 # Winograd F(2x2, 3x3): (batch, in, height, width, out, padding) with odd and even
