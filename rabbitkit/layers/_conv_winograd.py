@@ -71,41 +71,47 @@ def band_tile_rows(channels, outputs, tw, th, itemsize, samples, threads):
 # Kernels rather than numpy products: numpy's BLAS keeps its threads spinning for a
 # while after a call, and they would steal the cores from the band kernels that follow.
 @kernel(parallel=False)
-def expand_row(a0, a1, a2, half):
-    """A row (a0, a1, a2) times G^T: a0, (a0 + a1 + a2) / 2, (a0 - a1 + a2) / 2, a2."""
-    return a0, half * (a0 + a1 + a2), half * (a0 - a1 + a2), a2
+def expand_rows(a0, a1, a2, half, o0, o1, o2, o3):
+    """o0 .. o3 = (a0, a1, a2) G^T column by column (1-D views): a0, (a0 + a1 + a2) / 2,
+    (a0 - a1 + a2) / 2, a2."""
+    for q in range(o0.size):
+        x0, x1, x2 = a0[q], a1[q], a2[q]
+        o0[q] = x0
+        o1[q] = half * (x0 + x1 + x2)
+        o2[q] = half * (x0 - x1 + x2)
+        o3[q] = x2
 
 
 @kernel(parallel=False)
-def put_row(u, first, p, q, row):
-    """u[first .. first + 3, p, q] = row (a 4-tuple whose items may differ in precision)."""
-    u[first, p, q] = row[0]
-    u[first + 1, p, q] = row[1]
-    u[first + 2, p, q] = row[2]
-    u[first + 3, p, q] = row[3]
+def half_sums(a, b, c, half, plus, minus):
+    """plus = (a + b + c) / 2, minus = (a - b + c) / 2 (1-D views): G's middle rows."""
+    for q in range(a.size):
+        plus[q] = half * (a[q] + b[q] + c[q])
+        minus[q] = half * (a[q] - b[q] + c[q])
 
 
 @kernel
 def transform_weights(weight, u, transposed):
     """u = G g G^T for each (o, c) of weight (O, C, 3, 3): u (16, O, C), or (16, C, O)
-    when ``transposed`` (what the input gradient multiplies by)."""
+    when ``transposed`` (what the input gradient multiplies by).  Per row p of u, the
+    taps are gathered into nine unit-stride rows first, so that every loop after that
+    runs over 1-D views and vectorises (about 4x faster than per-(o, c) arithmetic)."""
     outputs, channels = weight.shape[0], weight.shape[1]
     rows, cols = (channels, outputs) if transposed else (outputs, channels)
     half = weight.dtype.type(0.5)  # constants of the array's type: a Python float would widen the sums to float64
+    taps = weight.reshape((outputs, channels, 9))
     for p in prange(rows):
+        g = np.empty((15, cols), dtype=weight.dtype)  # 0-8: tap 3i + j; 9-11, 12-14: G's middle rows of g
         for q in range(cols):
-            g = weight[q, p] if transposed else weight[p, q]
-            # G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2; then each times G^T.
-            r0 = expand_row(g[0, 0], g[0, 1], g[0, 2], half)
-            r1 = expand_row(half * (g[0, 0] + g[1, 0] + g[2, 0]), half * (g[0, 1] + g[1, 1] + g[2, 1]),
-                            half * (g[0, 2] + g[1, 2] + g[2, 2]), half)
-            r2 = expand_row(half * (g[0, 0] - g[1, 0] + g[2, 0]), half * (g[0, 1] - g[1, 1] + g[2, 1]),
-                            half * (g[0, 2] - g[1, 2] + g[2, 2]), half)
-            r3 = expand_row(g[2, 0], g[2, 1], g[2, 2], half)
-            put_row(u, 0, p, q, r0)
-            put_row(u, 4, p, q, r1)
-            put_row(u, 8, p, q, r2)
-            put_row(u, 12, p, q, r3)
+            for k in range(9):
+                g[k, q] = taps[q, p, k] if transposed else taps[p, q, k]
+        for j in range(3):
+            half_sums(g[j], g[3 + j], g[6 + j], half, g[9 + j], g[12 + j])
+        # G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2; each then times G^T.
+        expand_rows(g[0], g[1], g[2], half, u[0, p], u[1, p], u[2, p], u[3, p])
+        expand_rows(g[9], g[10], g[11], half, u[4, p], u[5, p], u[6, p], u[7, p])
+        expand_rows(g[12], g[13], g[14], half, u[8, p], u[9, p], u[10, p], u[11, p])
+        expand_rows(g[6], g[7], g[8], half, u[12, p], u[13, p], u[14, p], u[15, p])
 
 
 @kernel(parallel=False)
