@@ -42,6 +42,7 @@ from numba import prange
 
 from ..backend.cpu import kernel
 from . import _conv_lowering
+from ._conv_lowering import add_into
 
 
 # G (4x3): the weight transform, U = G g G^T.
@@ -437,11 +438,7 @@ def winograd_backward(xpad, dy, y, relu, u_t, dxpad, work, grad_rows, du_parts, 
             transform_tiles(xpad[b], v, i0, i1, 0, channels, 0)
             for xi in range(16):
                 np.dot(dm[xi], v[xi].T, du_product[slot])
-                part = du_parts[slot, xi]
-                product = du_product[slot]
-                for o in range(outputs):
-                    for c in range(channels):
-                        part[o, c] += product[o, c]
+                add_into(du_parts[slot, xi], du_product[slot])
         if input_grad:
             for xi in range(16):
                 np.dot(u_t[xi], dm[xi], v[xi])  # dV reuses the tiles' buffer
