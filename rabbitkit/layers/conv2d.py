@@ -323,9 +323,8 @@ class Conv2D(Layer):
                 default = names[0]
         if tiled:
             names.append(WINOGRAD)
-            ho, wo = self.output_shape(x.shape[1:])[1:]
-            tiles = x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2)
-            if 16 * (self.in_channels + self.out_channels) * tiles <= self.whole_batch_column_budget:
+            th, tw, _, _ = winograd.tile_grid(*self.output_shape(x.shape[1:])[1:])
+            if 16 * (self.in_channels + self.out_channels) * x.shape[0] * th * tw <= self.whole_batch_column_budget:
                 names.append(WINOGRAD_BATCH)
         shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
                  self.fused_relu, self.needs_input_grad, self.weight_grads_wanted)
