@@ -25,6 +25,7 @@ BUILDS = [
     ("gtsrb_cnn", {"variant": "ciresan"}, [(3, 48, 48), (1, 32, 36)]),
     ("gtsrb_cnn", {}, [(3, 48, 48), (1, 32, 32)]),
     ("gtsrb_cnn", {"spatial_transformer": True, "channels": [[8], [16]]}, [(3, 32, 32), (1, 20, 24)]),
+    ("gtsrb_cnn", {"multiscale": True}, [(3, 48, 48), (1, 36, 28)]),
     ("vgg16", {"pool_size": 0}, [(3, 32, 32), (1, 40, 48)]),
     ("vgg16", {"pool_size": 2, "fc_width": 32}, [(3, 64, 64), (1, 40, 48)]),  # adaptive pool: identity, then spread
     ("googlenet_small", {}, [(3, 32, 32), (1, 48, 48)]),
@@ -100,6 +101,57 @@ def test_gtsrb_modern_defaults_and_spatial_transformer():
     initialize(with_st, "msr", rng=0)
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(with_st[0].forward(x, training=False), x, atol=1e-5)
+
+
+def test_gtsrb_multiscale_classifier_sees_every_blocks_output(rng):
+    """The classifier's input is (block 1 pooled to the last block's size, block 2
+    pooled likewise, block 3) flattened side by side, Sermanet & LeCun's layout."""
+    from rabbitkit.layers.adaptive_pool import AdaptiveAvgPool2D
+
+    plain = build("gtsrb_cnn", (1, 32, 32), 43, channels=[[4], [6], [8]], fc_width=16)
+    rabbitkit.manual_seed(0)
+    multi = build("gtsrb_cnn", (1, 32, 32), 43, channels=[[4], [6], [8]], fc_width=16, multiscale=True)
+    dense = next(layer for layer in multi if type(layer).__name__ == "Dense")
+    assert dense.in_features == (4 + 6 + 8) * 4 * 4
+    # the same convolutions: copy the plain net's weights into the multi-scale one
+    plain_kernels = [p for p in plain.parameters() if p.value.ndim == 4]
+    multi_kernels = [p for p in multi.parameters() if p.value.ndim == 4]
+    assert len(plain_kernels) == len(multi_kernels) == 3
+    for source, target in zip(plain_kernels, multi_kernels):
+        target.value[...] = source.value
+    x = rng.standard_normal((2, 1, 32, 32)).astype(np.float32)
+    outputs, h = [], x
+    for layer in plain:
+        if type(layer).__name__ == "Flatten":
+            break
+        h = layer.forward(h, training=False)
+        if type(layer).__name__ == "MaxPool2D":
+            outputs.append(h)
+    expected = np.concatenate([AdaptiveAvgPool2D((4, 4)).forward(out, training=False).reshape(2, -1)
+                               for out in outputs[:-1]] + [outputs[-1].reshape(2, -1)], axis=1)
+    h = x
+    for layer in multi:
+        if layer is dense:
+            break
+        h = layer.forward(h, training=False)
+    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="'multiscale' applies to variant 'modern' only"):
+        build("gtsrb_cnn", (3, 48, 48), 43, variant="ciresan", multiscale=True)
+
+
+def test_gtsrb_multiscale_gradients():
+    from rabbitkit.testing import check_gradients
+
+    model = build("gtsrb_cnn", (2, 13, 11), 5, channels=[[3], [2, 3], [4]], fc_width=6, multiscale=True,
+                  dtype=np.float64)
+    # Fresh batch norms shift by exactly 0, so a position whose inputs a ReLU zeroed
+    # sits exactly on the next ReLU's kink; random shifts move every one off it.
+    rng = np.random.default_rng(3)
+    for param in model.parameters():
+        if param.name.endswith("bias"):
+            param.value[...] = rng.uniform(-0.5, 0.5, param.value.shape)
+    check_gradients(model, (3, 2, 13, 11), training=False, max_checks=80)
+    check_gradients(model, (3, 2, 13, 11), training=True, max_checks=80)
 
 
 def test_gtsrb_block_dropout_follows_each_blocks_pooling():

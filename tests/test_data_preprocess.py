@@ -188,3 +188,95 @@ def test_equalize_flattens_the_histogram_and_keeps_the_order():
         # the value at rank r maps to about r / N: a flat (uniform) output histogram
         ranks = np.searchsorted(np.sort(flat_x), flat_x, side="right") / flat_x.size
         assert np.abs(flat_y - ranks).max() < 0.05
+
+
+def clahe_reference(plane, tiles, clip_limit, levels):
+    """CLAHE of one [0, 1] plane written out directly: per-region clipped histograms with
+    the excess spread evenly (remainder one per bin from bin 0 at stride levels // rest),
+    cumulative maps, then bilinear interpolation between the region centres."""
+    h, w = plane.shape
+    bins = np.floor(np.clip(plane, 0, 1) * (levels - 1) + 0.5).astype(int)
+    rows = [(k * h) // tiles for k in range(tiles + 1)]
+    cols = [(k * w) // tiles for k in range(tiles + 1)]
+    maps = np.empty((tiles, tiles, levels))
+    for a in range(tiles):
+        for b in range(tiles):
+            region = bins[rows[a]:rows[a + 1], cols[b]:cols[b + 1]]
+            counts = np.bincount(region.ravel(), minlength=levels)
+            clip = max(int(clip_limit * region.size / levels), 1)
+            excess = np.maximum(counts - clip, 0).sum()
+            counts = np.minimum(counts, clip) + excess // levels
+            rest = excess % levels
+            if rest:
+                counts[::max(levels // rest, 1)][:rest] += 1
+            maps[a, b] = np.cumsum(counts) / counts.sum()
+
+    def between(position, edges):
+        centres = [(edges[k] + edges[k + 1]) / 2 for k in range(tiles)]
+        if position <= centres[0]:
+            return 0, 0, 0.0
+        if position >= centres[-1]:
+            return tiles - 1, tiles - 1, 0.0
+        k = int(np.searchsorted(centres, position, side="right")) - 1
+        return k, k + 1, (position - centres[k]) / (centres[k + 1] - centres[k])
+
+    out = np.empty((h, w))
+    for i in range(h):
+        a0, a1, wy = between(i + 0.5, rows)
+        for j in range(w):
+            b0, b1, wx = between(j + 0.5, cols)
+            v = bins[i, j]
+            top = (1 - wx) * maps[a0, b0, v] + wx * maps[a0, b1, v]
+            bottom = (1 - wx) * maps[a1, b0, v] + wx * maps[a1, b1, v]
+            out[i, j] = (1 - wy) * top + wy * bottom
+    return out
+
+
+@pytest.mark.parametrize("shape, tiles, clip_limit, levels", [
+    ((2, 1, 9, 7), 2, 2.0, 16),     # odd sizes: regions of unequal size
+    ((1, 3, 11, 13), 3, 1.5, 8),    # colour: channel by channel
+    ((2, 1, 16, 16), 4, 40.0, 4),   # a limit no bin reaches: plain adaptive equalisation
+    ((1, 1, 8, 8), 1, 1.0, 256),    # one region, every bin clipped to one pixel
+])
+def test_clahe_matches_reference(rng, shape, tiles, clip_limit, levels):
+    x = (rng.random(shape) ** 2).astype(np.float32)  # skewed towards dark, as badly lit signs
+    y = Pipeline.from_config([{"name": "clahe", "tiles": tiles, "clip_limit": clip_limit,
+                               "levels": levels}]).apply(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    for s in range(shape[0]):
+        for c in range(shape[1]):
+            expected = clahe_reference(x[s, c].astype(np.float64), tiles, clip_limit, levels)
+            np.testing.assert_allclose(y[s, c], expected, rtol=0, atol=1e-6)
+
+
+def test_clahe_with_one_region_and_no_clipping_is_the_cumulative_histogram(rng):
+    x = rng.integers(20, 61, (2, 1, 12, 10)).astype(np.uint8)
+    y = Pipeline.from_config([{"name": "clahe", "tiles": 1, "clip_limit": 1e9}]).apply(x)
+    for s in range(2):
+        flat = x[s, 0].ravel()
+        at_or_below = (flat[None, :] <= flat[:, None]).mean(axis=1)
+        np.testing.assert_allclose(y[s, 0].ravel(), at_or_below, rtol=0, atol=1e-6)
+
+
+def test_clahe_stretches_a_dark_region_as_far_as_the_clip_limit_allows():
+    x = np.full((1, 1, 16, 16), 0.8, np.float32)
+    x[0, 0, :, :8] = np.linspace(0.02, 0.1, 128, dtype=np.float32).reshape(16, 8)  # a dark left half
+    dark = x[0, 0, :, :4].mean()
+    free = Pipeline.from_config([{"name": "clahe", "tiles": 2, "clip_limit": 100.0}]).apply(x)[0, 0, :, :4]
+    limited = Pipeline.from_config([{"name": "clahe", "tiles": 2, "clip_limit": 2.0}]).apply(x)[0, 0, :, :4]
+    assert free.mean() > 0.4 > 0.1 > dark  # stretched over the whole range
+    assert free.mean() > limited.mean() > 2 * dark  # stretched less, but still brightened
+    flat = np.full((1, 1, 8, 8), 0.3, np.float32)
+    clipped = Pipeline.from_config(["clahe"]).apply(flat)
+    assert np.ptp(clipped) == 0 and 0 < clipped[0, 0, 0, 0] < 1  # one value: no texture is made up
+    unclipped = Pipeline.from_config([{"name": "clahe", "clip_limit": 1e9}]).apply(flat)
+    np.testing.assert_array_equal(unclipped, 1.0)  # every pixel is at or below its own value
+
+
+def test_clahe_config_errors():
+    with pytest.raises(ConfigError, match="tiles must be 1..64"):
+        Pipeline.from_config([{"name": "clahe", "tiles": 0}])
+    with pytest.raises(ConfigError, match="clip_limit must be > 0"):
+        Pipeline.from_config([{"name": "clahe", "clip_limit": 0.0}])
+    with pytest.raises(ConfigError, match="8 tiles per side do not fit 6x9 images"):
+        Pipeline.from_config([{"name": "clahe", "tiles": 8}]).apply(np.zeros((1, 1, 6, 9), np.float32))

@@ -25,6 +25,13 @@ Steps (options in parentheses):
   flat images from amplifying rounding noise).  Per image, nothing to fit.
 * ``equalize`` (``levels``): histogram equalisation of each image, channel by
   channel, to [0, 1] (the "Histeq" column of Ciresan et al.'s committee).
+* ``clahe`` (``tiles``, ``clip_limit``, ``levels``): contrast-limited adaptive
+  histogram equalisation (Zuiderveld 1994; the "Adapthisteq" column of Ciresan et
+  al.'s committee), channel by channel, to [0, 1]: each of ``tiles`` x ``tiles``
+  regions gets its own equalisation, its histogram clipped at ``clip_limit`` times
+  the mean bin count (OpenCV's convention; at least one pixel per bin) with the
+  excess spread over all bins, and each pixel's value is interpolated bilinearly
+  between the mappings of the four nearest region centres.
 * ``yuv`` (BT.601, Y in [0, 1], U in [-0.436, 0.436], V in [-0.615, 0.615]),
   ``lab`` (CIE L*a*b*, D65 sRGB; L in [0, 100], a/b about [-128, 127]),
   ``hsv`` and ``hsl`` (channels H, S, V / H, S, L, all in [0, 1]; H is the
@@ -157,6 +164,11 @@ def lcn_images(x, weights, eps, y):
                     y[s, ch, i, j] /= d
 
 
+@kernel(parallel=False)
+def _bin_of(value, levels):
+    return int(min(max(value, 0.0), 1.0) * (levels - 1) + 0.5)
+
+
 @kernel
 def equalize_planes(x, levels, y):
     """y[s, c] = histogram equalisation of the plane x[s, c] (values in [0, 1]) over ``levels`` bins.
@@ -172,8 +184,7 @@ def equalize_planes(x, levels, y):
         counts = np.zeros(levels, np.int64)
         for i in range(h):
             for j in range(w):
-                b = int(min(max(x[s, ch, i, j], 0.0), 1.0) * (levels - 1) + 0.5)
-                counts[b] += 1
+                counts[_bin_of(x[s, ch, i, j], levels)] += 1
         cdf = np.cumsum(counts)
         lowest = 0
         for b in range(levels):
@@ -183,8 +194,83 @@ def equalize_planes(x, levels, y):
         span = size - lowest
         for i in range(h):
             for j in range(w):
-                b = int(min(max(x[s, ch, i, j], 0.0), 1.0) * (levels - 1) + 0.5)
+                b = _bin_of(x[s, ch, i, j], levels)
                 y[s, ch, i, j] = (cdf[b] - lowest) / span if span > 0 else 0.5
+
+
+@kernel(parallel=False)
+def _clahe_tile_map(plane, top, bottom, left, right, levels, clip, lut):
+    """lut[b] = the clipped, redistributed cumulative histogram of plane[top:bottom, left:right] at bin b, in [0, 1]."""
+    counts = np.zeros(levels, np.int64)
+    for i in range(top, bottom):
+        for j in range(left, right):
+            counts[_bin_of(plane[i, j], levels)] += 1
+    excess = 0
+    for b in range(levels):
+        if counts[b] > clip:
+            excess += counts[b] - clip
+            counts[b] = clip
+    # The excess goes to every bin evenly; what does not divide goes one pixel per
+    # bin at an even stride, so the histogram keeps its total (as OpenCV does).
+    share, rest = excess // levels, excess % levels
+    stride = max(levels // rest, 1) if rest > 0 else levels
+    total = 0
+    for b in range(levels):
+        counts[b] += share
+        if rest > 0 and b % stride == 0 and b // stride < rest:
+            counts[b] += 1
+        total += counts[b]
+    running = 0
+    for b in range(levels):
+        running += counts[b]
+        lut[b] = running / total
+
+
+@kernel(parallel=False)
+def _tile_edges(size, tiles):
+    """Start of each of ``tiles`` near-equal regions along an axis of ``size`` pixels, and the end."""
+    edges = np.empty(tiles + 1, np.int64)
+    for k in range(tiles + 1):
+        edges[k] = (k * size) // tiles
+    return edges
+
+
+@kernel(parallel=False)
+def _neighbours(position, edges, tiles):
+    """(lower region, upper region, weight of the upper) for a pixel centre at
+    ``position``: the two regions whose centres enclose it (one region, weight 0,
+    before the first centre and after the last)."""
+    if position <= 0.5 * (edges[0] + edges[1]):
+        return 0, 0, 0.0
+    for k in range(tiles - 1):
+        lower, upper = 0.5 * (edges[k] + edges[k + 1]), 0.5 * (edges[k + 1] + edges[k + 2])
+        if position < upper:
+            return k, k + 1, (position - lower) / (upper - lower)
+    return tiles - 1, tiles - 1, 0.0
+
+
+@kernel
+def clahe_planes(x, tiles, clip_limit, levels, y):
+    """y[s, c] = CLAHE of the plane x[s, c] (values in [0, 1]) on a tiles x tiles grid."""
+    n, c, h, w = x.shape
+    rows, cols = _tile_edges(h, tiles), _tile_edges(w, tiles)
+    for plane in prange(n * c):
+        s = plane // c
+        ch = plane - s * c
+        luts = np.empty((tiles, tiles, levels), np.float64)
+        for ti in range(tiles):
+            for tj in range(tiles):
+                pixels = (rows[ti + 1] - rows[ti]) * (cols[tj + 1] - cols[tj])
+                clip = max(int(clip_limit * pixels / levels), 1)
+                _clahe_tile_map(x[s, ch], rows[ti], rows[ti + 1], cols[tj], cols[tj + 1], levels, clip, luts[ti, tj])
+        for i in range(h):
+            ti0, ti1, wy = _neighbours(i + 0.5, rows, tiles)
+            for j in range(w):
+                tj0, tj1, wx = _neighbours(j + 0.5, cols, tiles)
+                b = _bin_of(x[s, ch, i, j], levels)
+                top = (1.0 - wx) * luts[ti0, tj0, b] + wx * luts[ti0, tj1, b]
+                bottom = (1.0 - wx) * luts[ti1, tj0, b] + wx * luts[ti1, tj1, b]
+                y[s, ch, i, j] = (1.0 - wy) * top + wy * bottom
 
 
 # -- steps --------------------------------------------------------------------------
@@ -337,6 +423,32 @@ class Equalize(Step):
         return y
 
 
+class CLAHE(Step):
+    """Contrast-limited adaptive histogram equalisation of every image, channel by
+    channel (Ciresan et al. 2012's "Adapthisteq" committee column); output in [0, 1]."""
+
+    name = "clahe"
+
+    def __init__(self, tiles: int = 4, clip_limit: float = 2.0, levels: int = 256):
+        super().__init__()
+        if not 1 <= tiles <= 64:
+            raise ConfigError(f"preprocessing 'clahe': tiles must be 1..64 regions per side, got {tiles}")
+        if not clip_limit > 0:
+            raise ConfigError(f"preprocessing 'clahe': clip_limit must be > 0 (times the mean bin count), got {clip_limit}")
+        if not 2 <= levels <= 65536:
+            raise ConfigError(f"preprocessing 'clahe': levels must be 2..65536, got {levels}")
+        self.tiles, self.clip_limit, self.levels = int(tiles), float(clip_limit), int(levels)
+
+    def apply(self, x):
+        x = to_float_images(x)
+        if self.tiles > min(x.shape[2:]):
+            raise ConfigError(f"preprocessing 'clahe': {self.tiles} tiles per side do not fit "
+                              f"{x.shape[2]}x{x.shape[3]} images")
+        y = np.empty_like(x)
+        clahe_planes(x, self.tiles, self.clip_limit, self.levels, y)
+        return y
+
+
 class Colour(Step):
     mode = YUV
     channels_out = 3
@@ -393,7 +505,7 @@ class Grayscale(Colour):
         return super().output_shape(input_shape)
 
 
-STEPS = {cls.name: cls for cls in (Scale, Standardize, ZCA, LCN, Equalize, YUVStep, LabStep, HSVStep, HSLStep, Grayscale)}
+STEPS = {cls.name: cls for cls in (Scale, Standardize, ZCA, LCN, Equalize, CLAHE, YUVStep, LabStep, HSVStep, HSLStep, Grayscale)}
 
 
 def make_step(spec):

@@ -13,12 +13,20 @@
 
 ``spatial_transformer=True`` puts a :class:`SpatialTransformer` with the default
 localization net (identity at start) in front of either variant.
+
+``multiscale=True`` (modern only) feeds the classifier every block's output, not
+only the last one's: each earlier block's output is average-pooled to the last
+block's size and concatenated with it (the multi-scale features of Sermanet &
+LeCun, IJCNN 2011: coarse shapes from the early stage beside the late stage's
+detail).
 """
 import numpy as np
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from ..layers.adaptive_pool import AdaptiveAvgPool2D
 from ..layers.batchnorm import BatchNorm
+from ..layers.branches import Concat
 from ..layers.conv2d import Conv2D
 from ..layers.dense import Dense
 from ..layers.dropout import Dropout
@@ -45,12 +53,13 @@ def ciresan_features(channels, activation, dtype):
     return layers
 
 
-def modern_features(channels, blocks, activation, dtype, block_dropout=()):
-    """3x3 conv -> batch norm -> activation, repeated per block, a 2x2 max-pool after
-    each, then dropout with the block's probability from ``block_dropout`` (none
-    where it is 0 or the list ends)."""
-    layers = []
+def modern_blocks(channels, blocks, activation, dtype, block_dropout=()):
+    """One list of layers per block: 3x3 conv -> batch norm -> activation per width,
+    a 2x2 max-pool, then dropout with the block's probability from ``block_dropout``
+    (none where it is 0 or the list ends)."""
+    out = []
     for index, block in enumerate(blocks):
+        layers = []
         for out_channels in block:
             out_channels = int(out_channels)
             layers += [
@@ -62,7 +71,22 @@ def modern_features(channels, blocks, activation, dtype, block_dropout=()):
         layers.append(MaxPool2D(2, dtype=dtype))
         if index < len(block_dropout) and block_dropout[index] > 0:
             layers.append(Dropout(block_dropout[index], dtype=dtype))
-    return layers
+        out.append(layers)
+    return out
+
+
+def multiscale_features(blocks, input_shape, dtype):
+    """The blocks' layers with every block's output also average-pooled to the last
+    block's spatial size, flattened and concatenated (first block's first).
+
+    Built from the last block back: after block b, a Concat of (pool + flatten of
+    block b's output) and (the blocks after b, with their own joins)."""
+    final = Sequential([layer for block in blocks for layer in block], dtype=dtype).output_shape(tuple(input_shape))
+    tail = Sequential(blocks[-1] + [Flatten(dtype=dtype)], dtype=dtype)
+    for block in reversed(blocks[:-1]):
+        pooled = Sequential([AdaptiveAvgPool2D(final[1:], dtype=dtype), Flatten(dtype=dtype)], dtype=dtype)
+        tail = Sequential(block + [Concat([pooled, tail], axis=1, dtype=dtype)], dtype=dtype)
+    return list(tail.layers)  # the first block's layers stay at the top level
 
 
 def block_dropout_list(block_dropout, blocks):
@@ -91,6 +115,7 @@ def gtsrb_cnn(
     dropout: float | None = None,
     block_dropout: list | None = None,
     spatial_transformer: bool = False,
+    multiscale: bool = False,
 ):
     """A GTSRB ConvNet (see the module docstring for both variants).
 
@@ -101,19 +126,21 @@ def gtsrb_cnn(
     before the output layer (0 for ciresan, 0.5 for modern).  ``block_dropout``
     (modern only): dropout probability after each block's pooling, e.g.
     ``[0.1, 0.2, 0.3]`` (default: none).
-    ``spatial_transformer``: prepend a spatial transformer.
+    ``spatial_transformer``: prepend a spatial transformer.  ``multiscale`` (modern
+    only): the classifier sees every block's output (see the module docstring).
     """
     shape = image_shape("gtsrb_cnn", input_shape)
     if variant not in VARIANTS:
         raise ConfigError(f"gtsrb_cnn variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     if variant == "ciresan":
-        for option, value in (("channels", channels), ("block_dropout", block_dropout)):
+        for option, value in (("channels", channels), ("block_dropout", block_dropout),
+                              ("multiscale", multiscale or None)):
             if value is not None:
                 raise ConfigError(f"gtsrb_cnn option '{option}' applies to variant 'modern' only")
         activation = activation or "Tanh"
         fc_width = 300 if fc_width is None else int(fc_width)
         dropout = 0.0 if dropout is None else float(dropout)
-        features = ciresan_features(shape[0], activation, dtype)
+        features = ciresan_features(shape[0], activation, dtype) + [Flatten(dtype=dtype)]
     else:
         activation = activation or "ReLU"
         fc_width = 256 if fc_width is None else int(fc_width)
@@ -122,10 +149,14 @@ def gtsrb_cnn(
         if not blocks or any(len(block) == 0 for block in blocks):
             raise ConfigError(f"gtsrb_cnn channels must be a list of non-empty lists of widths, got {channels!r}")
         block_dropout = block_dropout_list(block_dropout, len(blocks))
-        features = modern_features(shape[0], blocks, activation, dtype, block_dropout)
+        layer_blocks = modern_blocks(shape[0], blocks, activation, dtype, block_dropout)
+        if multiscale and len(layer_blocks) > 1:
+            feature_size("gtsrb_cnn (modern)", [layer for block in layer_blocks for layer in block], shape, dtype)
+            features = multiscale_features(layer_blocks, shape, dtype)
+        else:
+            features = [layer for block in layer_blocks for layer in block] + [Flatten(dtype=dtype)]
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"gtsrb_cnn dropout must be in [0, 1), got {dropout}")
-    features.append(Flatten(dtype=dtype))
     flat = feature_size(f"gtsrb_cnn ({variant})", features, shape, dtype)
 
     layers = []
