@@ -45,8 +45,8 @@ from numba import prange
 
 from ..backend.cpu import kernel
 from ..errors import ConfigError, did_you_mean
-from .options import check_options
 from .filters import blur_plane, gaussian_weights
+from .options import check_options
 
 FIT_CHUNK = 1024  # images per chunk while fitting (bounds the memory of the intermediate steps)
 
