@@ -42,6 +42,23 @@ def test_vflip_is_exact(batch):
     assert (flipped | kept).all() and flipped.any() and kept.any()
 
 
+def test_flip_class_map_named_dataset_takes_the_datasets_own(batch):
+    from rabbitkit.data.base import Dataset, Split
+    from rabbitkit.train.feeders import dataset_class_maps
+
+    split = Split(np.zeros((2, 1, 4, 4), np.uint8), np.zeros(2, np.int64))
+    dataset = Dataset("signs", "classification", (1, 4, 4), 3, None, {"train": split},
+                      mirror_classes={"hflip": {0: 0, 1: 2, 2: 1}})
+    augment = {"hflip": True, "flip_class_map": "dataset", "translate": 2}
+    resolved = dataset_class_maps(augment, dataset)
+    assert resolved == {"hflip": True, "flip_class_map": {0: 0, 1: 2, 2: 1}, "translate": 2}
+    assert augment["flip_class_map"] == "dataset"  # the experiment's table is left as written
+    with pytest.raises(ConfigError, match="dataset 'signs' declares no class map for vflip \\(it has: hflip\\)"):
+        dataset_class_maps({"vflip": True, "vflip_class_map": "dataset"}, dataset)
+    with pytest.raises(ConfigError, match="flip_class_map: expected a table of class ids or \"dataset\", got 'gtsrb'"):
+        dataset_class_maps({"flip_class_map": "gtsrb"}, dataset)
+
+
 def test_flip_class_map(batch):
     x, _ = batch
     y = np.arange(64) % 5  # classes 0..4

@@ -111,6 +111,10 @@ def test_official_extracted_folder(official):
     # whole tracks: no track on both sides, and a third of the tracks of each class in validation
     assert not set(train.groups) & set(val.groups)
     assert len(set(val.groups)) == 3
+    # mirrored classes, for flip_class_map = "dataset": "turn right ahead" <-> "turn left ahead"
+    mirror = ds.mirror_classes["hflip"]
+    assert ds.class_names[33] == "Turn right ahead" and mirror[33] == 34 and mirror[34] == 33
+    assert mirror[13] == 13 and 14 not in mirror  # a yield sign is symmetric, a stop sign's text is not
 
 
 def test_official_zips_equal_extracted(official, tmp_path):

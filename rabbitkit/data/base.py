@@ -61,6 +61,10 @@ class Dataset:
         class_names: one name per class (None when unknown).
         splits: ``{"train": Split, "val": Split, "test": Split}``, as available.
         info: free-form provenance shown by :meth:`summary` (source path, layout, options).
+        mirror_classes: ``{"hflip": {class: class}, "vflip": {...}}``, the class each
+            class becomes in a mirror image, where the dataset knows it (what
+            ``[data.augment] flip_class_map = "dataset"`` takes; see
+            :mod:`rabbitkit.data.augment`).
     """
 
     name: str
@@ -70,6 +74,7 @@ class Dataset:
     class_names: list | None
     splits: dict
     info: dict = field(default_factory=dict)
+    mirror_classes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.task not in TASKS:

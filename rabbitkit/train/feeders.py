@@ -57,6 +57,25 @@ class Feeder:
         return float(np.count_nonzero(predicted == yb)), float(yb.size)
 
 
+def dataset_class_maps(augment, dataset):
+    """``augment`` with ``flip_class_map = "dataset"`` (or ``vflip_class_map``) replaced
+    by the dataset's own map of mirrored classes (``Dataset.mirror_classes``)."""
+    from ..errors import ConfigError
+
+    augment = dict(augment)
+    for key, flip in (("flip_class_map", "hflip"), ("vflip_class_map", "vflip")):
+        if isinstance(augment.get(key), str):
+            if augment[key] != "dataset":
+                raise ConfigError(f"data.augment.{key}: expected a table of class ids or \"dataset\", "
+                                  f"got {augment[key]!r}")
+            if flip not in dataset.mirror_classes:
+                known = ", ".join(sorted(dataset.mirror_classes)) or "none"
+                raise ConfigError(f"data.augment.{key} = \"dataset\": dataset '{dataset.name}' declares no "
+                                  f"class map for {flip} (it has: {known})")
+            augment[key] = dataset.mirror_classes[flip]
+    return augment
+
+
 class ArrayFeeder(Feeder):
     def __init__(self, dataset, config):
         from ..data.preprocess import Pipeline
@@ -68,7 +87,7 @@ class ArrayFeeder(Feeder):
         if augment:
             from ..data.augment import Augmenter
 
-            self.augmenter = Augmenter.from_config(augment)
+            self.augmenter = Augmenter.from_config(dataset_class_maps(augment, dataset))
         self.input_shape = tuple(self.pipeline.output_shape(dataset.input_shape))
         if self.task != "classification":
             y = self.splits["train"].y

@@ -52,8 +52,8 @@ CLASS_NAMES = [
 
 #: Classes whose horizontal mirror image is a GTSRB sign: symmetric signs map to
 #: themselves, mirrored pairs to each other (e.g. "turn right ahead" <-> "turn left
-#: ahead").  Use as ``[data.augment] hflip = true, flip_class_map = ...``; the other
-#: classes are never flipped.
+#: ahead").  ``[data.augment] hflip = true, flip_class_map = "dataset"`` takes it
+#: (the loaded dataset's ``mirror_classes``); the other classes are never flipped.
 HFLIP_CLASS_MAP = {
     11: 11, 12: 12, 13: 13, 15: 15, 17: 17, 18: 18, 22: 22, 26: 26, 30: 30, 35: 35,
     19: 20, 20: 19, 33: 34, 34: 33, 36: 37, 37: 36, 38: 39, 39: 38,
@@ -274,7 +274,9 @@ def load_gtsrb(
     if "test_x" not in arrays:
         info["test_missing"] = (f"looked in {root} for Test.csv beside Train.csv (Kaggle layout) and for "
                                 f"GT-final_test.csv with the Final_Test images (official layout)")
-    return image_dataset(NAME, arrays, CLASS_NAMES, val_fraction, split_rng, info, by_group=True)
+    dataset = image_dataset(NAME, arrays, CLASS_NAMES, val_fraction, split_rng, info, by_group=True)
+    dataset.mirror_classes = {"hflip": dict(HFLIP_CLASS_MAP)}
+    return dataset
 
 
 @hookimpl
