@@ -50,7 +50,11 @@ def test_sequential_names_state_and_summary():
     assert model.output_shape((3,)) == (2,)
     assert model.num_parameters() == 16 + 20 + 10
     text = model.summary((3,))
-    assert "Dense(3, 4" in text and "total parameters 46" in text
+    assert "Dense(3, 4" in text and "total parameters 46" in text and "cut short" not in text
+    wide = rabbitkit.Sequential([rabbitkit.Sequential([Dense(4, 4) for _ in range(12)]), Dense(4, 2)])
+    text = wide.summary((4,))
+    assert all(len(line) < 2 * model.SUMMARY_WIDTH for line in text.splitlines()[2:-2])
+    assert "Sequential(Dense(4, 4" in text and " …" in text and "`rabbit layers` lists every layer" in text
     other = rabbitkit.Sequential([Dense(3, 4), Tanh(), rabbitkit.Sequential([Dense(4, 4), ReLU()]), Dense(4, 2)])
     other.load_state_dict(model.state_dict())
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)

@@ -113,17 +113,25 @@ class Sequential(Layer):
             rows.append((name, repr(layer), shape, layer.num_parameters(), flops))
         return rows
 
+    #: Longest layer description a summary row shows: a container's repr spells out
+    #: every layer inside it (an Inception module, multi-scale branches).
+    SUMMARY_WIDTH = 100
+
     def summary(self, input_shape):
         """A text table: layer, output shape, parameters, forward FLOPs per sample."""
         rows = self.summary_rows(input_shape)
         header = ("#", "layer", "output shape", "params", "FLOPs")
-        table = [header] + [(i, r, "x".join(map(str, s)), f"{p:,}", f"{f:,}") for i, r, s, p, f in rows]
+        width = self.SUMMARY_WIDTH
+        cut = [r if len(r) <= width else r[:width - 2] + " …" for _, r, _, _, _ in rows]
+        table = [header] + [(i, c, "x".join(map(str, s)), f"{p:,}", f"{f:,}") for (i, _, s, p, f), c in zip(rows, cut)]
         widths = [max(len(row[c]) for row in table) for c in range(len(header))]
         lines = ["  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)) for row in table]
         lines.insert(1, "-" * len(lines[0]))
         total_p = sum(r[3] for r in rows)
         total_f = sum(r[4] for r in rows)
         lines.append(f"input {'x'.join(map(str, input_shape))}; total parameters {total_p:,}; forward FLOPs per sample {total_f:,}")
+        if any(c != r for c, (_, r, _, _, _) in zip(cut, rows)):
+            lines.append("(rows ending in … are cut short: `rabbit layers` lists every layer inside them)")
         return "\n".join(lines)
 
     def extra_repr(self):
