@@ -16,7 +16,8 @@ SMALL = ["--set", "data.image_size=16", "--set", "model.channels=[[8], [16]]", "
 
 
 def sign_image(cls, rng, size):
-    """A frame with a class-specific glyph: bright disc for 1, octagon-ish block for 14, arrow for 38."""
+    """A frame with a class-specific glyph: bright disc for 1, octagon-ish block for 14, an arrow
+    pointing right for 38 ("keep right": the main job mirrors it into 39, "keep left")."""
     w, h = size
     img = np.full((h, w, 3), rng.integers(40, 90), dtype=np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -27,7 +28,10 @@ def sign_image(cls, rng, size):
     elif cls == 14:
         img[(abs(yy - cy) < r) & (abs(xx - cx) < r)] = (200, 200, 40)
     else:
-        img[(abs(yy - cy) < r / 3) & (abs(xx - cx) < r)] = (30, 60, 220)
+        dx, dy = xx - cx, abs(yy - cy)
+        shaft = (dy < r / 4) & (dx > -r) & (dx <= 0)
+        head = (dx > 0) & (dx < r) & (dy < 0.9 * (r - dx))
+        img[shaft | head] = (30, 60, 220)
     noise = rng.integers(-20, 20, img.shape)
     return Image.fromarray(np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8))
 
@@ -79,7 +83,7 @@ def test_main_job_on_generated_gtsrb(tmp_path, env):
     data = tmp_path / "gtsrb"
     write_official_gtsrb(data)
     done = rabbit(["run", EXPERIMENT, "--out", tmp_path / "runs", "--set", f"data.path=\"{data}\"",
-                   "--set", "train.epochs=8", *SMALL], env, tmp_path)
+                   "--set", "train.epochs=16", *SMALL], env, tmp_path)  # half the arrows come mirrored: 4 classes
     assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     for name in ("config.toml", "metrics.csv", "log.txt", "curves.png", "filters.png", "final_metrics.json",
@@ -87,7 +91,7 @@ def test_main_job_on_generated_gtsrb(tmp_path, env):
         assert (run_dir / name).is_file(), name
     rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
     header, values = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
-    assert len(values) == 8
+    assert len(values) == 16
     for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_seconds"):
         assert column in header
     losses = [float(v["train_loss"]) for v in values]
