@@ -254,6 +254,11 @@ def clahe_planes(x, tiles, clip_limit, levels, y):
     """y[s, c] = CLAHE of the plane x[s, c] (values in [0, 1]) on a tiles x tiles grid."""
     n, c, h, w = x.shape
     rows, cols = _tile_edges(h, tiles), _tile_edges(w, tiles)
+    # Each column's two regions and weight, found once rather than once per pixel.
+    left, right = np.empty(w, np.int64), np.empty(w, np.int64)
+    wxs = np.empty(w, np.float64)
+    for j in range(w):
+        left[j], right[j], wxs[j] = _neighbours(j + 0.5, cols, tiles)
     for plane in prange(n * c):
         s = plane // c
         ch = plane - s * c
@@ -266,7 +271,7 @@ def clahe_planes(x, tiles, clip_limit, levels, y):
         for i in range(h):
             ti0, ti1, wy = _neighbours(i + 0.5, rows, tiles)
             for j in range(w):
-                tj0, tj1, wx = _neighbours(j + 0.5, cols, tiles)
+                tj0, tj1, wx = left[j], right[j], wxs[j]
                 b = _bin_of(x[s, ch, i, j], levels)
                 top = (1.0 - wx) * luts[ti0, tj0, b] + wx * luts[ti0, tj1, b]
                 bottom = (1.0 - wx) * luts[ti1, tj0, b] + wx * luts[ti1, tj1, b]
