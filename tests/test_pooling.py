@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rabbitkit.errors import ConfigError
-from rabbitkit.layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from rabbitkit.layers.pooling import MAX_POOL_FORWARD, AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from rabbitkit.testing import check_cuda_parity, check_gradients
 
 # (input shape, kernel, stride, padding): square and rectangular windows, overlapping
@@ -121,6 +121,23 @@ def test_general_kernel_breaks_ties_by_scan_order():
     dx = layer.backward(np.ones((1, 1, 2, 2), np.float32))
     # windows: (0,0) -> (0,1) first; (0,1) -> (0,1); (1,0) -> (1,0); (1,1) -> its first entry (1,1)
     np.testing.assert_array_equal(dx[0, 0], [[0, 2, 0], [1, 1, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (2, 1, 0), (5, 2, 2), (3, 2, 0)])
+def test_max_pool_stride_kernels_agree_with_the_run_time_stride_kernel(kernel, stride, padding, rng):
+    """The kernels compiled for column strides 1 and 2 give the generic kernel's maxima
+    and arg-max indices bit for bit, ties (rounded values) and NaN included."""
+    x = np.round(rng.standard_normal((5, 13, 12)) * 2).astype(np.float32)
+    x[0, 3, 4] = x[2, 0, 0] = np.nan
+    ho, wo = ((n + 2 * padding - kernel) // stride + 1 for n in x.shape[1:])
+    outputs = []
+    for variant in (MAX_POOL_FORWARD[0], MAX_POOL_FORWARD[stride]):
+        y, argmax = np.empty((5, ho, wo), np.float32), np.empty((5, ho, wo), np.int32)
+        variant(x, y, argmax, kernel, kernel, stride, stride, padding, padding)
+        outputs.append((y, argmax))
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+    assert np.isnan(outputs[1][0]).any()
 
 
 def test_stride_defaults_to_kernel_size():

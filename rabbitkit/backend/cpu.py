@@ -68,6 +68,17 @@ def _renamed_copy(fn, suffix):
     return copy
 
 
+def kernel_per_constant(make, constants, **options):
+    """``{c: kernel(make(c))}``: one compiled kernel per compile-time constant ``c``.
+
+    ``make(c)`` returns a plain function that reads ``c`` from its closure, so
+    LLVM sees it as a literal (a stride of 1 or 2 makes a loop's loads affine,
+    and it vectorises; read at run time it becomes a gather).  Each copy gets its
+    own name and cache entries (Numba keys closures by their values too).
+    """
+    return {c: kernel(_renamed_copy(make(c), "_" + str(c).replace(".", "_")), **options) for c in constants}
+
+
 def kernel_pair(fn, fastmath=True):
     """(serial, parallel) compiled variants of one kernel, cached separately."""
     return (kernel(_renamed_copy(fn, "_serial"), parallel=False, fastmath=fastmath),

@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ..backend.cpu import kernel
+from ..backend.cpu import kernel, kernel_per_constant
 from ..backend.cuda import cuda_device, cuda_kernel, device_pair
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
@@ -81,38 +81,57 @@ covering_outputs_cuda = cuda_device(_covering_outputs)  # the CPU backward scatt
 # -- CPU kernels ----------------------------------------------------------------
 
 
-@kernel
-def max_pool_forward(x, y, argmax, kh, kw, sh, sw, ph, pw):
-    """y = window maxima of x (planes, H, W); argmax = flat H*W index of the first maximum.
+def _max_pool_forward(column_stride):
+    """The max-pool forward kernel for one column stride (0: any, read at run time).
 
+    y = window maxima of x (planes, H, W); argmax = flat H*W index of the first maximum.
     Padding acts as -inf: positions outside the plane are never candidates.
     Windows are scanned row-major; for each window offset (i, j) one pass runs
-    along the output row, so the inner loop is long and branch-free.
+    along the output row, so the inner loop is long and branch-free.  Each pass
+    reads a view that starts at its first entry, so its indices k * stride are
+    provably >= 0, and with the stride a compile-time constant the loads are
+    affine and the pass vectorises (2-3.5x faster at GoogLeNet's 3x3 windows, on
+    AMD EPYC, where a loop with a run-time stride is compiled to gathers).
     """
-    planes, h, w = x.shape
-    ho, wo = y.shape[1], y.shape[2]
-    for plane in prange(planes):
-        for oh in range(ho):
-            best = y[plane, oh]
-            where = argmax[plane, oh]
-            for ow in range(wo):
-                where[ow] = -1  # no candidate yet: the first one always wins
-                best[ow] = 0.0
-            h0 = oh * sh - ph
-            for i in range(max(0, h0), min(h, h0 + kh)):
-                row = x[plane, i]
-                for j in range(kw):
-                    lo, hi = valid_output_range(wo, w, sw, pw, j)
-                    start = lo * sw - pw + j
-                    best_run = best[lo:hi]
-                    where_run = where[lo:hi]
-                    for k in range(hi - lo):
-                        value = row[start + k * sw]
-                        current = best_run[k]
-                        previous = where_run[k]
-                        take = (previous < 0) | later_wins(value, current)
-                        best_run[k] = value if take else current
-                        where_run[k] = i * w + start + k * sw if take else previous
+    def max_pool_forward(x, y, argmax, kh, kw, sh, sw, ph, pw):
+        planes, h, w = x.shape
+        ho, wo = y.shape[1], y.shape[2]
+        stride = column_stride if column_stride else sw
+        for plane in prange(planes):
+            for oh in range(ho):
+                best = y[plane, oh]
+                where = argmax[plane, oh]
+                for ow in range(wo):
+                    where[ow] = -1  # no candidate yet: the first one always wins
+                    best[ow] = 0.0
+                h0 = oh * sh - ph
+                for i in range(max(0, h0), min(h, h0 + kh)):
+                    for j in range(kw):
+                        lo, hi = valid_output_range(wo, w, stride, pw, j)
+                        start = lo * stride - pw + j
+                        row = x[plane, i, start:]
+                        best_run = best[lo:hi]
+                        where_run = where[lo:hi]
+                        first = i * w + start
+                        for k in range(hi - lo):
+                            value = row[k * stride]
+                            current = best_run[k]
+                            previous = where_run[k]
+                            take = (previous < 0) | later_wins(value, current)
+                            best_run[k] = value if take else current
+                            where_run[k] = first + k * stride if take else previous
+
+    return max_pool_forward
+
+
+# column strides 1 and 2 (nearly every net's) compiled as constants; 0 for the rest
+MAX_POOL_FORWARD = kernel_per_constant(_max_pool_forward, (0, 1, 2))
+
+
+def max_pool_forward(x, y, argmax, kh, kw, sh, sw, ph, pw):
+    """Window maxima and first arg-max indices of x (planes, H, W) into y and argmax
+    (see :func:`_max_pool_forward`), with the kernel compiled for the column stride."""
+    MAX_POOL_FORWARD.get(sw, MAX_POOL_FORWARD[0])(x, y, argmax, kh, kw, sh, sw, ph, pw)
 
 
 @kernel
