@@ -7,7 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rabbitkit.errors import ConfigError
-from rabbitkit.layers.pooling import MAX_POOL_FORWARD, AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from rabbitkit.layers.pooling import (
+    MAX_POOL_FORWARD,
+    AvgPool2D,
+    GlobalAvgPool2D,
+    MaxPool2D,
+)
 from rabbitkit.testing import check_cuda_parity, check_gradients
 
 # (input shape, kernel, stride, padding): square and rectangular windows, overlapping
@@ -398,8 +403,8 @@ def test_swap_max_to_avg_on_a_pool_and_an_attribute_container():
 
 
 def test_swap_max_to_avg_keeps_the_device():
-    from rabbitkit.layers.pooling import swap_max_to_avg
     import rabbitkit
+    from rabbitkit.layers.pooling import swap_max_to_avg
 
     model = rabbitkit.Sequential([MaxPool2D(2), GlobalAvgPool2D()]).to("cuda")
     swap_max_to_avg(model)
