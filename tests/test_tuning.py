@@ -128,9 +128,9 @@ def test_conv2d_asks_the_tuner_and_runs_the_choice(tuner, monkeypatch):
     asked = []
     real = tuning.choose
 
-    def spy(op, shape, candidates, default):
+    def spy(op, shape, candidates, default, **options):
         asked.append((op, sorted(candidates)))
-        return real(op, shape, candidates, default)
+        return real(op, shape, candidates, default, **options)
 
     monkeypatch.setattr(tuning, "choose", spy)
     numba.set_num_threads(2)
@@ -153,8 +153,8 @@ def test_whole_batch_lowering_is_not_offered_above_its_column_budget(tuner, monk
 
     asked = []
     real = tuning.choose
-    monkeypatch.setattr(tuning, "choose", lambda op, shape, candidates, default: asked.append(
-        (sorted(candidates), default)) or real(op, shape, candidates, default))
+    monkeypatch.setattr(tuning, "choose", lambda op, shape, candidates, default, **options: asked.append(
+        (sorted(candidates), default)) or real(op, shape, candidates, default, **options))
     layer = Conv2D(2, 3, 3, padding=1)
     x = np.random.default_rng(0).standard_normal((1, 2, 9, 7)).astype(np.float32)
     layer.whole_batch_column_budget = 2 * 9 * 9 * 9 - 1  # one element short of this image's (K, Ho*Wp)
@@ -444,3 +444,31 @@ def test_a_close_call_is_not_measured_twice_by_one_process(tuner, monkeypatch):
     assert len(ran) == 2 * (1 + tuning.TIMED_CALLS)
     assert tuning.choose("demo", 3, candidates, default="b") == "a"
     assert len(ran) == 2 * (1 + tuning.TIMED_CALLS)  # a close call, but this process measured it already
+
+
+def test_release_runs_once_after_a_measurement_only(tuner):
+    released = []
+    candidates = {"a": lambda: None, "b": lambda: None}
+    tuning.choose("demo.release", (1,), candidates, default="a", release=lambda: released.append(1))
+    assert released == [1]
+    tuning.choose("demo.release", (1,), candidates, default="a", release=lambda: released.append(1))
+    assert released == [1]  # a known choice measures nothing and frees nothing
+
+
+def test_a_measured_conv2d_keeps_only_its_choices_scratch(tuner):
+    """The variants that lost leave no scratch behind: after the measured forward pass
+    the workspace holds what the chosen variant alone allocates."""
+    from rabbitkit.layers import _conv_lowering
+    from rabbitkit.layers.conv2d import Conv2D
+
+    layer = Conv2D(4, 5, 3, padding=1)
+    x = np.random.default_rng(0).standard_normal((1, 4, 20, 17)).astype(np.float32)
+    _conv_lowering.release_scratch()
+    layer.forward(x)
+    ((_, choice, seconds),) = tuning.measured()
+    assert len(seconds) > 1
+    measured_bytes = _conv_lowering.scratch_bytes()
+    _conv_lowering.release_scratch()
+    layer.algorithm = choice
+    layer.forward(x)
+    assert measured_bytes == _conv_lowering.scratch_bytes() > 0

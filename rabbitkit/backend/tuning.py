@@ -120,14 +120,16 @@ def _store(op_key, record):
         pass  # a read-only cache folder: the choice still holds for this process
 
 
-def choose(op, shape, candidates, default, setup=None):
+def choose(op, shape, candidates, default, setup=None, release=None):
     """The name of the fastest of ``candidates`` ({name: zero-argument callable}) for
     ``op`` at ``shape`` (anything with a stable ``str``), measured once per machine.
 
     Candidates must be free of side effects beyond their output buffers: each runs
     1 + TIMED_CALLS times when measured.  ``setup``, if given, runs untimed before
-    every call (e.g. to restore inputs a candidate overwrites in place).  With tuning
-    off, returns ``default``.
+    every call (e.g. to restore inputs a candidate overwrites in place).  ``release``,
+    if given, runs once after a measurement, to free what the losing candidates
+    allocated (their scratch would otherwise stay for the rest of the run).  With
+    tuning off, returns ``default``.
     """
     if not enabled() or len(candidates) < 2:
         return default
@@ -166,6 +168,8 @@ def choose(op, shape, candidates, default, setup=None):
         _machine_choices()[op_key] = record
         _measured.append((op_key, choice, seconds))
         _store(op_key, record)
+        if release is not None:
+            release()
         return choice
 
 

@@ -52,6 +52,7 @@ from ._conv_lowering import (  # noqa: F401
     lower_batch,
     pad_batch,
     raise_batch,
+    release_scratch,
     scratch,
     store_batch,
     unpad_batch,
@@ -329,7 +330,7 @@ class Conv2D(Layer):
         shape = (tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding, x.dtype.name,
                  self.fused_relu, self.needs_input_grad, self.weight_grads_wanted)
         return tuning.choose(f"conv2d.{direction}", shape, {name: (lambda name=name: run(name)) for name in names},
-                             default=default)
+                             default=default, release=release_scratch)
 
     def _band_plan(self, x, geometry, rows):
         """(rows per band, padded height, padded width) of the banded variant."""
