@@ -312,28 +312,32 @@ def transform_output_grad(dy, y, relu, dm, rows, dbias, i0, i1, o0, o1, offset):
     """dm[:, o, offset + k] = A dY A^T for the 2x2 output-gradient blocks k of tile rows
     [i0, i1) and channels [o0, o1) of one sample dy (O, Ho, Wo), zero past Ho or Wo and,
     with a fused ``relu``, where the output y is 0; dbias += the sums of those
-    gradients.  rows: scratch (4, tw) for the block rows split into even and odd columns."""
+    gradients.  rows: scratch (4, (i1 - i0) * tw): every block row of the tile rows,
+    split into even and odd columns, so the A passes (elementwise over blocks) run
+    once over all of them rather than once per tile row."""
     ho = dy.shape[1]
-    tw = rows.shape[1]
+    tw = (dy.shape[2] + 1) // 2
+    span = (i1 - i0) * tw
     one, zero = dy.dtype.type(1), dy.dtype.type(0)  # of the array's type, as in transform_tiles
+    top_even, top_odd, bottom_even, bottom_odd = rows[0, :span], rows[1, :span], rows[2, :span], rows[3, :span]
+    a, e = offset, offset + span
     for o in range(o0, o1):
         total = 0.0
         for i in range(i0, i1):
-            a = offset + (i - i0) * tw
-            e = a + tw
+            t = (i - i0) * tw
             under = min(2 * i + 1, ho - 1)
             low = one if 2 * i + 1 < ho else zero  # an odd Ho's last tile row has one output row
-            total += split_grad(dy[o, 2 * i], y[o, 2 * i], relu, one, rows[0], rows[1])
-            total += split_grad(dy[o, under], y[o, under], relu, low, rows[2], rows[3])
-            # A g: rows g0, g0 + g1, g0 - g1, -g1 of the block.
-            grad_columns(rows[0], rows[1], rows[2], rows[3], one, zero,
-                         dm[0, o, a:e], dm[1, o, a:e], dm[2, o, a:e], dm[3, o, a:e])
-            grad_columns(rows[0], rows[1], rows[2], rows[3], one, one,
-                         dm[4, o, a:e], dm[5, o, a:e], dm[6, o, a:e], dm[7, o, a:e])
-            grad_columns(rows[0], rows[1], rows[2], rows[3], one, -one,
-                         dm[8, o, a:e], dm[9, o, a:e], dm[10, o, a:e], dm[11, o, a:e])
-            grad_columns(rows[0], rows[1], rows[2], rows[3], zero, -one,
-                         dm[12, o, a:e], dm[13, o, a:e], dm[14, o, a:e], dm[15, o, a:e])
+            total += split_grad(dy[o, 2 * i], y[o, 2 * i], relu, one, top_even[t:t + tw], top_odd[t:t + tw])
+            total += split_grad(dy[o, under], y[o, under], relu, low, bottom_even[t:t + tw], bottom_odd[t:t + tw])
+        # A g: rows g0, g0 + g1, g0 - g1, -g1 of each block.
+        grad_columns(top_even, top_odd, bottom_even, bottom_odd, one, zero,
+                     dm[0, o, a:e], dm[1, o, a:e], dm[2, o, a:e], dm[3, o, a:e])
+        grad_columns(top_even, top_odd, bottom_even, bottom_odd, one, one,
+                     dm[4, o, a:e], dm[5, o, a:e], dm[6, o, a:e], dm[7, o, a:e])
+        grad_columns(top_even, top_odd, bottom_even, bottom_odd, one, -one,
+                     dm[8, o, a:e], dm[9, o, a:e], dm[10, o, a:e], dm[11, o, a:e])
+        grad_columns(top_even, top_odd, bottom_even, bottom_odd, zero, -one,
+                     dm[12, o, a:e], dm[13, o, a:e], dm[14, o, a:e], dm[15, o, a:e])
         dbias[o] += total
 
 
@@ -368,19 +372,23 @@ def scatter_row(t0, t1, t2, t3, row):
 def scatter_tiles(dv, dxpad, i0, i1, c0, c1, offset):
     """Channels [c0, c1) of one padded sample dxpad (C, hq, wq) += B dV B^T of the tiles
     dv[:, c, offset + k] of tile rows [i0, i1), overwriting dv: the adjoint of
-    transform_tiles, tile row after tile row in a fixed order."""
+    transform_tiles, tile row after tile row in a fixed order.  Both B passes are
+    elementwise over tiles, so each runs once over all the tile rows' tiles (one call
+    per stream, not one per tile row: at 28x28 a tile row has 14 tiles, too few to
+    pay for a call)."""
     tw = dxpad.shape[2] // 2 - 1
+    a, e = offset, offset + (i1 - i0) * tw
     for c in range(c0, c1):
         plane = dxpad[c]
-        for i in range(i0, i1):
-            a = offset + (i - i0) * tw
-            e = a + tw
-            for s in range(4):  # B dV, column by column
-                b_transform(dv[s, c, a:e], dv[4 + s, c, a:e], dv[8 + s, c, a:e], dv[12 + s, c, a:e])
-            for r in range(4):  # ... then B^T, row by row, into padded row 2i + r
-                b_transform(dv[4 * r, c, a:e], dv[4 * r + 1, c, a:e], dv[4 * r + 2, c, a:e], dv[4 * r + 3, c, a:e])
-                scatter_row(dv[4 * r, c, a:e], dv[4 * r + 1, c, a:e], dv[4 * r + 2, c, a:e], dv[4 * r + 3, c, a:e],
-                            plane[2 * i + r])
+        for s in range(4):  # B dV, column by column
+            b_transform(dv[s, c, a:e], dv[4 + s, c, a:e], dv[8 + s, c, a:e], dv[12 + s, c, a:e])
+        for r in range(4):  # ... then B^T, row by row
+            b_transform(dv[4 * r, c, a:e], dv[4 * r + 1, c, a:e], dv[4 * r + 2, c, a:e], dv[4 * r + 3, c, a:e])
+        for i in range(i0, i1):  # into padded rows 2i .. 2i + 3
+            t = offset + (i - i0) * tw
+            for r in range(4):
+                scatter_row(dv[4 * r, c, t:t + tw], dv[4 * r + 1, c, t:t + tw], dv[4 * r + 2, c, t:t + tw],
+                            dv[4 * r + 3, c, t:t + tw], plane[2 * i + r])
 
 
 # -- the band kernels ------------------------------------------------------------------
@@ -420,7 +428,7 @@ def winograd_backward(xpad, dy, y, relu, u_t, dxpad, work, grad_rows, du_parts, 
     parts of dU (16, O, C) and dbias (if ``weight_grad``), and B dV B^T added into the
     padded input gradient dxpad (if ``input_grad``).  u_t: U transposed per tile
     element (16, C, O); work: flat scratch per thread of 16 * (C + O) * band * tw;
-    grad_rows: scratch (threads, 4, tw)."""
+    grad_rows: scratch (threads, 4, band * tw)."""
     n, outputs, ho, wo = dy.shape
     channels = u_t.shape[1]
     th, tw = (ho + 1) // 2, (wo + 1) // 2
@@ -482,7 +490,7 @@ def winograd_forward_batch(xpad, u, bias, relu, y, v, m):
 def winograd_backward_batch(xpad, dy, y, relu, u_t, dxpad, v, dm, grad_rows, du, dbias_parts, input_grad,
                             weight_grad):
     """dU (16, O, C) and dbias parts (if ``weight_grad``), and dxpad += B dV B^T (if
-    ``input_grad``); v (16, C, N*T), dm (16, O, N*T), grad_rows (threads, 4, tw): scratch."""
+    ``input_grad``); v (16, C, N*T), dm (16, O, N*T), grad_rows (threads, 4, th * tw): scratch."""
     n, outputs, ho, wo = dy.shape
     channels = u_t.shape[1]
     th = (ho + 1) // 2

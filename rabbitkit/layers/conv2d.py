@@ -386,7 +386,8 @@ class Conv2D(Layer):
         dxpad.fill(0)
         u_t = scratch("conv_winograd_u", (16, channels, outputs), self.dtype)
         winograd.transform_weights(self.params["weight"], u_t, True)
-        grad_rows = scratch("conv_winograd_grad_rows", (slots, 4, (dy.shape[3] + 1) // 2), self.dtype)
+        tile_rows = (dy.shape[2] + 1) // 2 if whole else band  # the tile rows one task splits at once
+        grad_rows = scratch("conv_winograd_grad_rows", (slots, 4, tile_rows * ((dy.shape[3] + 1) // 2)), self.dtype)
         du_shape = (16, outputs, channels) if weight_grad else (16, 1, 1)
         with SINGLE_THREADED_BLAS:
             if whole:
