@@ -64,7 +64,16 @@ def _scale_power(scale, inverse, beta, exponent):
     return scale ** -beta
 
 
+def _task_block(task, blocks, positions):
+    """(sample, first position, length) of CPU task ``task``: sample by sample, each
+    cut into ``blocks`` blocks of BLOCK positions."""
+    n = task // blocks
+    start = (task - n * blocks) * BLOCK
+    return n, start, min(positions, start + BLOCK) - start
+
+
 channel_window_cpu, channel_window_cuda = device_pair(_channel_window)
+task_block, _ = device_pair(_task_block)
 scale_power_cpu, scale_power_cuda = device_pair(_scale_power)
 
 
@@ -80,9 +89,7 @@ def _lrn_forward(exponent):
         blocks = (positions + BLOCK - 1) // BLOCK
         one = k / k  # 1 in the input's dtype (a literal 1.0 would make float32 math float64)
         for task in prange(n_batch * blocks):
-            n = task // blocks
-            start = (task - n * blocks) * BLOCK
-            length = min(positions, start + BLOCK) - start
+            n, start, length = task_block(task, blocks, positions)
             for c in range(channels):
                 lo, hi = channel_window_cpu(c, before, after, channels)
                 s = power[n, c, start : start + length]
@@ -123,9 +130,7 @@ def lrn_backward_cpu(x, power, power_per_scale, dy, dx, before, after, coeff, be
     blocks = (positions + BLOCK - 1) // BLOCK
     factor = 2.0 * coeff * beta
     for task in prange(n_batch * blocks):
-        n = task // blocks
-        start = (task - n * blocks) * BLOCK
-        length = min(positions, start + BLOCK) - start
+        n, start, length = task_block(task, blocks, positions)
         for c in range(channels):
             # the outputs c' whose window holds c: c - after .. c + before
             lo, hi = channel_window_cpu(c, after, before, channels)
