@@ -472,3 +472,20 @@ def test_a_measured_conv2d_keeps_only_its_choices_scratch(tuner):
     layer.algorithm = choice
     layer.forward(x)
     assert measured_bytes == _conv_lowering.scratch_bytes() > 0
+
+
+def test_choices_of_older_kernels_are_measured_again(tuner, monkeypatch):
+    """The machine key names the kernels' generation: after a kernel change raises it,
+    the stored choices (measured among the old kernels) no longer apply."""
+    ran = []
+    candidates = {"a": lambda: ran.append("a") or time.sleep(0.002), "b": lambda: ran.append("b")}  # no close call
+    tuning.choose("demo.kernels", 1, candidates, default="a")
+    measured_once = len(ran)
+    tuning.forget()
+    tuning.choose("demo.kernels", 1, candidates, default="a")
+    assert len(ran) == measured_once  # stored, same kernels
+    monkeypatch.setattr(tuning, "KERNELS", tuning.KERNELS + 1)
+    tuning.forget()
+    tuning.choose("demo.kernels", 1, candidates, default="a")
+    assert len(ran) == 2 * measured_once
+    assert len(json.loads(tuner.read_text())) == 2  # one machine key per generation

@@ -79,10 +79,18 @@ def blas_description():
     return "unknown"
 
 
+# The generation of the tuned kernels: raised whenever a change makes a variant
+# faster or slower, so choices measured among the older kernels are measured again
+# instead of holding for good (2: max-pool, LRN, whole-batch gradient load and
+# Winograd backward of 2026-12-01 night; the stored choices had timed a whole-batch
+# backward 15x slower than it now is).
+KERNELS = 2
+
+
 def machine_key():
     import numba
 
-    return f"{cpu_model()} | {blas_description()} | {numba.get_num_threads()} threads"
+    return f"{cpu_model()} | {blas_description()} | kernels {KERNELS} | {numba.get_num_threads()} threads"
 
 
 def cache_path():
