@@ -239,6 +239,35 @@ def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
         conv.backward(dy)
 
 
+@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded", "winograd", "winograd-batch"])
+def test_frozen_fused_relu_keeps_a_byte_mask_and_the_same_gradient(algorithm, rng):
+    """Frozen and unobserved, a Conv2D with a fused ReLU keeps one byte per output
+    (where it is positive) instead of its output; the input gradient is that of the
+    conv and the ReLU as separate layers, bit for bit.  Observed or trained, it keeps y."""
+    from rabbitkit.layers import freeze
+    from rabbitkit.layers.activations import ReLU
+    from rabbitkit.layers.sequential import Sequential
+
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    fused, separate = (Sequential([Conv2D(3, 4, 3, padding=1), ReLU()], fuse_relu=f) for f in (True, False))
+    separate.load_state_dict(fused.state_dict())
+    for model in (fused, separate):
+        model[0].algorithm = algorithm
+        freeze(model, "*")
+    y = fused.forward(x)
+    np.testing.assert_array_equal(y, separate.forward(x))
+    assert fused[0].fused_relu and fused[0]._y.dtype == np.uint8 and fused[0]._y.shape == y.shape
+    np.testing.assert_array_equal(fused.backward(dy), separate.backward(dy))
+    fused[0].output_observed = True  # someone reads the conv's own output: it stays as it is
+    fused.forward(x)
+    assert fused[0]._y is None or fused[0]._y.dtype == np.float32
+    fused[0].output_observed = False
+    freeze(fused, "*", frozen=False)
+    fused.forward(x)
+    assert fused[0]._y.dtype == np.float32
+
+
 # Winograd F(2x2, 3x3): (batch, in, height, width, out, padding) with odd and even
 # output sizes (a last tile half outside), one-pixel images and padding 0 to 2.
 WINOGRAD_CASES = [
