@@ -239,7 +239,7 @@ def load_channel_grad(dy, y, relu, rows, o, first, pitch):
     indexed directly: a column slice of it is typed with unknown strides, and the
     masked loop through one was ~15x slower (a gather instead of vector loads)."""
     ho, wo = dy.shape
-    zero = np.zeros(1, dtype=dy.dtype)[0]  # a float64 literal would turn the select into a branch
+    zero = dy.dtype.type(0)  # of the array's type, as in the Winograd kernels (a float64 literal widens the select)
     total = 0.0
     for oh in range(ho):
         src = dy[oh]
