@@ -261,7 +261,7 @@ def test_frozen_fused_relu_keeps_a_byte_mask_and_the_same_gradient(algorithm, rn
     np.testing.assert_array_equal(fused.backward(dy), separate.backward(dy))
     fused[0].output_observed = True  # someone reads the conv's own output: it stays as it is
     fused.forward(x)
-    assert fused[0]._y is None or fused[0]._y.dtype == np.float32
+    assert fused[0]._y.dtype == np.float32
     fused[0].output_observed = False
     freeze(fused, "*", frozen=False)
     fused.forward(x)

@@ -87,7 +87,7 @@ def _lrn_forward(exponent):
         there); y = x * power.  Arrays are (N, C, P)."""
         n_batch, channels, positions = x.shape
         blocks = (positions + BLOCK - 1) // BLOCK
-        one = k / k  # 1 in the input's dtype (a literal 1.0 would make float32 math float64)
+        one = x.dtype.type(1)  # of the array's type, as in the Winograd kernels: a literal 1.0 widens float32 math
         for task in prange(n_batch * blocks):
             n, start, length = task_block(task, blocks, positions)
             for c in range(channels):
