@@ -123,6 +123,9 @@ def rabbit_trainer(seed=0):
 
     rabbitkit.manual_seed(seed)
     model = rabbit_net()
+    # As the trainer does (Trainer.__init__): nothing uses the gradient w.r.t. the data,
+    # and PyTorch's autograd does not compute it either (the input needs no grad).
+    model.skip_input_grad()
     try:
         from rabbitkit.losses import SoftmaxCrossEntropy
         from rabbitkit.optim import SGD

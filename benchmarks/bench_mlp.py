@@ -70,6 +70,9 @@ def rabbitkit_step_fn(case, x, t):
         if index < len(sizes) - 2:
             layers.append(activation())
     model = rabbitkit.Sequential(layers)
+    # As the trainer does (Trainer.__init__): nothing uses the gradient w.r.t. the data,
+    # and PyTorch's autograd does not compute it either (the input needs no grad).
+    model.skip_input_grad()
     loss = SquaredError() if case["loss"] == "squared_error" else SoftmaxCrossEntropy()
     opt = SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
 

@@ -118,7 +118,7 @@ def resume(ctx, run_dir, epochs):
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]),
               help="Checkpoint to evaluate (default: the one the run tests with, train.test_checkpoint).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Evaluate on this device (default: the run's).")
-@click.option("--tta", metavar="PRESET", help="Test-time augmentation: none, shifts or standard (averaged softmax).")
+@click.option("--tta", metavar="PRESET", help="Test-time augmentation: none, shifts, standard or dense (averaged softmax).")
 @click.option("--committee", is_flag=True, help="Average the runs' probabilities (a multi-column committee).")
 @click.option("--worst", default=20, show_default=True, type=click.IntRange(min=0),
               help="Draw this many worst-classified images (worst_<split>.png; 0: none).")

@@ -16,7 +16,7 @@ def test_presets_and_bad_view_lists():
     assert parse_views("none") == [View()]
     assert len(parse_views("standard")) == 9 and parse_views("standard")[0].identity
     assert parse_views([{}, {"shift": [1, -1]}, {"scale": 1.1, "rotate": 5}])[1] == View((1.0, -1.0))
-    with pytest.raises(ConfigError, match="unknown preset 'strong'; known: none, shifts, standard"):
+    with pytest.raises(ConfigError, match="unknown preset 'strong'; known: none, shifts, standard, dense"):
         parse_views("strong")
     with pytest.raises(ConfigError, match=r"eval.tta\[0\].shift: expected \[dx, dy\]"):
         parse_views([{"shift": 2}])
@@ -24,6 +24,22 @@ def test_presets_and_bad_view_lists():
         parse_views([{"scale": 0}])
     with pytest.raises(ConfigError, match="expected a table with shift, scale, rotate"):
         parse_views([{"shear": 3}])
+
+
+def test_dense_views_are_distinct_and_inside_the_main_jobs_training_augmentation():
+    import tomllib
+
+    with open(EXPERIMENT, "rb") as handle:
+        augment = tomllib.load(handle)["data"]["augment"]
+    dense = parse_views("dense")
+    assert len(dense) == len(set(dense)) == 29 and dense[0].identity
+    assert set(parse_views("standard")) <= set(dense)
+    for view in dense:
+        assert max(abs(view.shift[0]), abs(view.shift[1])) <= augment["translate"]
+        assert abs(view.scale - 1.0) <= augment["scale"] + 1e-12
+        assert abs(view.rotate) <= augment["rotate"]
+        # one ingredient at a time: a view shifts, or scales, or rotates
+        assert sum((view.shift != (0.0, 0.0), view.scale != 1.0, view.rotate != 0.0)) <= 1
 
 
 def test_views_move_the_image_as_named():
@@ -150,17 +166,23 @@ def test_rabbit_committee_trains_members_and_reports(tmp_path):
     data = tmp_path / "gtsrb"
     write_official_gtsrb(data, tracks=3, per_track=4, tests_per_class=3)
     small = "".join(f", \"{t.split('=', 1)[0]}\" = {t.split('=', 1)[1]}" for t in SMALL[1::2])
-    body = (f"[committee]\nexperiment = \"{EXPERIMENT}\"\n"
-            f"[[committee.members]]\nname = \"gray\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2{small} }}\n"
+    body = (f"[committee]\nexperiment = \"{EXPERIMENT}\"\ntta = \"shifts\"\n"
+            f"[[committee.members]]\nname = \"gray\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2, "
+            f"\"eval.tta\" = \"standard\"{small} }}\n"
             f"[[committee.members]]\nname = \"colour\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2, "
             f"\"data.grayscale\" = false, \"data.preprocess\" = [\"equalize\", \"standardize\"]{small} }}\n")
     path = _committee_file(tmp_path, body)
     env = dict(os.environ, RABBIT_OFFLINE="1")
     done = rabbit(["committee", path, "--out", tmp_path / "runs"], env, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("member ") == 2 and "committee of 2: test accuracy" in done.stdout
-    names = sorted(p.name.split("-2")[0] for p in (tmp_path / "runs").iterdir())
-    assert names == ["committee-colour", "committee-gray"]
+    assert done.stdout.count("member ") == 2
+    assert "committee of 2, test-time augmentation 5 views: test accuracy" in done.stdout
+    runs = {p.name.split("-2")[0]: p for p in (tmp_path / "runs").iterdir()}
+    assert sorted(runs) == ["committee-colour", "committee-gray"]
+    # The committee's own views replace a member's end-of-run TTA, unless the member sets eval.tta.
+    finals = {name: json.loads((run / "final_metrics.json").read_text()) for name, run in runs.items()}
+    assert "test_tta_accuracy" not in finals["committee-colour"] and "test_accuracy" in finals["committee-colour"]
+    assert "test_tta_accuracy" in finals["committee-gray"]
 
 
 def test_a_run_can_test_its_last_checkpoint(two_runs, tmp_path):

@@ -6,7 +6,8 @@ members may differ in preprocessing, input size, architecture or seed::
 
     [committee]
     experiment = "gtsrb.toml"          # relative to this file
-    tta = "none"                       # test-time augmentation of every member
+    tta = "none"                       # test-time augmentation of every member (the
+                                       # members' own eval.tta is "none" unless they set it)
 
     [[committee.members]]
     name = "gray-lcn"
@@ -76,7 +77,11 @@ def train_committee(path, *, client=None, out=None):
 
     spec = load_committee(path)
     parse_views(spec.tta, where=f"{path}: committee.tta")
-    points = [dict(overrides, **{"experiment.name": f"committee-{name}"}) for name, overrides in spec.members]
+    # The committee measures every member under its own committee.tta below, so a
+    # member's end-of-run test-time augmentation would be paid twice (on the full
+    # GTSRB the dense views cost minutes per member); a member that sets eval.tta keeps it.
+    points = [dict({"eval.tta": "none"}, **overrides, **{"experiment.name": f"committee-{name}"})
+              for name, overrides in spec.members]
     run_options = {"out": out} if out else {}
     results = run_points(spec.experiment, points, client=client, desc="committee", **run_options)
     run_dirs = [result.run_dir for _, result in results]
