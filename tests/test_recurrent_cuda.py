@@ -4,6 +4,7 @@ training runs.  Shapes are tiny and odd: every simulated GEMM launch costs ~0.2 
 import numpy as np
 import pytest
 
+import rabbitkit
 from rabbitkit.backend import device_of, get_backend, to_host
 from rabbitkit.layers.base import Param
 from rabbitkit.layers.dense import Dense
@@ -231,6 +232,12 @@ def char_batches(rng, vocab, batch=3, steps=2, count=2):
 
 
 def check_runs_match(make, batches, vocab, clip=0.5):
+    # The initialisation must not depend on the layers earlier tests created (the root
+    # seed sequence is global): Adam turns a gradient component near its eps into an
+    # update of about lr either way, so one initialisation in some test orders put a
+    # weight 1e-4 apart after two steps (rounding, not a kernel disagreement), while
+    # over 16 seeded ones the worst difference was 0.1-2.5 % of the tolerance.
+    rabbitkit.manual_seed(0)
     cpu_model = make()
     cuda_model = make()
     cuda_model.load_state_dict(cpu_model.state_dict())
