@@ -124,7 +124,7 @@ SCHEMA = {
                                "weight decay acts on weights only."),
     },
     "eval": {
-        "tta": Key((str, list), "none", help="Test-time augmentation at the end of a run: \"none\", \"shifts\", \"standard\" or a list of {shift=[dx, dy], scale, rotate} views (averaged softmax)."),
+        "tta": Key((str, list), "none", help="Test-time augmentation at the end of a run: \"none\", \"shifts\", \"standard\", \"dense\" or a list of {shift=[dx, dy], scale, rotate} views (averaged softmax)."),
     },
     "output": {
         "dir": Key(str, "runs", help="Folder that receives run directories (relative to the working directory)."),
