@@ -168,7 +168,7 @@ def test_rabbit_committee_trains_members_and_reports(tmp_path):
     small = "".join(f", \"{t.split('=', 1)[0]}\" = {t.split('=', 1)[1]}" for t in SMALL[1::2])
     body = (f"[committee]\nexperiment = \"{EXPERIMENT}\"\ntta = \"shifts\"\n"
             f"[[committee.members]]\nname = \"gray\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2, "
-            f"\"eval.tta\" = \"standard\"{small} }}\n"
+            f"\"eval.tta\" = \"standard\", \"experiment.name\" = \"renamed\"{small} }}\n"
             f"[[committee.members]]\nname = \"colour\"\nset = {{ \"data.path\" = \"{data}\", \"train.epochs\" = 2, "
             f"\"data.grayscale\" = false, \"data.preprocess\" = [\"equalize\", \"standardize\"]{small} }}\n")
     path = _committee_file(tmp_path, body)
@@ -178,7 +178,7 @@ def test_rabbit_committee_trains_members_and_reports(tmp_path):
     assert done.stdout.count("member ") == 2
     assert "committee of 2, test-time augmentation 5 views: test accuracy" in done.stdout
     runs = {p.name.split("-2")[0]: p for p in (tmp_path / "runs").iterdir()}
-    assert sorted(runs) == ["committee-colour", "committee-gray"]
+    assert sorted(runs) == ["committee-colour", "committee-gray"]  # the committee names its members
     # The committee's own views replace a member's end-of-run TTA, unless the member sets eval.tta.
     finals = {name: json.loads((run / "final_metrics.json").read_text()) for name, run in runs.items()}
     assert "test_tta_accuracy" not in finals["committee-colour"] and "test_accuracy" in finals["committee-colour"]

@@ -80,7 +80,7 @@ def train_committee(path, *, client=None, out=None):
     # The committee measures every member under its own committee.tta below, so a
     # member's end-of-run test-time augmentation would be paid twice (on the full
     # GTSRB the dense views cost minutes per member); a member that sets eval.tta keeps it.
-    points = [dict({"eval.tta": "none"}, **overrides, **{"experiment.name": f"committee-{name}"})
+    points = [{"eval.tta": "none", **overrides, "experiment.name": f"committee-{name}"}
               for name, overrides in spec.members]
     run_options = {"out": out} if out else {}
     results = run_points(spec.experiment, points, client=client, desc="committee", **run_options)
