@@ -21,6 +21,18 @@ CASES = [
 ]
 
 
+ALGORITHMS = ["per-sample", "whole-batch", "banded", "shifted", "winograd", "winograd-batch"]
+
+
+@pytest.fixture
+def smallest_bands(monkeypatch):
+    """Bands of the fewest rows they may have (kh, or the whole image when it is
+    shorter): several bands per image, so both parities of the input gradient's
+    scatter run and neighbouring bands add into the same padded rows."""
+    monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", 64)
+    monkeypatch.setattr("rabbitkit.layers._conv_shifted.UNPACKED_PRODUCT_LIMIT", 1)
+
+
 def reference_conv(x, weight, bias, stride, padding):
     """Direct cross-correlation per (sample, output channel) with scipy, then striding."""
     x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
@@ -45,9 +57,8 @@ def test_forward_matches_scipy_correlate(case, rng):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded", "winograd", "winograd-batch"])
-def test_gradients(case, bias, algorithm, monkeypatch):
-    monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", 64)  # bands of kh - 1 rows (or one)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_gradients(case, bias, algorithm, smallest_bands):
     n, c, h, w, o, k, s, p = case
     layer = Conv2D(c, o, k, stride=s, padding=p, bias=bias, dtype=np.float64)
     layer.algorithm = algorithm
@@ -170,16 +181,17 @@ def test_kernel_blas_is_single_threaded_inside_kernels_and_nesting_restores():
 @pytest.mark.parametrize("stride, relu, band_bytes", [(1, False, 1 << 19), (2, False, 1 << 19), (1, True, 1 << 19),
                                                      (1, True, 200), (1, False, 1)])
 def test_cpu_variants_agree_to_float32_rounding(stride, relu, band_bytes, rng, monkeypatch):
-    """Per-sample, whole-batch and banded lowering and Winograd compute the same thing
-    (sums in another order); ``band_bytes`` makes one band per image, several, or the
-    fewest rows a band may have (kh - 1).  Stride 2 has no banded or Winograd variant
-    (whole-batch runs)."""
+    """Per-sample, whole-batch and banded lowering, shifted products and Winograd compute
+    the same thing (sums in another order); ``band_bytes`` makes one band per image,
+    several, or the fewest rows a band may have (kh).  Stride 2 has no banded, shifted or
+    Winograd variant (whole-batch runs)."""
     from rabbitkit.layers.activations import ReLU
     from rabbitkit.layers.sequential import Sequential
 
     monkeypatch.setattr("rabbitkit.layers._conv_lowering.BAND_BYTES", band_bytes)
     results = []
-    for algorithm in ("per-sample", "whole-batch", "banded", "winograd", "winograd-batch"):
+    monkeypatch.setattr("rabbitkit.layers._conv_shifted.UNPACKED_PRODUCT_LIMIT", band_bytes // 4)
+    for algorithm in ALGORITHMS:
         conv = Conv2D(3, 5, 3, stride=stride, padding=1)
         conv.load_state_dict({"weight": np.linspace(-1, 1, 135).reshape(5, 3, 3, 3), "bias": np.arange(5) / 10})
         conv.algorithm = algorithm
@@ -217,7 +229,7 @@ def test_banded_lowering_never_writes_the_whole_column_matrix(rng):
     assert band_block * 4 < column_matrix
 
 
-@pytest.mark.parametrize("algorithm", ["whole-batch", "banded", "winograd", "winograd-batch"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS[1:])
 def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
     from rabbitkit.layers import freeze
 
@@ -239,7 +251,7 @@ def test_frozen_batch_of_one_conv_skips_weight_gradients(algorithm, rng):
         conv.backward(dy)
 
 
-@pytest.mark.parametrize("algorithm", ["per-sample", "whole-batch", "banded", "winograd", "winograd-batch"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_frozen_fused_relu_keeps_a_byte_mask_and_the_same_gradient(algorithm, rng):
     """Frozen and unobserved, a Conv2D with a fused ReLU keeps one byte per output
     (where it is positive) instead of its output; the input gradient is that of the
@@ -336,3 +348,61 @@ def test_winograd_only_for_3x3_at_stride_1():
             conv = Conv2D(2, 3, kernel, stride=stride)
             conv.algorithm = algorithm
             assert conv._variant("forward", np.zeros((1, 2, 8, 8), np.float32), None, 0) == WHOLE_BATCH
+
+
+def test_bands_are_never_shorter_than_the_kernel():
+    """Bands of one parity must not add into the same element: a band's windows reach
+    kh - 1 rows and kw - 1 elements past it, so bands have at least kh rows (or the
+    whole image), whatever the budget."""
+    from rabbitkit.layers._conv_lowering import band_rows
+    from rabbitkit.layers._conv_shifted import shifted_band_rows
+
+    assert band_rows(3, 10_000, 226, 4, ho=224) == 3  # a budget of under one row
+    assert band_rows(5, 1, 8, 4, ho=4) == 4  # the image is shorter than the kernel's rows
+    for unpacked in (True, False):
+        assert shifted_band_rows(512, 512, 3, 226, 4, ho=224, unpacked=unpacked) == 3
+        assert shifted_band_rows(2, 2, 3, 10, 4, ho=8, unpacked=unpacked) == 8
+    # Under OpenBLAS's unpacked-product limit, the tallest band whose product fits:
+    assert shifted_band_rows(32, 32, 3, 34, 4, ho=32, unpacked=True) == 1_000_000 // (32 * 32 * 34)
+
+
+def test_tuner_times_the_shifted_variant_at_stride_1_from_8_channels(monkeypatch):
+    """The tuner's candidates: shifted products where the layer has stride 1 and enough
+    input channels for a product per tap to be worth timing; forced at another stride,
+    the layer runs whole-batch lowering."""
+    from rabbitkit.backend import tuning
+    from rabbitkit.layers.conv2d import SHIFTED, WHOLE_BATCH
+
+    offered = {}
+    monkeypatch.setattr(tuning, "choose", lambda op, shape, candidates, default, **_: offered.setdefault(
+        (shape[0][1], shape[3]), sorted(candidates)) and default)
+    for channels, stride in [(3, 1), (8, 1), (8, 2)]:
+        conv = Conv2D(channels, 4, 3, stride=stride, padding=1)
+        conv._variant("forward", np.zeros((4, channels, 9, 9), np.float32), None, 0)
+    assert SHIFTED in offered[(8, (1, 1))]
+    assert SHIFTED not in offered[(3, (1, 1))] and SHIFTED not in offered[(8, (2, 2))]
+    conv = Conv2D(8, 4, 3, stride=2)
+    conv.algorithm = SHIFTED
+    assert conv._variant("forward", np.zeros((1, 8, 9, 9), np.float32), None, 0) == WHOLE_BATCH
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), ((2, 3), (0, 1)), (1, 0)])
+def test_shifted_products_match_lowering_in_float32(kernel, padding, smallest_bands, rng):
+    """Forward, input, weight and bias gradients of the shifted variant against
+    per-sample lowering, in float32 with a fused ReLU, bands of the fewest rows."""
+    from rabbitkit.layers.activations import ReLU
+    from rabbitkit.layers.sequential import Sequential
+
+    x = rng.standard_normal((3, 9, 11, 10)).astype(np.float32)
+    results = []
+    for algorithm in ("per-sample", "shifted"):
+        conv = Conv2D(9, 6, kernel, padding=padding)
+        weight = np.sin(np.arange(conv.params["weight"].size)).reshape(conv.params["weight"].shape)
+        conv.load_state_dict({"weight": weight, "bias": np.arange(6) / 7})
+        conv.algorithm = algorithm
+        model = Sequential([conv, ReLU()])
+        y = model.forward(x)
+        dx = model.backward(np.cos(np.arange(y.size)).reshape(y.shape).astype(np.float32))
+        results.append((y, dx, conv.grads["weight"].copy(), conv.grads["bias"].copy()))
+    for lowered, shifted in zip(*results):
+        np.testing.assert_allclose(shifted, lowered, rtol=1e-5, atol=1e-5)

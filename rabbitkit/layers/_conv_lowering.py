@@ -443,9 +443,12 @@ def conv_backward_banded(xpad, dy, y, relu, weight_t, dxpad, cols, grad_rows, ro
     """The bands of one ``parity`` (0: even, 1: odd) of the backward pass: per-thread
     parts of dweight.T += cols @ dy.T and dbias (if ``weight_grad``), and the column
     gradient weight.T @ dy added into the padded input gradient dxpad (if
-    ``input_grad``).  A band's scatter reaches kh - 1 rows into the next band's, so
-    the caller runs parity 0, then 1, with ``band >= kh - 1``: bands of one parity
-    never touch the same rows, and each element's sums come in a fixed order."""
+    ``input_grad``).  A band's scatter reaches kh - 1 rows into the next band's and
+    kw - 1 elements further, so the caller runs parity 0, then 1, with ``band >= kh``:
+    bands of one parity never touch the same element, and each element's sums come in
+    a fixed order.  (With kh - 1 rows, the kw - 1 elements past them, where the band
+    adds the zeros of its garbage columns, are the first ones the band after next
+    updates: two threads adding into one element at once can lose a sum.)"""
     n, outputs, ho, _ = dy.shape
     rows = weight_t.shape[0]
     bands = (ho + band - 1) // band
@@ -475,7 +478,7 @@ BAND_BYTES = 1 << 19
 
 
 def band_rows(kernel_height, column_rows, wide_width, itemsize, ho):
-    """Output rows per band: the block near BAND_BYTES, never fewer than kh - 1 rows
-    (see conv_backward_banded) or one, never more than the image has."""
+    """Output rows per band: the block near BAND_BYTES, never fewer than kh rows
+    (see conv_backward_banded), never more than the image has."""
     target = BAND_BYTES // max(1, column_rows * wide_width * itemsize)
-    return int(min(ho, max(kernel_height - 1, 1, target)))
+    return int(min(ho, max(kernel_height, target)))

@@ -11,12 +11,14 @@ column matrix never leaves the core that wrote it and Numba's and OpenBLAS's thr
 The whole-batch variant lowers the batch into one column matrix and makes each
 product one multi-threaded numpy call; the banded variant (stride 1) splits each
 image into bands of output rows, one per thread at a time, whose column blocks
-stay in cache (see :mod:`rabbitkit.layers._conv_lowering`); 3x3 kernels at stride 1
+stay in cache (see :mod:`rabbitkit.layers._conv_lowering`); the shifted variant (stride 1)
+lowers nothing: one product per tap reads the padded input in place
+(:mod:`rabbitkit.layers._conv_shifted`); 3x3 kernels at stride 1
 also have Winograd's F(2x2, 3x3), 16 products of transformed tiles instead of one
 lowered product, 2.25x fewer multiplications (:mod:`rabbitkit.layers._conv_winograd`).
 Per-sample lowering needs at least as many samples as threads;
 :mod:`rabbitkit.backend.tuning` measures the variants that apply once per machine and
-shape (batch 1 in Deep Dream and style transfer: whole-batch, banded, Winograd).
+shape (batch 1 in Deep Dream and style transfer: whole-batch, banded, shifted, Winograd).
 
 Stride-1 convolutions use a "wide" lowering: the sample is zero-padded once,
 and each row of ``cols`` is then one contiguous slice of the padded planes,
@@ -39,6 +41,14 @@ from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_k
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from . import _conv_winograd as winograd
+from ._conv_shifted import (
+    SHIFTED,
+    conv_backward_shifted,
+    conv_forward_shifted,
+    shifted_band_rows,
+    tap_weights,
+    weight_from_taps,
+)
 from ._conv_lowering import (  # noqa: F401
     BANDED,
     PER_SAMPLE,
@@ -265,9 +275,9 @@ class Conv2D(Layer):
         return 2 * self.out_channels * self.in_channels * kh * kw * ho * wo
 
     # -- CPU ------------------------------------------------------------------------
-    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH, BANDED, WINOGRAD or WINOGRAD_BATCH)
-    #: instead of the tuner's choice; BANDED applies to stride 1 only, the Winograd ones
-    #: to 3x3 kernels at stride 1 (other layers then run WHOLE_BATCH).
+    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH, BANDED, SHIFTED, WINOGRAD or
+    #: WINOGRAD_BATCH) instead of the tuner's choice; BANDED and SHIFTED apply to stride 1
+    #: only, the Winograd ones to 3x3 kernels at stride 1 (other layers then run WHOLE_BATCH).
     algorithm = None
 
     #: Elements of the largest column matrix the whole-batch variant may lower, and of
@@ -277,6 +287,11 @@ class Conv2D(Layer):
     #: Measured on style transfer at 512 px (AMD EPYC): with 64 M the step was no
     #: faster and its peak memory 1,677 MiB against 1,245 MiB with 8 M.
     whole_batch_column_budget = 1 << 23
+
+    #: Input channels from which the tuner times the shifted variant: its products
+    #: multiply over C (one tap at a time), and over the 3 channels of an RGB input
+    #: that is far from BLAS speed (not worth the tuning time).
+    shifted_min_channels = 8
 
     def _plan(self, x):
         """Geometry arguments of the kernels and the shape of one sample's column matrix."""
@@ -309,7 +324,7 @@ class Conv2D(Layer):
         banded = self.stride == (1, 1) and SINGLE_THREADED_BLAS.available  # its threads each call BLAS
         tiled = banded and self.kernel_size == (3, 3)
         if self.algorithm is not None:
-            unavailable = ((self.algorithm == BANDED and not banded)
+            unavailable = ((self.algorithm in (BANDED, SHIFTED) and not banded)
                            or (self.algorithm in (WINOGRAD, WINOGRAD_BATCH) and not tiled))
             return WHOLE_BATCH if unavailable else self.algorithm
         threads = numba.get_num_threads()
@@ -319,6 +334,8 @@ class Conv2D(Layer):
             names, default = [WHOLE_BATCH], WHOLE_BATCH
         if banded:
             names.append(BANDED)
+            if self.in_channels >= self.shifted_min_channels:
+                names.append(SHIFTED)
             if column_elements > self.whole_batch_column_budget:
                 names.remove(WHOLE_BATCH)  # not even for one timing: its scratch would stay allocated
                 default = names[0]
@@ -337,6 +354,12 @@ class Conv2D(Layer):
         kh, ph, pw, ho = geometry[0], geometry[4], geometry[5], geometry[6]
         hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
         return band_rows(kh, rows, wp, self.dtype.itemsize, ho), hp, wp
+
+    def _shifted_band_plan(self, x, geometry):
+        """(rows per band, padded height, padded width) of the shifted variant."""
+        kh, ph, pw, ho = geometry[0], geometry[4], geometry[5], geometry[6]
+        hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+        return shifted_band_rows(self.in_channels, self.out_channels, kh, wp, self.dtype.itemsize, ho), hp, wp
 
     def _padded_grad_tag(self):
         """The scratch of the padded input gradient: without weight gradients (frozen,
@@ -432,16 +455,21 @@ class Conv2D(Layer):
                     conv_forward_parallel(x, weight, self._bias(), self.fused_relu, y, xpad, cols, product, *geometry)
             elif variant in (WINOGRAD, WINOGRAD_BATCH):
                 self._winograd_forward(x, y, variant == WINOGRAD_BATCH)
-            elif variant == BANDED:
-                band, hp, wp = self._band_plan(x, geometry, rows)
+            elif variant in (BANDED, SHIFTED):
+                shifted = variant == SHIFTED
+                band, hp, wp = self._shifted_band_plan(x, geometry) if shifted else self._band_plan(x, geometry, rows)
                 slots = numba.get_num_threads()
                 xpad = scratch("conv_xpad_batch", (x.shape[0], padded), self.dtype)
                 pad_batch(x, xpad, geometry[4], geometry[5])
-                cols = scratch("conv_band_cols", (slots, rows * band * wp), self.dtype)
                 product = scratch("conv_band_rows", (slots, self.out_channels * band * wp), self.dtype)
                 with SINGLE_THREADED_BLAS:
-                    conv_forward_banded(xpad, weight, self._bias(), self.fused_relu, y, cols, product,
-                                        geometry[0], geometry[1], hp, wp, band)
+                    if shifted:
+                        conv_forward_shifted(xpad, tap_weights(self.params["weight"]), self._bias(), self.fused_relu,
+                                             y, product, geometry[0], geometry[1], hp, wp, band)
+                    else:
+                        cols = scratch("conv_band_cols", (slots, rows * band * wp), self.dtype)
+                        conv_forward_banded(xpad, weight, self._bias(), self.fused_relu, y, cols, product,
+                                            geometry[0], geometry[1], hp, wp, band)
             else:
                 cols = scratch("conv_cols_all", (rows, x.shape[0] * positions), self.dtype)
                 product = scratch("conv_product_all", (self.out_channels, cols.shape[1]), self.dtype)
@@ -474,14 +502,34 @@ class Conv2D(Layer):
         weight_t = np.ascontiguousarray(self.params["weight"].reshape(self.out_channels, -1).T)
         slots = numba.get_num_threads()
 
-        def banded_backward(dbias_parts):
-            band, hp, wp = self._band_plan(x, geometry, rows)
+        def banded_backward(dbias_parts, shifted):
+            band, hp, wp = self._shifted_band_plan(x, geometry) if shifted else self._band_plan(x, geometry, rows)
             batch, kh, kw, ph, pw = x.shape[0], geometry[0], geometry[1], geometry[4], geometry[5]
             xpad = scratch("conv_xpad_batch", (batch, padded), self.dtype)
             if self.weight_grads_wanted:
                 pad_batch(x, xpad, ph, pw)
             dxpad = scratch(self._padded_grad_tag(), (batch, padded if self.needs_input_grad else 1), self.dtype)
             dxpad.fill(0)
+            if shifted:
+                dtaps_parts = scratch("conv_dweight_t_parts", (slots, kh * kw, self.out_channels, self.in_channels),
+                                      self.dtype)
+                dtaps_parts.fill(0)
+                grad_rows = scratch("conv_band_rows", (slots, self.out_channels * band * wp), self.dtype)
+                taps = tap_weights(self.params["weight"])
+                with SINGLE_THREADED_BLAS:
+                    for parity in (0, 1):
+                        conv_backward_shifted(xpad, dy, mask_source, relu, taps, dxpad, grad_rows, dtaps_parts,
+                                              dbias_parts, kh, kw, hp, wp, band, parity, self.needs_input_grad,
+                                              self.weight_grads_wanted)
+                dweight = weight_from_taps(dtaps_parts.sum(axis=0), kh, kw) if self.weight_grads_wanted else None
+            else:
+                dweight = lowered_band_backward(xpad, dxpad, dbias_parts, band, hp, wp)
+            if self.needs_input_grad:
+                unpad_batch(dxpad, dx, ph, pw)
+            return dweight, dbias_parts.sum(axis=0)
+
+        def lowered_band_backward(xpad, dxpad, dbias_parts, band, hp, wp):
+            kh, kw = geometry[0], geometry[1]
             dweight_t_parts = scratch("conv_dweight_t_parts", (slots, rows, self.out_channels), self.dtype)
             dweight_t_parts.fill(0)
             dweight_product = scratch("conv_dweight_product", dweight_t_parts.shape, self.dtype)
@@ -494,10 +542,7 @@ class Conv2D(Layer):
                     conv_backward_banded(xpad, dy, mask_source, relu, weight_t, dxpad, cols, grad_rows, rows_t,
                                          dweight_t_parts, dweight_product, dbias_parts, kh, kw, hp, wp, band, parity,
                                          self.needs_input_grad, self.weight_grads_wanted)
-            if self.needs_input_grad:
-                unpad_batch(dxpad, dx, ph, pw)
-            dweight = dweight_t_parts.sum(axis=0).T if self.weight_grads_wanted else None
-            return dweight, dbias_parts.sum(axis=0)
+            return dweight_t_parts.sum(axis=0).T if self.weight_grads_wanted else None
 
         def run(variant):
             """dx (if wanted) and (dweight (O, K) or None, dbias) of this backward, grads untouched."""
@@ -517,8 +562,8 @@ class Conv2D(Layer):
                                            self.needs_input_grad, self.weight_grads_wanted)
                 dweight = dweight_t_parts.sum(axis=0).T if self.weight_grads_wanted else None
                 return dweight, dbias_parts.sum(axis=0)
-            if variant == BANDED:
-                return banded_backward(dbias_parts)
+            if variant in (BANDED, SHIFTED):
+                return banded_backward(dbias_parts, variant == SHIFTED)
             if variant in (WINOGRAD, WINOGRAD_BATCH):
                 return self._winograd_backward(x, dy, mask_source, relu, dx, dbias_parts, variant == WINOGRAD_BATCH)
             out_rows = scratch("conv_rows_all", (self.out_channels, x.shape[0] * positions), self.dtype)
