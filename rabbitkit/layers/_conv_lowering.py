@@ -419,6 +419,20 @@ def band_bounds(task, bands, band, ho):
     return b, r0, min(r0 + band, ho)
 
 
+@kernel(parallel=False)
+def parity_bands(n, bands, parity):
+    """How many bands of one parity (0: even, 1: odd) ``n`` images of ``bands`` bands have."""
+    return n * ((bands + 1 - parity) // 2)
+
+
+@kernel(parallel=False)
+def parity_band_bounds(index, bands, parity, band, ho):
+    """(sample, first output row, end row) of band number ``index`` among those of one parity."""
+    same_parity = (bands + 1 - parity) // 2
+    b = index // same_parity
+    return band_bounds(b * bands + 2 * (index - b * same_parity) + parity, bands, band, ho)
+
+
 @kernel
 def conv_forward_banded(xpad, weight, bias, relu, y, cols, product, kh, kw, hp, wp, band):
     """y = weight @ im2col(x) + bias (rectified if ``relu``), band by band in parallel.
@@ -452,11 +466,8 @@ def conv_backward_banded(xpad, dy, y, relu, weight_t, dxpad, cols, grad_rows, ro
     n, outputs, ho, _ = dy.shape
     rows = weight_t.shape[0]
     bands = (ho + band - 1) // band
-    same_parity = (bands + 1 - parity) // 2
-    for index in prange(n * same_parity):
-        b = index // same_parity
-        task = b * bands + 2 * (index - b * same_parity) + parity
-        _, r0, r1 = band_bounds(task, bands, band, ho)
+    for index in prange(parity_bands(n, bands, parity)):
+        b, r0, r1 = parity_band_bounds(index, bands, parity, band, ho)
         slot = numba.get_thread_id()
         length = (r1 - r0) * wp
         block = cols[slot, :rows * length].reshape((rows, length))

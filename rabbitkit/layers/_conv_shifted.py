@@ -27,7 +27,7 @@ from numba import prange
 from ..backend.cpu import KERNEL_BLAS_UNPACKED_PRODUCTS, UNPACKED_PRODUCT_LIMIT, kernel
 from ..backend.gemm import gemm
 from . import _conv_lowering
-from ._conv_lowering import band_bounds, load_output_grad, store_output
+from ._conv_lowering import band_bounds, load_output_grad, parity_band_bounds, parity_bands, store_output
 
 SHIFTED = "shifted"
 
@@ -93,11 +93,8 @@ def conv_backward_shifted(xpad, dy, y, relu, taps, dxpad, grad_rows, dtaps_parts
     plane = hp * wp
     flat_taps = taps.reshape(-1)
     bands = (ho + band - 1) // band
-    same_parity = (bands + 1 - parity) // 2
-    for index in prange(n * same_parity):
-        b = index // same_parity
-        task = b * bands + 2 * (index - b * same_parity) + parity
-        _, r0, r1 = band_bounds(task, bands, band, ho)
+    for index in prange(parity_bands(n, bands, parity)):
+        b, r0, r1 = parity_band_bounds(index, bands, parity, band, ho)
         slot = numba.get_thread_id()
         length = (r1 - r0) * wp
         g = grad_rows[slot, :outputs * length].reshape((outputs, length))
