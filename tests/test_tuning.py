@@ -489,3 +489,71 @@ def test_choices_of_older_kernels_are_measured_again(tuner, monkeypatch):
     tuning.choose("demo.kernels", 1, candidates, default="a")
     assert len(ran) == 2 * measured_once
     assert len(json.loads(tuner.read_text())) == 2  # one machine key per generation
+
+
+# -- a run keeps its choices --------------------------------------------------------------
+def conv_experiment(folder, epochs):
+    return {
+        "experiment": {"name": "tuned", "seed": 3, "tune": True},
+        "data": {"dataset": "image_folder", "path": str(folder), "image_size": 10, "val_fraction": 0.2,
+                 "cache": False, "preprocess": ["scale", "standardize"]},
+        "model": {"layers": [{"type": "Conv2D", "out_channels": 8, "kernel_size": 3, "padding": 1}, {"type": "ReLU"},
+                             {"type": "Conv2D", "out_channels": 8, "kernel_size": 3, "padding": 1}, {"type": "ReLU"},
+                             {"type": "Flatten"}, {"type": "Dense", "out_features": 2}]},
+        "train": {"epochs": epochs, "batch_size": 4, "lr": 0.05, "schedule": "constant"},
+        "output": {"visualizers": []},
+    }
+
+
+def test_a_resumed_run_keeps_the_kernel_choices_it_started_with(tuner, tmp_path, monkeypatch):
+    """The checkpoints keep the variants a run chose; resumed after the cache changed
+    its mind (a close call measured again, a new generation of kernels), the run takes
+    the same variants again and ends as the uninterrupted run did, bit for bit."""
+    monkeypatch.setenv("RABBIT_TUNE", "1")  # runs follow it (tests turn it off, see conftest)
+    import rabbitkit
+    from rabbitkit.train import api, checkpoint
+
+    from test_pretrained import make_image_folder
+    from test_trainer import history_without_timing
+
+    folder = make_image_folder(tmp_path / "images", count=6)
+    reference = rabbitkit.run(conv_experiment(folder, 3), out=tmp_path / "runs", quiet=True)
+    _, metadata = checkpoint.load(reference.run_dir / "checkpoints" / "last.safetensors")
+    chosen = metadata["kernel_choices"]
+    assert chosen and all(key.startswith("conv2d.") for key in chosen)
+    short = rabbitkit.run(conv_experiment(folder, 1), out=tmp_path / "runs", quiet=True)
+    # The cache now names another candidate for every shape the run met.
+    stored = json.loads(tuner.read_text())
+    (records,) = stored.values()
+    for key, record in records.items():
+        record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
+        record["rounds"] = tuning.MEASURING_ROUNDS
+    tuner.write_text(json.dumps(stored))
+    tuning.forget()
+    assert tuning.known_choices()[next(iter(chosen))]["choice"] != chosen[next(iter(chosen))]
+    extended = api.resume(short.run_dir, quiet=True, epochs=3)
+    assert tuning.used() == chosen
+    _, metadata = checkpoint.load(extended.run_dir / "checkpoints" / "last.safetensors")
+    assert metadata["kernel_choices"] == chosen
+    assert history_without_timing(extended.history) == history_without_timing(reference.history)
+    # A fresh run takes the cache's choices again: the pins were the resumed run's only.
+    rabbitkit.run(conv_experiment(folder, 1), out=tmp_path / "runs", quiet=True)
+    assert all(tuning.used()[key] == records[key]["choice"] for key in chosen)
+
+
+def test_a_checkpoint_with_damaged_kernel_choices_is_refused_in_one_line(tuner, tmp_path):
+    import rabbitkit
+    from rabbitkit.errors import CheckpointError
+    from rabbitkit.train import api, checkpoint
+
+    from test_pretrained import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", count=6)
+    run = rabbitkit.run(conv_experiment(folder, 1), out=tmp_path / "runs", quiet=True)
+    path = run.run_dir / "checkpoints" / "last.safetensors"
+    groups, metadata = checkpoint.load(path)
+    metadata["kernel_choices"] = ["banded"]
+    checkpoint.save(path, groups, metadata)
+    with pytest.raises(CheckpointError, match=r"last.safetensors: 'kernel_choices' must map kernel shapes to "
+                                              r"variant names, got \['banded'\]"):
+        api.resume(run.run_dir, quiet=True, epochs=2)

@@ -21,6 +21,11 @@ Variants differ only in the order of floating-point sums (float32 rounding).
 then takes its built-in default and runs are bit-reproducible.
 ``rabbit tune EXP.toml`` tunes an experiment's shapes ahead and prints the choices.
 
+A run keeps the choices it used in its checkpoints (:func:`used`), and a resumed run
+takes them again (:func:`start_run` with ``pinned``) whatever the cache says by
+then: a close call measured again, or a new generation of kernels, would otherwise
+give the resumed epochs other float32 rounding than the uninterrupted run had.
+
 Users: Conv2D (per-sample, whole-batch or banded lowering) and the recurrent layers (rows
 per BLAS call of the per-step product, ``Recurrent._time_loop``).
 """
@@ -42,6 +47,8 @@ _enabled = None  # None: decided by RABBIT_TUNE (default on)
 _choices = {}
 _ignore_stored = False  # forget(measure_again=True): time every shape afresh
 _measured = []  # (op key, choice, {name: s}) measured by this process (what `rabbit tune` prints)
+_used = {}  # {op key: choice} returned since start_run (what a run's checkpoints keep)
+_pinned = {}  # {op key: choice} a resumed run takes instead of the cache's
 
 
 def set_enabled(flag):
@@ -143,12 +150,16 @@ def choose(op, shape, candidates, default, setup=None, release=None):
         return default
     op_key = f"{op} {shape}"
     with _lock:
+        if _pinned.get(op_key) in candidates:
+            _used[op_key] = _pinned[op_key]
+            return _pinned[op_key]
         known = _machine_choices().get(op_key)
         # A stored choice holds while the candidates are the ones it was measured
         # among (a candidate added in a later version is measured, not ignored) and
         # it was not a close call still short of its rounds.
         if known is not None and set(known.get("seconds", ())) == set(candidates):
             if not _measure_again(op_key, known):
+                _used[op_key] = known["choice"]
                 return known["choice"]
         else:
             known = None
@@ -175,6 +186,7 @@ def choose(op, shape, candidates, default, setup=None, release=None):
         record = {"choice": choice, "seconds": seconds, "rounds": rounds}
         _machine_choices()[op_key] = record
         _measured.append((op_key, choice, seconds))
+        _used[op_key] = choice
         _store(op_key, record)
         if release is not None:
             release()
@@ -188,6 +200,25 @@ def _measure_again(op_key, record):
         return False
     times = sorted(float(t) for t in record["seconds"].values())
     return len(times) > 1 and times[1] <= times[0] * (1 + CLOSE_CALL)
+
+
+def start_run(pinned=None):
+    """Begin recording the choices of one run afresh; ``pinned`` ({op key: choice},
+    from :func:`used` of an earlier process) are taken instead of the cache's where
+    the choice is among a shape's candidates (a resumed run: the same kernels as
+    before it was stopped)."""
+    with _lock:
+        _used.clear()
+        _pinned.clear()
+        _pinned.update({str(key): str(choice) for key, choice in (pinned or {}).items()})
+        _used.update(_pinned)
+
+
+def used():
+    """{op key: choice} of every variant chosen since :func:`start_run` (and the
+    pinned ones), to be kept with a run's checkpoints."""
+    with _lock:
+        return dict(_used)
 
 
 def measured():
@@ -208,3 +239,4 @@ def forget(measure_again=False):
     _choices.clear()
     _ignore_stored = bool(measure_again)
     _measured.clear()
+    start_run()

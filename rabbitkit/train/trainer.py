@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..backend import to_host
+from ..backend import to_host, tuning
 from ..errors import ConfigError, RabbitError
 from ..optim import clip_grad_norm
 from ..plugins import get_manager
@@ -72,10 +72,9 @@ class Run:
         self.initial_loss = None  # the first step's loss: the reference of train.divergence_factor
         self.interrupted = False
         self._set_threads(config["experiment"]["threads"])
-        from ..backend import tuning
-
         # tune = false fixes every kernel variant to its default; otherwise RABBIT_TUNE decides (default on).
         tuning.set_enabled(None if config["experiment"]["tune"] else False)
+        tuning.start_run()  # restore() pins the choices a resumed run had made
 
         from .. import random as rk_random
 
@@ -142,6 +141,7 @@ class Run:
             "best": self.best,
             "lr": self.optimizer.lr,
             "initial_loss": self.initial_loss,
+            "kernel_choices": tuning.used(),
         }
         return groups, metadata
 
@@ -166,6 +166,14 @@ class Run:
         self.step = metadata["step"]
         self.optimizer.lr = metadata["lr"]
         self.initial_loss = metadata.get("initial_loss")
+        # The kernel variants the run had chosen: with other ones (the cache measured
+        # again since), the resumed epochs would round differently from an uninterrupted run.
+        choices = metadata.get("kernel_choices", {})
+        wrong = [v for v in choices.values() if not isinstance(v, str)] if isinstance(choices, dict) else [choices]
+        if wrong:
+            raise CheckpointError(f"{path}: 'kernel_choices' must map kernel shapes to variant names, "
+                                  f"got {wrong[0]!r:.80}")
+        tuning.start_run(pinned=choices)
         return metadata.get("position")
 
     # -- the loop ---------------------------------------------------------------------
