@@ -122,8 +122,11 @@ def resume(ctx, run_dir, epochs):
 @click.option("--committee", is_flag=True, help="Average the runs' probabilities (a multi-column committee).")
 @click.option("--worst", default=20, show_default=True, type=click.IntRange(min=0),
               help="Draw this many worst-classified images (worst_<split>.png; 0: none).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the confusion matrix, worst images (and a committee's summary); default: the run "
+                   "directory, for a committee a 'committee' folder next to the first run.")
 @click.pass_context
-def evaluate(ctx, run_dirs, split, which, device, tta, committee, worst):
+def evaluate(ctx, run_dirs, split, which, device, tta, committee, worst, out):
     """Accuracy, per-class accuracy, confusion matrix (CSV and PNG) and worst-classified
     images of a trained run; with --committee, of several runs together."""
     from .errors import ConfigError
@@ -131,11 +134,12 @@ def evaluate(ctx, run_dirs, split, which, device, tta, committee, worst):
 
     _manager(ctx)
     if committee:
-        click.echo(evaluate_committee(list(run_dirs), split=split, which=which, device=device, tta=tta).text)
+        click.echo(evaluate_committee(list(run_dirs), split=split, which=which, device=device, tta=tta, worst=worst,
+                                      out=out).text)
         return
     if len(run_dirs) > 1:
         raise ConfigError(f"{len(run_dirs)} runs given: pass --committee to evaluate them together")
-    report = evaluate_run(run_dirs[0], split=split, which=which, device=device, tta=tta, worst=worst)
+    report = evaluate_run(run_dirs[0], split=split, which=which, device=device, tta=tta, worst=worst, out=out)
     click.echo(report.text)
 
 

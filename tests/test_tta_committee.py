@@ -102,13 +102,23 @@ def test_eval_with_tta_draws_the_worst_images(two_runs):
 
 def test_committee_averages_member_probabilities(two_runs):
     _, runs = two_runs
-    report = evaluate_committee(runs)
+    report = evaluate_committee(runs, worst=5)
     members = [predict(load_run(r), "test") for r in runs]
     average = (members[0].probabilities + members[1].probabilities) / 2
     expected = float(np.mean(average.argmax(axis=1) == members[0].targets))
     assert report.metrics["accuracy"] == pytest.approx(expected)
     assert report.metrics["member_accuracy"] == pytest.approx([m.accuracy for m in members])
     assert "committee of 2: test accuracy" in report.text
+    # What a single run's evaluation writes, for the committee: next to the members by default.
+    out = runs[0].parent / "committee"
+    assert report.files == [out / "confusion_test.csv", out / "confusion_test.png", out / "worst_test.png",
+                            out / "committee_test.json"]
+    matrix = np.loadtxt(out / "confusion_test.csv", delimiter=",", skiprows=1, dtype=int)[:, 1:]
+    np.testing.assert_array_equal(matrix, report.confusion)
+    assert np.trace(matrix) == round(expected * len(members[0].targets))
+    assert "per-class accuracy:" in report.text and "stop" in report.text.lower()
+    summary = json.loads((out / "committee_test.json").read_text())
+    assert summary["members"] == [str(r) for r in runs] and summary["accuracy"] == report.metrics["accuracy"]
 
 
 def test_committee_cli_and_its_errors(two_runs, tmp_path):
@@ -116,9 +126,11 @@ def test_committee_cli_and_its_errors(two_runs, tmp_path):
 
     _, runs = two_runs
     env = dict(os.environ, RABBIT_OFFLINE="1")
-    done = rabbit(["eval", *runs, "--committee"], env, tmp_path)
+    done = rabbit(["eval", *runs, "--committee", "--out", tmp_path / "mine", "--worst", "0"], env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "committee of 2" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [
+        "committee_test.json", "confusion_test.csv", "confusion_test.png"]
     refused = rabbit(["eval", *runs], env, tmp_path)
     assert refused.returncode == 2 and "pass --committee" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
@@ -178,7 +190,10 @@ def test_rabbit_committee_trains_members_and_reports(tmp_path):
     assert done.stdout.count("member ") == 2
     assert "committee of 2, test-time augmentation 5 views: test accuracy" in done.stdout
     runs = {p.name.split("-2")[0]: p for p in (tmp_path / "runs").iterdir()}
-    assert sorted(runs) == ["committee-colour", "committee-gray"]  # the committee names its members
+    # The committee names its members, and its own report is named after its file.
+    assert sorted(runs) == ["committee", "committee-colour", "committee-gray"]
+    assert (runs["committee"] / "worst_test.png").is_file() and (runs["committee"] / "committee_test.json").is_file()
+    del runs["committee"]
     # The committee's own views replace a member's end-of-run TTA, unless the member sets eval.tta.
     finals = {name: json.loads((run / "final_metrics.json").read_text()) for name, run in runs.items()}
     assert "test_tta_accuracy" not in finals["committee-colour"] and "test_accuracy" in finals["committee-colour"]

@@ -49,14 +49,41 @@ def confusion_matrix(predicted, targets, num_classes):
     return matrix
 
 
+def class_report(probabilities, targets, names, images, out, split, worst, lines):
+    """Per-class accuracy (appended to ``lines``), the confusion matrix as CSV and PNG and
+    the ``worst`` worst-classified ``images`` as a PNG, written into ``out`` (created if
+    needed); returns (confusion matrix, per-class accuracy, the files written)."""
+    from ..viz.confusion import plot_confusion
+    from ..viz.worst import plot_worst
+
+    num_classes = probabilities.shape[1]
+    matrix = confusion_matrix(probabilities.argmax(axis=-1), targets, num_classes)
+    support = matrix.sum(axis=1)
+    per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
+    lines.append("per-class accuracy:")
+    for c in range(num_classes):
+        lines.append(f"  {c:>3} {str(names[c])[:28]:<28} {per_class[c]:.4f}  (n={support[c]})")
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"confusion_{split}.csv"
+    header = ",".join(["true\\pred"] + [str(c) for c in range(num_classes)])
+    rows = [header] + [",".join([str(c)] + [str(v) for v in matrix[c]]) for c in range(num_classes)]
+    csv_path.write_text("\n".join(rows) + "\n")
+    files = [csv_path, plot_confusion(matrix, out / f"confusion_{split}.png", title=f"{split} confusion matrix")]
+    if worst:
+        files.append(plot_worst(images, probabilities, targets, names, out / f"worst_{split}.png", count=worst,
+                                title=f"the {worst} worst-classified {split} images"))
+    return matrix, per_class, files
+
+
 def _check_split(live, run_dir, split):
     if not live.feeder.has_split(split):
         raise ConfigError(f"{run_dir}: split '{split}' not available; available: {', '.join(live.feeder.splits)}")
 
 
-def evaluate_run(run_dir, split="test", which=None, device=None, tta=None, worst=20):
+def evaluate_run(run_dir, split="test", which=None, device=None, tta=None, worst=20, out=None):
     """Metrics, per-class accuracy, the confusion matrix (CSV + PNG) and the ``worst``
-    worst-classified images (PNG) of a run; ``tta`` a preset or view list (see :mod:`.tta`)."""
+    worst-classified images (PNG) of a run, written into ``out`` (default: the run
+    directory); ``tta`` a preset or view list (see :mod:`.tta`)."""
     from .tta import parse_views, predict, softmax
 
     views = parse_views(tta, where="--tta")
@@ -78,37 +105,24 @@ def evaluate_run(run_dir, split="test", which=None, device=None, tta=None, worst
                          f"{', '.join(v.describe() for v in views)}): accuracy {prediction.accuracy:.4f}  "
                          f"loss {prediction.loss:.4f}  ({prediction.seconds:.1f}s, "
                          f"{len(views)}x the forward passes)")
-        predicted = probabilities.argmax(axis=-1)
-        matrix = confusion_matrix(predicted, result["targets"], num_classes)
-        support = matrix.sum(axis=1)
-        per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
         names = live.dataset.class_names or [str(c) for c in range(num_classes)]
-        lines.append("per-class accuracy:")
-        for c in range(num_classes):
-            lines.append(f"  {c:>3} {str(names[c])[:28]:<28} {per_class[c]:.4f}  (n={support[c]})")
-        out = pathlib.Path(run_dir)
-        csv_path = out / f"confusion_{split}.csv"
-        header = ",".join(["true\\pred"] + [str(c) for c in range(num_classes)])
-        rows = [header] + [",".join([str(c)] + [str(v) for v in matrix[c]]) for c in range(num_classes)]
-        csv_path.write_text("\n".join(rows) + "\n")
-        files.append(csv_path)
-        from ..viz.confusion import plot_confusion
-
-        files.append(plot_confusion(matrix, out / f"confusion_{split}.png", title=f"{split} confusion matrix"))
-        if worst:
-            from ..viz.worst import plot_worst
-
-            files.append(plot_worst(live.dataset.splits[split].x, probabilities, result["targets"], names,
-                                    out / f"worst_{split}.png", count=worst,
-                                    title=f"the {worst} worst-classified {split} images"))
+        matrix, per_class, files = class_report(probabilities, result["targets"], names,
+                                                live.dataset.splits[split].x, pathlib.Path(out or run_dir), split,
+                                                worst, lines)
         lines.append("wrote " + ", ".join(str(f) for f in files))
         metrics["per_class_accuracy"] = per_class
     return EvalReport(metrics, matrix, files, "\n".join(lines))
 
 
-def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None):
+def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None, worst=20, out=None):
     """Average the members' class probabilities (IDSIA's multi-column net); each member
-    keeps its own preprocessing, input size and architecture.  Returns an :class:`EvalReport`."""
+    keeps its own preprocessing, input size and architecture.  Writes the committee's
+    per-class accuracy, confusion matrix (CSV + PNG), ``worst`` worst-classified images
+    (as the first member sees them) and ``committee_<split>.json`` (members, their
+    accuracies and the committee's) into ``out``, by default a ``committee`` folder next
+    to the first member.  Returns an :class:`EvalReport`."""
+    import json
+
     from .tta import parse_views, predict
 
     if len(run_dirs) < 2:
@@ -121,6 +135,8 @@ def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None
         prediction = predict(live, split, views)
         if targets is None:
             targets, first = prediction.targets, run_dir
+            names = live.dataset.class_names or [str(c) for c in range(prediction.probabilities.shape[1])]
+            images = live.dataset.splits[split].x
         elif len(prediction.targets) != len(targets) or not np.array_equal(prediction.targets, targets):
             raise ConfigError(f"{run_dir}: its {split} split differs from {first}'s (committee members must be "
                               f"evaluated on the same samples in the same order)")
@@ -131,4 +147,12 @@ def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None
     tta_text = f", test-time augmentation {len(views)} views" if len(views) > 1 else ""
     lines.append(f"committee of {len(members)}{tta_text}: {split} accuracy {accuracy:.4f}")
     metrics = {"accuracy": accuracy, "member_accuracy": [m.accuracy for m in members]}
-    return EvalReport(metrics, None, [], "\n".join(lines))
+    out = pathlib.Path(out) if out is not None else pathlib.Path(run_dirs[0]).parent / "committee"
+    matrix, per_class, files = class_report(probabilities, targets, names, images, out, split, worst, lines)
+    summary = out / f"committee_{split}.json"
+    summary.write_text(json.dumps({"members": [str(r) for r in run_dirs], "checkpoint": which, "views": len(views),
+                                   "member_accuracy": metrics["member_accuracy"], "accuracy": accuracy}, indent=1))
+    files.append(summary)
+    lines.append("wrote " + ", ".join(str(f) for f in files))
+    metrics["per_class_accuracy"] = per_class
+    return EvalReport(metrics, matrix, files, "\n".join(lines))
