@@ -26,8 +26,9 @@ takes them again (:func:`start_run` with ``pinned``) whatever the cache says by
 then: a close call measured again, or a new generation of kernels, would otherwise
 give the resumed epochs other float32 rounding than the uninterrupted run had.
 
-Users: Conv2D (per-sample, whole-batch or banded lowering) and the recurrent layers (rows
-per BLAS call of the per-step product, ``Recurrent._time_loop``).
+Users: Conv2D (per-sample, whole-batch or banded lowering, shifted products, Winograd)
+and the recurrent layers (rows per BLAS call of the per-step product,
+``Recurrent._time_loop``).
 """
 import functools
 import json
