@@ -86,4 +86,5 @@ def train_committee(path, *, client=None, out=None):
     results = run_points(spec.experiment, points, client=client, desc="committee", **run_options)
     run_dirs = [result.run_dir for _, result in results]
     # Next to the members, named after the committee file: two committees in one runs folder keep their reports.
-    return run_dirs, evaluate_committee(run_dirs, tta=spec.tta, out=pathlib.Path(run_dirs[0]).parent / pathlib.Path(path).stem)
+    report_dir = pathlib.Path(run_dirs[0]).parent / pathlib.Path(path).stem
+    return run_dirs, evaluate_committee(run_dirs, tta=spec.tta, out=report_dir)
