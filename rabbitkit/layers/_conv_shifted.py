@@ -27,7 +27,13 @@ from numba import prange
 from ..backend.cpu import KERNEL_BLAS_UNPACKED_PRODUCTS, UNPACKED_PRODUCT_LIMIT, kernel
 from ..backend.gemm import gemm
 from . import _conv_lowering
-from ._conv_lowering import band_bounds, load_output_grad, parity_band_bounds, parity_bands, store_output
+from ._conv_lowering import (
+    band_bounds,
+    load_output_grad,
+    parity_band_bounds,
+    parity_bands,
+    store_output,
+)
 
 SHIFTED = "shifted"
 
