@@ -211,7 +211,7 @@ def start_run(pinned=None):
     with _lock:
         _used.clear()
         _pinned.clear()
-        _pinned.update({str(key): str(choice) for key, choice in (pinned or {}).items()})
+        _pinned.update(pinned or {})
         _used.update(_pinned)
 
 

@@ -1,5 +1,6 @@
 """``rabbit eval``: accuracy, per-class accuracy and a confusion matrix of a trained run."""
 import dataclasses
+import json
 import pathlib
 
 import numpy as np
@@ -7,6 +8,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint
 from . import config as config_module
+from .rundir import atomic_write_text
 from .trainer import BEST, LAST, Run
 
 
@@ -49,14 +51,16 @@ def confusion_matrix(predicted, targets, num_classes):
     return matrix
 
 
-def class_report(probabilities, targets, names, images, out, split, worst, lines):
+def class_report(probabilities, targets, class_names, images, out, split, worst, lines):
     """Per-class accuracy (appended to ``lines``), the confusion matrix as CSV and PNG and
     the ``worst`` worst-classified ``images`` as a PNG, written into ``out`` (created if
-    needed); returns (confusion matrix, per-class accuracy, the files written)."""
+    needed); ``class_names`` None: the class numbers.  Returns (confusion matrix,
+    per-class accuracy, the files written)."""
     from ..viz.confusion import plot_confusion
     from ..viz.worst import plot_worst
 
     num_classes = probabilities.shape[1]
+    names = class_names or [str(c) for c in range(num_classes)]
     matrix = confusion_matrix(probabilities.argmax(axis=-1), targets, num_classes)
     support = matrix.sum(axis=1)
     per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
@@ -95,7 +99,6 @@ def evaluate_run(run_dir, split="test", which=None, device=None, tta=None, worst
     files = []
     matrix = None
     if live.task == "classification":
-        num_classes = live.feeder.num_outputs
         probabilities = softmax(np.asarray(result["outputs"], dtype=np.float64))
         if len(views) > 1 or not views[0].identity:
             prediction = predict(live, split, views)
@@ -105,8 +108,7 @@ def evaluate_run(run_dir, split="test", which=None, device=None, tta=None, worst
                          f"{', '.join(v.describe() for v in views)}): accuracy {prediction.accuracy:.4f}  "
                          f"loss {prediction.loss:.4f}  ({prediction.seconds:.1f}s, "
                          f"{len(views)}x the forward passes)")
-        names = live.dataset.class_names or [str(c) for c in range(num_classes)]
-        matrix, per_class, files = class_report(probabilities, result["targets"], names,
+        matrix, per_class, files = class_report(probabilities, result["targets"], live.dataset.class_names,
                                                 live.dataset.splits[split].x, pathlib.Path(out or run_dir), split,
                                                 worst, lines)
         lines.append("wrote " + ", ".join(str(f) for f in files))
@@ -121,8 +123,6 @@ def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None
     (as the first member sees them) and ``committee_<split>.json`` (members, their
     accuracies and the committee's) into ``out``, by default a ``committee`` folder next
     to the first member.  Returns an :class:`EvalReport`."""
-    import json
-
     from .tta import parse_views, predict
 
     if len(run_dirs) < 2:
@@ -135,7 +135,7 @@ def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None
         prediction = predict(live, split, views)
         if targets is None:
             targets, first = prediction.targets, run_dir
-            names = live.dataset.class_names or [str(c) for c in range(prediction.probabilities.shape[1])]
+            names = live.dataset.class_names
             images = live.dataset.splits[split].x
         elif len(prediction.targets) != len(targets) or not np.array_equal(prediction.targets, targets):
             raise ConfigError(f"{run_dir}: its {split} split differs from {first}'s (committee members must be "
@@ -150,7 +150,7 @@ def evaluate_committee(run_dirs, split="test", which=None, device=None, tta=None
     out = pathlib.Path(out) if out is not None else pathlib.Path(run_dirs[0]).parent / "committee"
     matrix, per_class, files = class_report(probabilities, targets, names, images, out, split, worst, lines)
     summary = out / f"committee_{split}.json"
-    summary.write_text(json.dumps({"members": [str(r) for r in run_dirs], "checkpoint": which, "views": len(views),
+    atomic_write_text(summary, json.dumps({"members": [str(r) for r in run_dirs], "checkpoint": which, "views": len(views),
                                    "member_accuracy": metrics["member_accuracy"], "accuracy": accuracy}, indent=1))
     files.append(summary)
     lines.append("wrote " + ", ".join(str(f) for f in files))
