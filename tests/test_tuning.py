@@ -1,6 +1,7 @@
 """Choosing kernel variants by measuring (rabbitkit.backend.tuning)."""
 import json
 import pathlib
+import re
 import time
 
 import numpy as np
@@ -557,3 +558,80 @@ def test_a_checkpoint_with_damaged_kernel_choices_is_refused_in_one_line(tuner, 
     with pytest.raises(CheckpointError, match=r"last.safetensors: 'kernel_choices' must map kernel shapes to "
                                               r"variant names, got \['banded'\]"):
         api.resume(run.run_dir, quiet=True, epochs=2)
+
+
+def test_a_pinned_choice_is_taken_unmeasured_even_with_tuning_off(tuner):
+    measured = []
+    candidates = {"plain": lambda: measured.append("plain"), "fancy": lambda: measured.append("fancy")}
+    tuning.start_run(pinned={"op.pinned (3, 5)": "fancy", "op.gone (1,)": "plain"})
+    tuning.set_enabled(False)
+    assert tuning.choose("op.pinned", (3, 5), candidates, default="plain") == "fancy"
+    assert tuning.choose("op.other", (3, 5), candidates, default="plain") == "plain"
+    tuning.set_enabled(True)
+    # A pin naming no candidate of the shape (another version's variant) is not taken.
+    tuning.start_run(pinned={"op.pinned (3, 5)": "retired"})
+    assert tuning.choose("op.pinned", (3, 5), candidates, default="plain") in candidates
+    assert measured and tuning.used()["op.pinned (3, 5)"] in candidates
+    assert measured.count("plain") == measured.count("fancy") == 1 + tuning.TIMED_CALLS
+
+
+def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repeats_it(tuner, tmp_path,
+                                                                                       monkeypatch):
+    """`experiment.kernel_choices = RUN`: the variants RUN chose, whatever the cache says
+    now, so the same seed on the same machine gives RUN's history bit for bit."""
+    monkeypatch.setenv("RABBIT_TUNE", "1")
+    import rabbitkit
+
+    from test_pretrained import make_image_folder
+    from test_trainer import history_without_timing
+
+    folder = make_image_folder(tmp_path / "images", count=6)
+    reference = rabbitkit.run(conv_experiment(folder, 2), out=tmp_path / "runs", quiet=True)
+    chosen = json.loads((reference.run_dir / tuning.CHOICES_FILE).read_text())
+    assert chosen and chosen == tuning.used()
+    stored = json.loads(tuner.read_text())
+    (records,) = stored.values()
+    for key, record in records.items():
+        record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
+        record["rounds"] = tuning.MEASURING_ROUNDS
+    tuner.write_text(json.dumps(stored))
+    tuning.forget()
+    # Without the key a fresh run follows the cache ...
+    rabbitkit.run(conv_experiment(folder, 1), out=tmp_path / "runs", quiet=True)
+    assert all(tuning.used()[key] == records[key]["choice"] != chosen[key] for key in chosen)
+    # ... with it, the reference run's variants and its history, from the folder or the file,
+    # and with tuning off too (the choices are replayed, not measured).
+    for source, tune in ((reference.run_dir, True), (reference.run_dir / tuning.CHOICES_FILE, False)):
+        config = conv_experiment(folder, 2)
+        config["experiment"].update(kernel_choices=str(source), tune=tune)
+        replay = rabbitkit.run(config, out=tmp_path / "runs", quiet=True)
+        assert tuning.used() == chosen
+        assert json.loads((replay.run_dir / tuning.CHOICES_FILE).read_text()) == chosen
+        assert history_without_timing(replay.history) == history_without_timing(reference.history)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, r"no such file \(kernel choices: a run's folder, which holds kernel_choices.json, or such a file\)"),
+    ("{not json", r"not a kernel-choices JSON file \(Expecting property name"),
+    ('{"conv2d.forward (1, 2)": 3}', r"kernel choices must be a JSON object of kernel shapes to variant names, "
+                                     r'got \{"conv2d.forward \(1, 2\)": 3\}'),
+    ('["banded"]', r'must be a JSON object .*got \["banded"\]'),
+])
+def test_kernel_choices_that_cannot_be_read_are_refused_in_one_line_naming_the_file(tmp_path, content, expected):
+    from rabbitkit.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if content is not None:
+        (run_dir / tuning.CHOICES_FILE).write_text(content)
+    experiment = tmp_path / "exp.toml"
+    experiment.write_text('[experiment]\nname = "x"\n[data]\ndataset = "function1d"\n[model]\narchitecture = "mlp"\n'
+                          '[train]\nepochs = 1\n[output]\nvisualizers = []\n')
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(main, ["run", str(experiment), "--set", f"experiment.kernel_choices={run_dir}",
+                                       "--out", str(tmp_path / "runs")])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(run_dir / tuning.CHOICES_FILE) in lines[0], result.output
+    assert re.search(expected, lines[0]), lines[0]

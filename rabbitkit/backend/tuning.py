@@ -24,7 +24,10 @@ then takes its built-in default and runs are bit-reproducible.
 A run keeps the choices it used in its checkpoints (:func:`used`), and a resumed run
 takes them again (:func:`start_run` with ``pinned``) whatever the cache says by
 then: a close call measured again, or a new generation of kernels, would otherwise
-give the resumed epochs other float32 rounding than the uninterrupted run had.
+give the resumed epochs other float32 rounding than the uninterrupted run had.  A
+run also writes them to ``kernel_choices.json`` in its folder, and a fresh run given
+that folder (``[experiment] kernel_choices``, :func:`read_choices`) takes them too:
+the same seed on the same machine then reproduces that run bit for bit.
 
 Users: Conv2D (per-sample, whole-batch or banded lowering, shifted products, Winograd)
 and the recurrent layers (rows per BLAS call of the per-step product,
@@ -144,16 +147,19 @@ def choose(op, shape, candidates, default, setup=None, release=None):
     1 + TIMED_CALLS times when measured.  ``setup``, if given, runs untimed before
     every call (e.g. to restore inputs a candidate overwrites in place).  ``release``,
     if given, runs once after a measurement, to free what the losing candidates
-    allocated (their scratch would otherwise stay for the rest of the run).  With
-    tuning off, returns ``default``.
+    allocated (their scratch would otherwise stay for the rest of the run).  A
+    choice pinned by :func:`start_run` comes first; otherwise, with tuning off,
+    returns ``default``.
     """
-    if not enabled() or len(candidates) < 2:
-        return default
     op_key = f"{op} {shape}"
     with _lock:
+        # Pins first: a run replaying another's choices takes them with tuning off too.
         if _pinned.get(op_key) in candidates:
             _used[op_key] = _pinned[op_key]
             return _pinned[op_key]
+    if not enabled() or len(candidates) < 2:
+        return default
+    with _lock:
         known = _machine_choices().get(op_key)
         # A stored choice holds while the candidates are the ones it was measured
         # among (a candidate added in a later version is measured, not ignored) and
@@ -213,6 +219,31 @@ def start_run(pinned=None):
         _pinned.clear()
         _pinned.update(pinned or {})
         _used.update(_pinned)
+
+
+CHOICES_FILE = "kernel_choices.json"  # in a run's folder: the choices of its latest checkpoint
+
+
+def read_choices(path):
+    """The kernel choices a run kept ({op key: choice}): ``path`` is its folder (with
+    :data:`CHOICES_FILE`) or such a file.  Raises ConfigError in one line naming the
+    file where it is missing or is not a JSON object of variant names."""
+    from ..errors import ConfigError
+
+    path = os.fspath(path)
+    file = os.path.join(path, CHOICES_FILE) if os.path.isdir(path) else path
+    try:
+        with open(file) as handle:
+            choices = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file (kernel choices: a run's folder, which holds {CHOICES_FILE}, "
+                          "or such a file)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{file}: not a kernel-choices JSON file ({error})") from None
+    if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
+        raise ConfigError(f"{file}: kernel choices must be a JSON object of kernel shapes to variant names, "
+                          f"got {json.dumps(choices)[:80]}")
+    return choices
 
 
 def used():

@@ -76,6 +76,7 @@ SCHEMA = {
         "threads": Key(int, 0, minimum=0, help="Threads for Numba kernels (0 = all cores); BLAS keeps its own setting."),
         "dtype": Key(str, "float32", choices=("float32", "float64"), help="Floating-point type of the model."),
         "tune": Key(bool, True, help="Time kernel variants on first use of a shape and keep the fastest (cached per machine); false: built-in defaults, bit-reproducible runs (RABBIT_TUNE=0 does the same)."),
+        "kernel_choices": Key(str, None, help="Take the kernel variants another run chose: its folder (or its kernel_choices.json), relative to the working directory; with the same seed on the same machine the run repeats it bit for bit. Shapes it does not name are tuned as usual."),
     },
     "data": {
         "dataset": Key(str, required=True, help="Dataset plugin name (`rabbit plugins`); its options go in this table too."),

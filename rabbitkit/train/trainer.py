@@ -74,7 +74,9 @@ class Run:
         self._set_threads(config["experiment"]["threads"])
         # tune = false fixes every kernel variant to its default; otherwise RABBIT_TUNE decides (default on).
         tuning.set_enabled(None if config["experiment"]["tune"] else False)
-        tuning.start_run()  # restore() pins the choices a resumed run had made
+        # Another run's choices, replayed; restore() pins a resumed run's own instead.
+        replayed = config["experiment"]["kernel_choices"]
+        tuning.start_run(pinned=tuning.read_choices(replayed) if replayed else None)
 
         from .. import random as rk_random
 
@@ -148,6 +150,7 @@ class Run:
     def save_checkpoint(self, name=LAST, position=None):
         groups, metadata = self._state(position)
         checkpoint.save(self.directory.checkpoints / name, groups, metadata)
+        self.directory.write_json(tuning.CHOICES_FILE, metadata["kernel_choices"])
 
     def restore(self, path):
         """Load a checkpoint into this run (weights, optimizer, schedule, history, position)."""
