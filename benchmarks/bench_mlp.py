@@ -16,7 +16,11 @@ noise hits both alike; medians are reported.  Benchmark-only dependency: torch.
 Two measurements per case: both frameworks interleaved in this process, and each
 framework alone in a fresh process (``--alone``, run automatically one after the
 other).  The "alone" figures are the fair ones: in one process each side's thread
-pools (Numba's and PyTorch's OpenMP, two OpenBLAS libraries) slow the other.
+pools (Numba's and PyTorch's OpenMP, two OpenBLAS libraries) slow the other.  On a
+shared machine the speed of either side drifts over minutes (PyTorch's tiny-MLP
+step moved 350-1,360 steps/s in one hour), so the alone runs come in ``--pairs``
+(default 5): a rabbitkit process and a PyTorch process one after the other, the
+order alternating, and the figure is the median of the pairs' ratios.
 
 rabbitkit is imported before numpy, so its OpenBLAS settings apply (see
 rabbitkit/__init__.py and rabbitkit/backend/cpu.py); the PyTorch-alone process never
@@ -28,11 +32,14 @@ import sys
 if "pytorch" not in sys.argv:
     import rabbitkit  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT)
 import argparse
+import json
 import statistics
 import subprocess
 import time
 
 import numpy as np
+
+ALONE_RESULT = "alone-result "  # the line an --alone process ends with (JSON: case -> steps/s)
 
 CASES = {
     "a": dict(title="(a) 1-64-64-1 tanh, batch 256, squared error, SGD", sizes=(1, 64, 64, 1), activation="tanh",
@@ -164,17 +171,26 @@ def main(argv=None):
                         help="limit the BLAS pools (numpy/scipy OpenBLAS) to this many threads")
     parser.add_argument("--alone", choices=("rabbitkit", "pytorch"),
                         help="time one framework only, in this process (used for the 'alone' runs)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="alone runs: process pairs, one per side, order alternating (default 5, quick 1)")
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads is None and args.alone != "pytorch":
         import numba
 
         args.threads = numba.get_num_threads()
+    main_interleaved(args)
     if args.alone is None:
-        main_interleaved(args)
-        for side in ("rabbitkit", "pytorch"):
-            import subprocess
+        alone_pairs(args)
 
+
+def alone_pairs(args):
+    """Each side alone in its own process, ``--pairs`` times; per case the pairs' rates
+    and ratios, and the median ratio (the figure to trust on a noisy machine)."""
+    pairs = args.pairs or (1 if args.quick else 5)
+    rates = {key: {"rabbitkit": [], "pytorch": []} for key in args.cases}
+    for pair in range(pairs):
+        for side in ("rabbitkit", "pytorch") if pair % 2 == 0 else ("pytorch", "rabbitkit"):
             # The PyTorch process imports neither rabbitkit nor Numba: no second OpenMP
             # runtime and none of rabbitkit's thread settings reach it.
             command = [sys.executable, __file__, "--alone", side, "--cases", args.cases, "--threads", str(args.threads)]
@@ -182,11 +198,26 @@ def main(argv=None):
             command += ["--repeats", str(args.repeats)] if args.repeats else []
             command += ["--seconds", str(args.seconds)] if args.seconds else []
             command += ["--blas-threads", str(args.blas_threads)] if args.blas_threads is not None else []
-            print(f"-- {side} alone in its own process --", flush=True)
             env = rabbitkit.foreign_environment() if side == "pytorch" else None
-            subprocess.run(command, check=True, env=env)
-        return
-    main_interleaved(args)
+            output = subprocess.run(command, check=True, env=env, capture_output=True, text=True).stdout
+            lines = output.splitlines()
+            if pair == 0:  # the environment and the first pair's details, once per side
+                print(f"-- {side} alone in its own process --")
+                print("\n".join(line for line in lines if not line.startswith(ALONE_RESULT)), flush=True)
+            result = json.loads(next(line for line in lines if line.startswith(ALONE_RESULT))[len(ALONE_RESULT):])
+            for key, rate in result.items():
+                rates[key][side].append(rate)
+    print(f"\n-- alone, {pairs} process pair(s), order alternating: steps/s per pair --")
+    for key in args.cases:
+        case, sides = CASES[key], rates[key]
+        ratios = [r / p for r, p in zip(sides["rabbitkit"], sides["pytorch"])]
+        median = statistics.median(ratios)
+        verdict = "meets" if median >= case["goal"] else "below"
+        print(case["title"])
+        for name in ("rabbitkit", "pytorch"):
+            print(f"  {name:9s} " + " / ".join(f"{rate:,.0f}" for rate in sides[name]))
+        print("  ratios    " + " / ".join(f"{ratio:.2f}x" for ratio in ratios)
+              + f"; median {median:.2f}x, lowest {min(ratios):.2f}x ({verdict} the goal of {case['goal']:g}x)")
 
 
 def main_interleaved(args):
@@ -215,6 +246,7 @@ def main_interleaved(args):
     print(describe_environment(torch, with_numba=args.alone != "pytorch"))
     if args.quick:
         print("quick run: a sanity check, the numbers are not meaningful")
+    results = {}
     for key in args.cases:
         case = CASES[key]
         x, t = make_batch(case)
@@ -244,10 +276,14 @@ def main_interleaved(args):
             spread = f"{min(values):,.0f}-{max(values):,.0f}"
             print(f"  {name:9s} {medians[name]:10,.0f} steps/s (median of {repeats}, range {spread}), "
                   f"loss now {steps[name]():.4f}")
+        results[key] = medians.get(args.alone)
         if "pytorch" in medians and "rabbitkit" in medians:
             ratio = medians["rabbitkit"] / medians["pytorch"]
             verdict = "meets" if ratio >= case["goal"] else "below"
             print(f"  ratio rabbitkit/pytorch {ratio:.2f}x ({verdict} the goal of {case['goal']:g}x)")
+
+    if args.alone is not None:  # for the parent's pairs: each case's median steps/s
+        print(ALONE_RESULT + json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -613,8 +613,8 @@ def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repe
 @pytest.mark.parametrize("content, expected", [
     (None, r"no such file \(kernel choices: a run's folder, which holds kernel_choices.json, or such a file\)"),
     ("{not json", r"not a kernel-choices JSON file \(Expecting property name"),
-    ('{"conv2d.forward (1, 2)": 3}', r"kernel choices must be a JSON object of kernel shapes to variant names, "
-                                     r'got \{"conv2d.forward \(1, 2\)": 3\}'),
+    ('{"conv2d.forward (1, 2)": 3}', (r"kernel choices must be a JSON object of kernel shapes to variant names, "
+                                      r'got \{"conv2d.forward \(1, 2\)": 3\}')),
     ('["banded"]', r'must be a JSON object .*got \["banded"\]'),
 ])
 def test_kernel_choices_that_cannot_be_read_are_refused_in_one_line_naming_the_file(tmp_path, content, expected):
