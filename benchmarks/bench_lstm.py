@@ -206,6 +206,38 @@ def main(argv=None):
         print(f"| {side} | {' / '.join(f'{s * 1e3:.2f}' for s in seconds)} | {BATCH / np.median(seconds):,.0f} |")
     print(f"\nalone: rabbitkit / PyTorch speed per pair {' / '.join(f'{r:.2f}x' for r in ratios)}; "
           f"median {np.median(ratios):.2f}x, lowest {min(ratios):.2f}x (goal >= 1.5x)")
+    # The bound: the step's products against this machine's own best float32 product rate.
+    rate = {side: STEP_FLOP / np.median(seconds) / 1e9 for side, seconds in alone.items()}
+    fastest_torch = min(alone["pytorch"])
+    print(f"work: {STEP_FLOP / 1e9:.2f} GFLOP of products per step ({PYTORCH_EXTRA_FLOP / 1e9:.2f} more on PyTorch's "
+          f"side, whose one-hot input is a dense product); rabbitkit {rate['rabbitkit']:.0f} GFLOP/s, "
+          f"PyTorch {rate['pytorch']:.0f} GFLOP/s at their medians; numpy's 2048^3 float32 product "
+          f"{matmul_gflops():.0f} GFLOP/s. 1.5x PyTorch's fastest pair ({fastest_torch * 1e3:.2f} ms) "
+          f"takes {1.5 * STEP_FLOP / fastest_torch / 1e9:.0f} GFLOP/s.")
+
+
+# Multiply-adds x 2 of one step's products, N*T rows each.  Forward: the second
+# layer's input projection and both layers' recurrent products (the first layer's
+# input projection of one-hot codes is a row gather); backward: both layers' h
+# gradients and recurrent weight gradients, the second layer's input weight gradient
+# and input gradient (the first's input gradient is not wanted, its weight gradient
+# is a row scatter); and the head, forward, weight and input gradient.
+_ROWS, _GATES = BATCH * SEQ, 4 * HIDDEN
+STEP_FLOP = 2 * _ROWS * (9 * HIDDEN * _GATES + 3 * HIDDEN * VOCAB)
+PYTORCH_EXTRA_FLOP = 2 * _ROWS * 2 * VOCAB * _GATES  # its one-hot layer: input projection, weight gradient
+
+
+def matmul_gflops(size=2048, repeats=5):
+    """numpy's float32 product rate (best of ``repeats``), the machine's practical peak."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    np.dot(a, a, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.dot(a, a, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def time_alone(args, threads, blocks, steps):
