@@ -16,7 +16,9 @@ Reports, as a markdown table:
   once in this process and once with each side alone in its own subprocess (the
   fair figures: with PyTorch loaded, rabbitkit's kernels run 30-40% slower here);
 * peak RSS (VmHWM) and images/s of each side training alone in its own
-  subprocess (no second OpenMP runtime in the process);
+  subprocess (no second OpenMP runtime in the process), in ``--pairs`` of
+  processes (default 5), the order alternating, with each pair's ratio and the
+  median: on a shared machine either side's speed drifts over minutes;
 * rabbitkit's first-step time with an empty Numba cache (compilation) and in a
   second process that loads the cache (warm start);
 * which BLAS libraries and kernels ran (threadpoolctl).
@@ -29,6 +31,7 @@ leave the environment alone.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -338,6 +341,8 @@ def numba_threads():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short sanity run")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="alone training runs: process pairs, order alternating (default 5, quick 1)")
     parser.add_argument("--child", choices=["rss-rabbit", "rss-torch", "layers-rabbit", "layers-torch", "startup"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -403,12 +408,20 @@ def main():
               for side in ("rabbit", "torch")}
     print(f"\nthe same, each side alone in its own process; numpy matmul there: {layers['rabbit']['matmul']:.0f} GFLOP/s\n")
     print_layer_table(layers["rabbit"]["matmul"], layers["rabbit"]["rows"], layers["torch"]["rows"])
-    alone = {side: run_child(["--child", f"rss-{side}"] + quick, rabbitkit.foreign_environment() if side == "torch" else None)
-             for side in ("rabbit", "torch")}
-    print("\n| training alone, own process | peak RSS MB | images/s |")
+    pairs = args.pairs or (1 if args.quick else 5)
+    alone = {"rabbit": [], "torch": []}
+    for pair in range(pairs):
+        for side in ("rabbit", "torch") if pair % 2 == 0 else ("torch", "rabbit"):
+            alone[side].append(run_child(["--child", f"rss-{side}"] + quick,
+                                         rabbitkit.foreign_environment() if side == "torch" else None))
+    print(f"\n| training alone, own process ({pairs} pairs) | peak RSS MB, highest | images/s, per pair |")
     print("|---|---|---|")
     for side, name in (("rabbit", "rabbitkit"), ("torch", "PyTorch")):
-        print(f"| {name} | {alone[side]['rss_mb']:.0f} | {alone[side]['images_per_s']:,.0f} |")
+        print(f"| {name} | {max(r['rss_mb'] for r in alone[side]):.0f} | "
+              f"{' / '.join(format(r['images_per_s'], ',.0f') for r in alone[side])} |")
+    ratios = [r["images_per_s"] / t["images_per_s"] for r, t in zip(alone["rabbit"], alone["torch"])]
+    print(f"\nalone: rabbitkit / PyTorch training speed per pair {' / '.join(f'{q:.2f}x' for q in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x, lowest {min(ratios):.2f}x (goal >= 1.0x)")
 
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
