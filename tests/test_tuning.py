@@ -581,6 +581,7 @@ def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repe
     now, so the same seed on the same machine gives RUN's history bit for bit."""
     monkeypatch.setenv("RABBIT_TUNE", "1")
     import rabbitkit
+    from rabbitkit.train import checkpoint
 
     from test_pretrained import make_image_folder
     from test_trainer import history_without_timing
@@ -589,6 +590,9 @@ def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repe
     reference = rabbitkit.run(conv_experiment(folder, 2), out=tmp_path / "runs", quiet=True)
     chosen = json.loads((reference.run_dir / tuning.CHOICES_FILE).read_text())
     assert chosen and chosen == tuning.used()
+    # The last checkpoint's choices are the training's; the folder's file adds the test's shapes.
+    _, metadata = checkpoint.load(reference.run_dir / "checkpoints" / "last.safetensors")
+    assert metadata["kernel_choices"].items() <= chosen.items()
     stored = json.loads(tuner.read_text())
     (records,) = stored.values()
     for key, record in records.items():

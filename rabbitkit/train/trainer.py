@@ -463,6 +463,8 @@ class Run:
                 final["test_bpc"] = final["test_loss"] / math.log(2)
             self.log("test: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("test_")))
             final.update(self._test_time_augmentation())
+        # With the test's shapes too (another batch size): a replay then tests as this run did.
+        self.directory.write_json(tuning.CHOICES_FILE, tuning.used())
         self.directory.write_json("final_metrics.json", final)
         for name, visualizer in self.visualizers:
             try:
