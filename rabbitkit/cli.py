@@ -30,8 +30,29 @@ def _manager(ctx):
     return manager
 
 
+def version_lines():
+    """``rabbit --version``: the version, and what the kernels run on here (what a
+    speed figure or a bug report needs: processor, BLAS and its kernel, threads)."""
+    import numba
+    import numpy
+
+    from .backend import tuning
+
+    return [f"rabbit, version {__version__}",
+            f"CPU: {tuning.cpu_model()}; kernel BLAS: {tuning.blas_description()}; "
+            f"numba {numba.__version__} ({numba.get_num_threads()} threads); "
+            f"numpy {numpy.__version__}"]
+
+
+def _print_version(ctx, _param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo("\n".join(version_lines()))
+        ctx.exit()
+
+
 @click.group(cls=RabbitGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="rabbit")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and the processor, BLAS and threads the kernels use, and exit.")
 @click.option("-p", "plugins", multiple=True, metavar="MODULE", help="Load a plugin module by import path (repeatable).")
 @click.pass_context
 def main(ctx, plugins):

@@ -31,8 +31,13 @@ def invoke(*args):
 
 
 def test_version():
+    from rabbitkit.backend import tuning
+
     result = invoke("--version")
-    assert result.exit_code == 0 and __version__ in result.output
+    assert result.exit_code == 0
+    first, machine = result.output.strip().splitlines()
+    assert first == f"rabbit, version {__version__}"
+    assert machine.startswith(f"CPU: {tuning.cpu_model()}; kernel BLAS: {tuning.blas_description()}; numba ")
 
 
 def test_plugins_lists_every_kind_with_providers():
