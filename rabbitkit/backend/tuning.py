@@ -221,7 +221,7 @@ def start_run(pinned=None):
         _used.update(_pinned)
 
 
-CHOICES_FILE = "kernel_choices.json"  # in a run's folder: the choices of its latest checkpoint
+CHOICES_FILE = "kernel_choices.json"  # in a run's folder: its choices so far (with each checkpoint, after the test)
 
 
 def read_choices(path):
