@@ -506,6 +506,19 @@ def conv_experiment(folder, epochs):
     }
 
 
+def cache_changes_its_mind(tuner, chosen):
+    """Rewrite the tuning cache to name, for every shape it holds, a candidate other than
+    ``chosen``'s, settled for good (as a close call measured again could); its records."""
+    stored = json.loads(tuner.read_text())
+    (records,) = stored.values()
+    for key, record in records.items():
+        record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
+        record["rounds"] = tuning.MEASURING_ROUNDS
+    tuner.write_text(json.dumps(stored))
+    tuning.forget()
+    return records
+
+
 def test_a_resumed_run_keeps_the_kernel_choices_it_started_with(tuner, tmp_path, monkeypatch):
     """The checkpoints keep the variants a run chose; resumed after the cache changed
     its mind (a close call measured again, a new generation of kernels), the run takes
@@ -524,13 +537,7 @@ def test_a_resumed_run_keeps_the_kernel_choices_it_started_with(tuner, tmp_path,
     assert chosen and all(key.startswith("conv2d.") for key in chosen)
     short = rabbitkit.run(conv_experiment(folder, 1), out=tmp_path / "runs", quiet=True)
     # The cache now names another candidate for every shape the run met.
-    stored = json.loads(tuner.read_text())
-    (records,) = stored.values()
-    for key, record in records.items():
-        record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
-        record["rounds"] = tuning.MEASURING_ROUNDS
-    tuner.write_text(json.dumps(stored))
-    tuning.forget()
+    records = cache_changes_its_mind(tuner, chosen)
     assert tuning.known_choices()[next(iter(chosen))]["choice"] != chosen[next(iter(chosen))]
     extended = api.resume(short.run_dir, quiet=True, epochs=3)
     assert tuning.used() == chosen
@@ -593,13 +600,7 @@ def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repe
     # The last checkpoint's choices are the training's; the folder's file adds the test's shapes.
     _, metadata = checkpoint.load(reference.run_dir / "checkpoints" / "last.safetensors")
     assert metadata["kernel_choices"].items() <= chosen.items()
-    stored = json.loads(tuner.read_text())
-    (records,) = stored.values()
-    for key, record in records.items():
-        record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
-        record["rounds"] = tuning.MEASURING_ROUNDS
-    tuner.write_text(json.dumps(stored))
-    tuning.forget()
+    records = cache_changes_its_mind(tuner, chosen)
     # Without the key a fresh run follows the cache ...
     rabbitkit.run(conv_experiment(folder, 1), out=tmp_path / "runs", quiet=True)
     assert all(tuning.used()[key] == records[key]["choice"] != chosen[key] for key in chosen)
