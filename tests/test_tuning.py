@@ -588,7 +588,7 @@ def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repe
     now, so the same seed on the same machine gives RUN's history bit for bit."""
     monkeypatch.setenv("RABBIT_TUNE", "1")
     import rabbitkit
-    from rabbitkit.train import checkpoint
+    from rabbitkit.train import api, checkpoint, evaluate
 
     from test_pretrained import make_image_folder
     from test_trainer import history_without_timing
@@ -613,6 +613,18 @@ def test_a_fresh_run_given_another_runs_folder_takes_its_kernel_choices_and_repe
         assert tuning.used() == chosen
         assert json.loads((replay.run_dir / tuning.CHOICES_FILE).read_text()) == chosen
         assert history_without_timing(replay.history) == history_without_timing(reference.history)
+    # Resuming a replaying run needs its own checkpoint only, not the run it replayed.
+    config = conv_experiment(folder, 1)
+    config["experiment"]["kernel_choices"] = str(reference.run_dir)
+    short = rabbitkit.run(config, out=tmp_path / "runs", quiet=True)
+    (reference.run_dir / tuning.CHOICES_FILE).unlink()
+    extended = api.resume(short.run_dir, quiet=True, epochs=2)
+    assert tuning.used() == chosen
+    assert history_without_timing(extended.history) == history_without_timing(reference.history)
+    assert f"kernel_choices = {json.dumps(str(reference.run_dir))}" in (short.run_dir / "config.toml").read_text()
+    # Evaluating it later takes its own kept choices, not the gone run's.
+    evaluate.load_run(short.run_dir)
+    assert tuning.used() == json.loads((short.run_dir / tuning.CHOICES_FILE).read_text())
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -77,6 +77,9 @@ def resume(run_dir, *, progress=None, quiet=False, epochs=None):
         raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
     overrides = {"train.epochs": epochs} if epochs else None
     config = config_module.load(config_path, overrides=overrides)
+    # The run's own choices come from its checkpoint (Run.restore); the run it replayed
+    # may be gone by now.  (A resumed run does not rewrite config.toml, which keeps the key.)
+    config["experiment"]["kernel_choices"] = None
     last = run_dir / "checkpoints" / LAST
     if not last.is_file():
         raise CheckpointError(f"{last}: no checkpoint to resume from (the run stopped before its first one)")

@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 
+from ..backend import tuning
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint
 from . import config as config_module
@@ -32,6 +33,10 @@ def load_run(run_dir, which=None, quiet=True, device=None):
         raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
     overrides = {"experiment.device": device} if device else None
     config = config_module.load(run_dir / "config.toml", overrides=overrides)
+    # The run's own kernel variants where it kept them (a test as the run's own), not
+    # those of a run it may have replayed, which may be gone by now.
+    own_choices = run_dir / tuning.CHOICES_FILE
+    config["experiment"]["kernel_choices"] = str(own_choices) if own_choices.is_file() else None
     which = which or config["train"]["test_checkpoint"]
     path = run_dir / "checkpoints" / (BEST if which == "best" else LAST)
     if which == "best" and not path.is_file():

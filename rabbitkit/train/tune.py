@@ -15,6 +15,7 @@ from .trainer import Run
 def tune_experiment(path, overrides=None, measure_again=False):
     """Returns (machine key, [(op key, choice, {variant: seconds})] measured now, stored choices)."""
     config = config_module.load(path, overrides=overrides)
+    config["experiment"]["kernel_choices"] = None  # measuring, not replaying
     tuning.forget(measure_again=measure_again)
     with tempfile.TemporaryDirectory() as scratch:
         live = Run(config, scratch, log_to_stdout=False, progress=False)
