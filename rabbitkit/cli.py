@@ -38,10 +38,9 @@ def version_lines():
 
     from .backend import tuning
 
-    return [f"rabbit, version {__version__}",
-            f"CPU: {tuning.cpu_model()}; kernel BLAS: {tuning.blas_description()}; "
-            f"numba {numba.__version__} ({numba.get_num_threads()} threads); "
-            f"numpy {numpy.__version__}"]
+    machine = (f"CPU: {tuning.cpu_model()}; kernel BLAS: {tuning.blas_description()}; "
+               f"numba {numba.__version__} ({numba.get_num_threads()} threads); numpy {numpy.__version__}")
+    return [f"rabbit, version {__version__}", machine]
 
 
 def _print_version(ctx, _param, value):
@@ -231,8 +230,11 @@ def tune(ctx, experiment, sets, again):
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the members' run directories.")
 @click.option("--dask", "scheduler", metavar="ADDRESS",
               help="Train the members on a dask.distributed cluster (scheduler address, or 'local').")
+@click.option("--replay", type=click.Path(file_okay=False), metavar="FOLDER",
+              help="Give each member the kernel variants its latest run in FOLDER chose (an earlier training of "
+                   "this committee): that training again, bit for bit on the same machine.")
 @click.pass_context
-def committee(ctx, committee_file, out, scheduler):
+def committee(ctx, committee_file, out, scheduler, replay):
     """Train the members a COMMITTEE_FILE lists and report each one's and the committee's accuracy."""
     from .train.committee import train_committee
     from .train.sweeps import dask_client
@@ -240,7 +242,7 @@ def committee(ctx, committee_file, out, scheduler):
     path = _experiment_path(committee_file)
     _manager(ctx)
     with dask_client(scheduler) as client:
-        run_dirs, report = train_committee(path, client=client, out=out)
+        run_dirs, report = train_committee(path, client=client, out=out, replay=replay)
     click.echo(report.text)
 
 

@@ -136,6 +136,11 @@ def test_committee_cli_and_its_errors(two_runs, tmp_path):
     assert len(refused.stderr.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="at least two runs"):
         evaluate_committee(runs[:1])
+    shipped = EXPERIMENT.parent / "gtsrb_committee.toml"
+    refused = rabbit(["committee", shipped, "--replay", tmp_path / "nothing"], env, tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path / 'nothing'}: no such folder (--replay takes the folder of an earlier committee's runs)" \
+        in refused.stderr
 
 
 def _committee_file(tmp_path, body):
@@ -217,3 +222,57 @@ def test_a_run_can_test_its_last_checkpoint(two_runs, tmp_path):
     last_model = load_run(result.run_dir, "last").evaluate("test")
     assert last_model["loss"] == pytest.approx(final["test_loss"])
     assert (best["loss"] == pytest.approx(final["test_loss"])) == (final["best_epoch"] == 3)
+
+
+def read_history(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_committee_trained_again_with_replay_repeats_the_earlier_training(tmp_path, monkeypatch):
+    """`rabbit committee FILE --replay FOLDER`: every member takes the kernel variants of its
+    run in FOLDER, so after the tuning cache changed its mind the committee trains as before."""
+    from rabbitkit.backend import tuning
+    from rabbitkit.train.committee import load_committee, replayed_choices, train_committee
+
+    from test_trainer import history_without_timing
+    from test_tuning import cache_changes_its_mind
+
+    monkeypatch.setenv("RABBIT_TUNE", "1")
+    monkeypatch.setenv("RABBIT_CACHE", str(tmp_path / "cache"))
+    tuning.forget()
+    data = tmp_path / "gtsrb"
+    write_official_gtsrb(data, tracks=2, per_track=3, tests_per_class=2)
+    small = "".join(f", \"{t.split('=', 1)[0]}\" = {t.split('=', 1)[1]}" for t in SMALL[1::2])
+    common = f"\"data.path\" = \"{data}\", \"train.epochs\" = 1, \"output.visualizers\" = []{small}"
+    path = _committee_file(tmp_path, f"[committee]\nexperiment = \"{EXPERIMENT}\"\n"
+                                     f"[[committee.members]]\nname = \"a\"\nset = {{ {common} }}\n"
+                                     f"[[committee.members]]\nname = \"a-48\"\nset = {{ \"experiment.seed\" = 5, {common} }}\n")
+    try:
+        first, first_report = train_committee(path, out=tmp_path / "first")
+        chosen = {}
+        for run_dir in first:
+            chosen.update(json.loads((run_dir / tuning.CHOICES_FILE).read_text()))
+        assert chosen
+        cache_changes_its_mind(tmp_path / "cache" / "tuning.json", chosen)
+        again, again_report = train_committee(path, out=tmp_path / "again", replay=tmp_path / "first")
+    finally:
+        tuning.forget()
+    for before, after in zip(first, again):
+        assert json.loads((after / tuning.CHOICES_FILE).read_text()) == json.loads((before / tuning.CHOICES_FILE).read_text())
+        assert history_without_timing(read_history(after)) == history_without_timing(read_history(before))
+        finals = [json.loads((run / "final_metrics.json").read_text()) for run in (before, after)]
+        assert [(f["test_loss"], f["test_accuracy"]) for f in finals] == [(finals[0]["test_loss"],
+                                                                          finals[0]["test_accuracy"])] * 2
+    accuracy = [next(line for line in report.text.splitlines() if line.startswith("committee of"))
+                for report in (first_report, again_report)]
+    assert accuracy[0] == accuracy[1]
+    # Members are found by name: "a" is not taken for "a-48", and a missing member is named.
+    spec = load_committee(path)
+    assert replayed_choices(spec, tmp_path / "first") == {
+        name: (run_dir / tuning.CHOICES_FILE).resolve() for (name, _), run_dir in zip(spec.members, first)}
+    (first[1] / tuning.CHOICES_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"first: no finished run with kernel_choices.json of committee member\(s\) a-48"):
+        replayed_choices(spec, tmp_path / "first")

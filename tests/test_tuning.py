@@ -507,13 +507,14 @@ def conv_experiment(folder, epochs):
 
 
 def cache_changes_its_mind(tuner, chosen):
-    """Rewrite the tuning cache to name, for every shape it holds, a candidate other than
-    ``chosen``'s, settled for good (as a close call measured again could); its records."""
+    """Rewrite the tuning cache to name, for every shape of ``chosen``, another candidate,
+    settled for good (as a close call measured again could); its records."""
     stored = json.loads(tuner.read_text())
     (records,) = stored.values()
     for key, record in records.items():
-        record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
-        record["rounds"] = tuning.MEASURING_ROUNDS
+        if key in chosen:
+            record["choice"] = next(name for name in sorted(record["seconds"]) if name != chosen[key])
+            record["rounds"] = tuning.MEASURING_ROUNDS
     tuner.write_text(json.dumps(stored))
     tuning.forget()
     return records

@@ -20,10 +20,15 @@ members may differ in preprocessing, input size, architecture or seed::
 ``rabbit committee FILE [--dask ADDRESS]`` trains them (one after another, or on
 a dask cluster as sweeps do) and prints each member's and the committee's test
 accuracy; ``rabbit eval RUN... --committee`` evaluates finished runs.
+``--replay FOLDER`` gives every member the kernel variants its run in FOLDER (an
+earlier training of the committee) chose, so that training repeats bit for bit on
+the same machine whatever the tuning cache has measured since.
 """
 import dataclasses
 import pathlib
+import re
 
+from ..backend import tuning
 from ..errors import ConfigError
 from . import config as config_module
 
@@ -69,18 +74,44 @@ def load_committee(path):
     return CommitteeSpec(experiment, parsed, table.get("tta", "none"))
 
 
-def train_committee(path, *, client=None, out=None):
-    """Train every member, then evaluate the committee; returns (member run dirs, report)."""
+# A member's run folder: committee-<member name>-<date>-<time>[-k] (rundir.new_run_directory)
+_MEMBER_RUN = re.compile(r"committee-(?P<name>.+)-\d{8}-\d{6}(-\d+)?")
+
+
+def replayed_choices(spec, folder):
+    """{member name: the kernel-choices file of its latest run in ``folder``}, for every
+    member of ``spec``; ConfigError naming the folder and the members it lacks."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder (--replay takes the folder of an earlier committee's runs)")
+    latest = {}
+    for run_dir in sorted(folder.iterdir()):  # one member's names sort by their date and time
+        match = _MEMBER_RUN.fullmatch(run_dir.name)
+        if match and (run_dir / tuning.CHOICES_FILE).is_file():
+            latest[match["name"]] = (run_dir / tuning.CHOICES_FILE).resolve()
+    missing = [name for name, _ in spec.members if name not in latest]
+    if missing:
+        raise ConfigError(f"{folder}: no finished run with {tuning.CHOICES_FILE} of committee member(s) "
+                          f"{', '.join(missing)} (looked for committee-<name>-<date>-<time> folders)")
+    return {name: latest[name] for name, _ in spec.members}
+
+
+def train_committee(path, *, client=None, out=None, replay=None):
+    """Train every member, then evaluate the committee; returns (member run dirs, report).
+    ``replay``: the folder of an earlier training's member runs, whose kernel choices
+    each member takes (:func:`replayed_choices`)."""
     from .api import run_points
     from .evaluate import evaluate_committee
     from .tta import parse_views
 
     spec = load_committee(path)
     parse_views(spec.tta, where=f"{path}: committee.tta")
+    choices = replayed_choices(spec, replay) if replay is not None else {}
     # The committee measures every member under its own committee.tta below, so a
     # member's end-of-run test-time augmentation would be paid twice (on the full
     # GTSRB the dense views cost minutes per member); a member that sets eval.tta keeps it.
-    points = [{"eval.tta": "none", **overrides, "experiment.name": f"committee-{name}"}
+    points = [{"eval.tta": "none", **overrides, "experiment.name": f"committee-{name}",
+               **({"experiment.kernel_choices": str(choices[name])} if name in choices else {})}
               for name, overrides in spec.members]
     run_options = {"out": out} if out else {}
     results = run_points(spec.experiment, points, client=client, desc="committee", **run_options)
