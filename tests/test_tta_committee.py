@@ -274,5 +274,5 @@ def test_a_committee_trained_again_with_replay_repeats_the_earlier_training(tmp_
     assert replayed_choices(spec, tmp_path / "first") == {
         name: (run_dir / tuning.CHOICES_FILE).resolve() for (name, _), run_dir in zip(spec.members, first)}
     (first[1] / tuning.CHOICES_FILE).unlink()
-    with pytest.raises(ConfigError, match=r"first: no finished run with kernel_choices.json of committee member\(s\) a-48"):
+    with pytest.raises(ConfigError, match=r"first: no run with kernel_choices.json of committee member\(s\) a-48"):
         replayed_choices(spec, tmp_path / "first")

@@ -91,7 +91,7 @@ def replayed_choices(spec, folder):
             latest[match["name"]] = (run_dir / tuning.CHOICES_FILE).resolve()
     missing = [name for name, _ in spec.members if name not in latest]
     if missing:
-        raise ConfigError(f"{folder}: no finished run with {tuning.CHOICES_FILE} of committee member(s) "
+        raise ConfigError(f"{folder}: no run with {tuning.CHOICES_FILE} of committee member(s) "
                           f"{', '.join(missing)} (looked for committee-<name>-<date>-<time> folders)")
     return {name: latest[name] for name, _ in spec.members}
 
