@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_model  # benchmarks/machine.py: the name rabbitkit's tuning cache uses
+
 import numpy as np
 
 # (name, m, k, n, transpose a, transpose b): C[m, n] = op(A) @ op(B), k the inner size.
@@ -48,14 +50,6 @@ PRODUCTS = [
     ("mlp 784->256, batch 128, fwd", 128, 784, 256, False, False),
     ("mlp 784->256, dW (xT @ dY)", 784, 128, 256, True, False),
 ]
-
-
-def cpu_model():
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def find_mkl(explicit):

@@ -176,6 +176,15 @@ def main(argv=None):
 
     print(f"char-rnn training step: one-hot {VOCAB}, LSTM {LAYERS}x{HIDDEN}, seq {SEQ}, batch {BATCH}, "
           f"Adam + clip {MAX_NORM}; {threads} threads, {blocks} blocks x {steps} steps per side")
+    from threadpoolctl import threadpool_info
+
+    from rabbitkit.backend import tuning
+
+    print(f"CPU: {tuning.cpu_model()}; kernel BLAS: {tuning.blas_description()}; pools: "
+          + ", ".join(f"{i.get('internal_api')} {i.get('version') or ''} {i.get('architecture') or ''}".strip()
+                      for i in threadpool_info()))
+    print("kernel choices: " + ("; ".join(f"{op} -> {choice}" for op, choice in sorted(tuning.used().items()))
+                                or "none (tuning off or nothing to choose)"))
     print(f"numerics vs PyTorch on one batch (float32): |loss| {diffs['loss']:.2e}, "
           f"max |logits| {diffs['logits']:.2e}, max |grad| {diffs['gradients']:.2e}")
     print(f"rabbitkit first step (compile or cache load): {first_step:.2f} s\n")

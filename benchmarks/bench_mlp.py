@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from machine import cpu_model
+
 ALONE_RESULT = "alone-result "  # the line an --alone process ends with (JSON: case -> steps/s)
 
 CASES = {
@@ -137,10 +139,7 @@ def time_steps(step, steps):
 
 
 def describe_environment(torch, with_numba=True):
-    # lscpu, not rabbitkit's own reader: the PyTorch-alone process must not import rabbitkit
-    # (its thread settings would change PyTorch's OpenMP runtime).
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "unknown")
+    model = cpu_model()  # benchmarks/machine.py: rabbitkit's name for it, rabbitkit not imported
     lines = [f"CPU: {model}", f"python {sys.version.split()[0]}, numpy {np.__version__}"]
     if with_numba:
         import numba

@@ -36,9 +36,10 @@ and the recurrent layers (rows per BLAS call of the per-step product,
 import functools
 import json
 import os
-import platform
 import threading
 import time
+
+from .cpuinfo import cpu_model
 
 TIMED_CALLS = 3  # timed calls per candidate (the minimum counts), after one untimed call
 CLOSE_CALL = 0.10  # runner-up within 10 % of the winner: measured again by the next process
@@ -65,18 +66,6 @@ def enabled():
     if _enabled is not None:
         return _enabled
     return os.environ.get("RABBIT_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-@functools.cache  # fixed for the process, and choose() asks for it at every call
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @functools.cache
