@@ -17,8 +17,8 @@ layer's own output), backward to the input with frozen weights.  rabbitkit uses
 :class:`rabbitkit.visualize.gradients.ImageGradient`; PyTorch runs the same net
 with ``requires_grad`` on the input only.  Each side runs alone in its own
 subprocess with the same thread count (Numba's); printed: the median seconds per
-step over ``--repeats`` after two warm-up steps, peak RSS, the ratio, ``lscpu``'s
-model name and the BLAS libraries each side loaded (threadpoolctl).
+step over ``--repeats`` after two warm-up steps, peak RSS, the ratio, the CPU model
+(``benchmarks/machine.py``: family, model, vector instructions) and the BLAS libraries each side loaded (threadpoolctl).
 """
 import argparse
 import json

@@ -176,14 +176,12 @@ def main(argv=None):
 
     print(f"char-rnn training step: one-hot {VOCAB}, LSTM {LAYERS}x{HIDDEN}, seq {SEQ}, batch {BATCH}, "
           f"Adam + clip {MAX_NORM}; {threads} threads, {blocks} blocks x {steps} steps per side")
-    from threadpoolctl import threadpool_info
+    from bench_mlp import describe_environment  # CPU, numpy/numba, BLAS pools, torch: as bench_mlp prints them
 
     from rabbitkit.backend import tuning
 
-    print(f"CPU: {tuning.cpu_model()}; kernel BLAS: {tuning.blas_description()}; pools: "
-          + ", ".join(f"{i.get('internal_api')} {i.get('version') or ''} {i.get('architecture') or ''}".strip()
-                      for i in threadpool_info()))
-    print("kernel choices: " + ("; ".join(f"{op} -> {choice}" for op, choice in sorted(tuning.used().items()))
+    print(describe_environment(torch))
+    print(f"kernel BLAS: {tuning.blas_description()}; kernel choices: " + ("; ".join(f"{op} -> {choice}" for op, choice in sorted(tuning.used().items()))
                                 or "none (tuning off or nothing to choose)"))
     print(f"numerics vs PyTorch on one batch (float32): |loss| {diffs['loss']:.2e}, "
           f"max |logits| {diffs['logits']:.2e}, max |grad| {diffs['gradients']:.2e}")

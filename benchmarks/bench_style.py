@@ -20,7 +20,7 @@ Each side runs alone in its own subprocess (no second OpenMP runtime in the
 process) with the same thread count; each reports the median time of the timed
 iterations after warm-up, its peak RSS (VmHWM) and its loss value (both sides
 compute the same function: the values must agree, a check that the comparison
-is fair).  Also printed: the CPU model (``lscpu``) and the BLAS libraries
+is fair).  Also printed: the CPU model (``benchmarks/machine.py``) and the BLAS libraries
 (threadpoolctl).  Run from the repository root so this checkout's rabbitkit is
 imported; PyTorch comes from ``--torch-python`` (default /work/venv-torch).
 """
