@@ -123,15 +123,19 @@ def test_batch_split_over_threads_matches_reference(cls, options, rng):
     assert set(report.checked) == {"input"} | set(layer.params)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["direct", "transposed"])
 @pytest.mark.parametrize("cls,options", CELLS, ids=CELL_IDS)
-def test_recurrent_products_in_small_row_blocks_match_reference(cls, options, rng, monkeypatch):
+def test_recurrent_products_in_small_row_blocks_match_reference(cls, options, transposed, rng, monkeypatch):
     """Each thread's per-step product may go to BLAS a few rows at a time (OpenBLAS's
-    unpacked small-product path); 2 rows per call on uneven blocks of 9 rows."""
+    unpacked small-product path), as ``rows @ W`` or as the transposed ``W^T @ rows^T``;
+    2 rows per call on uneven blocks of 9 rows."""
     import rabbitkit.layers.recurrent as recurrent
 
     monkeypatch.setattr(recurrent, "rows_per_product", lambda inner, columns, rows: 2)
     layer = cls(3, 6, num_layers=2, dtype=np.float64, **options)
     assert layer._split(9)[1] == 2
+    if transposed:
+        layer.row_block, layer.transposed_product = 2, True
     x = rng.uniform(-1, 1, (9, 4, 3))
     np.testing.assert_allclose(layer.forward(x), reference_forward(layer, x)[0], atol=1e-12)
     report = check_gradients(layer, (9, 4, 3), max_checks=60)

@@ -227,10 +227,11 @@ def train_step(layer, x):
 
 
 class KernelSpy:
-    """Records every call of the recurrent time-loop kernels as (kernel, rows per product).
+    """Records every call of the recurrent time-loop kernels as (kernel, (rows per
+    product, transposed)).
 
     After :meth:`time_with`, tuning reads a FakeClock instead of time, and each kernel
-    call spends 0.5 s on it when it multiplies ``fast_rows`` rows per product, 1 s else.
+    call spends 0.5 s on it when its product plan is ``fast``, 1 s else.
     """
 
     def __init__(self, monkeypatch):
@@ -239,23 +240,23 @@ class KernelSpy:
         self.monkeypatch = monkeypatch
         self.calls = []
         self.clock = None
-        self.fast_rows = None
+        self.fast = None
         for name in TIME_LOOP_KERNELS:
             monkeypatch.setattr(recurrent, name, self._spy(name, getattr(recurrent, name)))
 
     def _spy(self, name, kernel):
         def call(*args):
-            rows = args[-1]
-            self.calls.append((name, rows))
+            plan = (args[-1], args[-3].size > 0)  # (..., swap, chunks, rows): a transposed product has scratch
+            self.calls.append((name, plan))
             if self.clock is not None:
-                self.clock.spend(0.5 if rows == self.fast_rows else 1.0)
+                self.clock.spend(0.5 if plan == self.fast else 1.0)
             return kernel(*args)
 
         return call
 
-    def time_with(self, fast_rows):
+    def time_with(self, fast):
         self.clock = FakeClock()
-        self.fast_rows = fast_rows
+        self.fast = fast
         self.monkeypatch.setattr(tuning, "time", self.clock)
 
     def take(self):
@@ -282,30 +283,35 @@ def two_threads():
 
 @pytest.mark.parametrize("cell,options", RECURRENT_CELLS, ids=RECURRENT_IDS)
 def test_recurrent_layers_measure_each_product_shape_once(cell, options, tuner, kernels, two_threads):
-    """Forward and backward each time their row-block candidates on the first use of a
-    shape (both stacked layers share it), run the fastest, and reuse the choice after,
-    in this process and the next."""
+    """Forward and backward each time their row-block candidates, in both orientations,
+    on the first use of a shape (both stacked layers share it), run the fastest, and
+    reuse the choice after, in this process and the next."""
     layer = recurrent_layer(cell, options)
-    candidates = layer._row_block_candidates(BATCH)
-    assert candidates == sorted({layer._split(BATCH)[1], 8, 16, 20})
-    kernels.time_with(fast_rows=16)  # never the rule's choice here: 8, or 20 on a packing BLAS
+    assert layer._row_block_candidates(BATCH) == sorted({layer._split(BATCH)[1], 8, 16, 20})
+    candidates = layer._product_candidates(BATCH)
+    assert sorted(candidates.values()) == sorted((rows, transposed) for rows in layer._row_block_candidates(BATCH)
+                                                 for transposed in (False, True))
+    fast = (16, True)  # never the rule's choice: 8 or 20 rows, direct
+    kernels.time_with(fast)
     train_step(layer, sequences())
     calls = kernels.take()
     forward, backward = sorted({name for name, _ in calls}, key=lambda name: "backward" in name)
     timed = len(candidates) * (1 + tuning.TIMED_CALLS)
     assert [name for name, _ in calls] == [forward] * (timed + 2) + [backward] * (timed + 2)
-    assert [rows for _, rows in calls[timed:timed + 2]] == [16, 16]  # the real runs of layers 0 and 1
-    assert [rows for _, rows in calls[-2:]] == [16, 16]
+    assert sorted({plan for _, plan in calls[:timed]}) == sorted(candidates.values())
+    assert [plan for _, plan in calls[timed:timed + 2]] == [fast, fast]  # the real runs of layers 0 and 1
+    assert [plan for _, plan in calls[-2:]] == [fast, fast]
     op = cell.lower()
     width = layer.gates * 8
     shape = f"({BATCH}, 8, {width}, 'float32', '2 threads')"
     assert [(key, choice) for key, choice, _ in tuning.measured()] == [
-        (f"{op}.forward {shape}", "16 rows"), (f"{op}.backward {shape}", "16 rows")]
+        (f"{op}.forward {shape}", "16 rows transposed"), (f"{op}.backward {shape}", "16 rows transposed")]
     for _ in range(2):  # known now, then read back from the cache file
         train_step(layer, sequences())
-        assert kernels.take() == [(forward, 16)] * 2 + [(backward, 16)] * 2
+        assert kernels.take() == [(forward, fast)] * 2 + [(backward, fast)] * 2
         tuning.forget()
-    assert json.loads(tuner.read_text())[tuning.machine_key()][f"{op}.forward {shape}"]["choice"] == "16 rows"
+    stored = json.loads(tuner.read_text())[tuning.machine_key()]
+    assert stored[f"{op}.forward {shape}"]["choice"] == "16 rows transposed"
 
 
 def test_recurrent_tuning_off_runs_the_built_in_rule(tuner, kernels):
@@ -313,7 +319,8 @@ def test_recurrent_tuning_off_runs_the_built_in_rule(tuner, kernels):
     layer = recurrent_layer("LSTM", {})
     train_step(layer, sequences())
     rule = layer._split(BATCH)[1]
-    assert kernels.take() == [("lstm_forward_sequence", rule)] * 2 + [("lstm_backward_sequence", rule)] * 2
+    direct = (rule, False)
+    assert kernels.take() == [("lstm_forward_sequence", direct)] * 2 + [("lstm_backward_sequence", direct)] * 2
     assert not tuner.exists()
 
 
@@ -325,10 +332,10 @@ def test_every_row_block_gives_the_defaults_numbers_within_float32_rounding(cell
     layer = recurrent_layer(cell, options, hidden=128)
     x = sequences(steps=12)
     default = train_step(layer, x)
-    candidates = layer._row_block_candidates(BATCH)
-    assert len(candidates) >= 3
-    for rows in candidates:
-        layer.row_block = rows
+    candidates = layer._product_candidates(BATCH)
+    assert len(candidates) >= 6
+    for rows, transposed in candidates.values():
+        layer.row_block, layer.transposed_product = rows, transposed
         y, dx, final, grads = train_step(layer, x)
         for got, want in [(y, default[0]), (dx, default[1]), *zip(final, default[2]),
                           *((grads[name], default[3][name]) for name in grads)]:
@@ -343,8 +350,8 @@ def test_measuring_leaves_the_layer_as_a_forced_run_would(tuner, kernels, two_th
     forced = recurrent_layer("LSTM", {}, dropout=0.3, stateful=True)
     forced.load_state_dict(measured.state_dict())
     forced.rng.bit_generator.state = measured.rng.bit_generator.state
-    forced.row_block = 16
-    kernels.time_with(fast_rows=16)
+    forced.row_block, forced.transposed_product = 16, True
+    kernels.time_with((16, True))
     for _ in range(2):  # the second step starts from the carried state
         got, want = train_step(measured, sequences()), train_step(forced, sequences())
         for a, b in [*zip(got[:2], want[:2]), *zip(got[2], want[2])]:
@@ -358,7 +365,7 @@ def test_measuring_leaves_the_layer_as_a_forced_run_would(tuner, kernels, two_th
 def test_the_recurrent_key_names_batch_hidden_width_dtype_and_threads(tuner, kernels, two_threads):
     import numba
 
-    kernels.time_with(fast_rows=8)
+    kernels.time_with((8, False))
     recurrent_layer("GRU", {}).forward(sequences())
     recurrent_layer("GRU", {}).forward(sequences(batch=24))
     recurrent_layer("GRU", {}, hidden=16).forward(sequences())

@@ -346,12 +346,34 @@ def small_matmul(a, b, out, accumulate):
 
 
 @kernel(parallel=False)
-def product_rows(a, b, out, first, stop, rows):
+def product_rows(a, b, b_t, out, first, stop, rows, swap):
     """out[first:stop] = a[first:stop] @ b on the kernel BLAS, at most ``rows`` rows of
-    ``a`` per call (a and b row-major; ``rows`` from :func:`rows_per_product`)."""
+    ``a`` per call (a, b and ``b_t`` = b.T row-major; ``rows`` from :func:`rows_per_product`
+    or the tuner).
+
+    ``swap`` empty: each call is ``a_block @ b``.  ``swap`` with room for ``rows`` x
+    ``b.shape[1]`` elements: each call is the transposed product ``b_t @ a_block.T``
+    into ``swap``, copied back transposed.  Same numbers up to float32 rounding; the
+    speed differs because a BLAS packs the two operands differently.  OpenBLAS's
+    Haswell kernels, which pack every product (no unpacked path, see
+    UNPACKED_PRODUCT_CORES), took 86 us for a 16 x 128 by 128 x 512 product as
+    ``a_block @ b`` and 60 us transposed, copy included (Zen 3, one thread): the
+    fixed cost grows with the size of ``b`` in the first orientation only.  The
+    recurrent layers time both (``Recurrent._time_loop``).
+    """
+    columns = b.shape[1]
     for start in range(first, stop, rows):
         end = min(start + rows, stop)
-        np.dot(a[start:end], b, out[start:end])
+        if swap.size == 0:
+            np.dot(a[start:end], b, out[start:end])
+        else:
+            count = end - start
+            block = swap[:columns * count].reshape((columns, count))
+            np.dot(b_t, a[start:end].T, block)
+            for n in range(count):
+                row = out[start + n]
+                for j in range(columns):
+                    row[j] = block[j, n]
 
 
 def matmul(a, b, out=None, accumulate=False):

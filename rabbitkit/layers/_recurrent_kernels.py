@@ -16,12 +16,17 @@ limits BLAS to one thread around these kernels).  A multi-threaded BLAS per step
 would synchronise its threads 2T times per layer, which on a busy machine costs
 whole scheduler time slices.
 
-Each thread multiplies its block ``rows`` rows per BLAS call.  The caller times
-the candidate sizes on the first use of a product shape and keeps the fastest
+Each thread multiplies its block ``rows`` rows per BLAS call, either as
+``rows @ W`` or as the transposed ``W^T @ rows^T`` into the thread's ``swap``
+scratch (:func:`rabbitkit.backend.cpu.product_rows`; every kernel takes both W
+and W^T for that).  The caller times the candidate sizes in both orientations on
+the first use of a product shape and keeps the fastest
 (:meth:`rabbitkit.layers.recurrent.Recurrent._time_loop`), or with tuning off
-takes :func:`rabbitkit.backend.cpu.rows_per_product`'s rule: where OpenBLAS has
-an unpacked path for small products, blocks under its size limit take it, which
-made the per-step products of a 2 x 128 LSTM at batch 32 2.3x faster.
+takes :func:`rabbitkit.backend.cpu.rows_per_product`'s rule, direct: where
+OpenBLAS has an unpacked path for small products, blocks under its size limit
+take it, which made the per-step products of a 2 x 128 LSTM at batch 32 2.3x
+faster on AVX-512; on its Haswell kernels (Zen 3) the transposed orientation
+made the whole char-rnn step 22 % faster.
 
 Layout: everything is time-major, ``(T, N, ...)``, so ``array[t, n0:n1]`` is a
 contiguous block of rows.  ``hs`` and ``cs`` have T + 1 rows: row 0 is the
@@ -123,14 +128,14 @@ def one_hot_rows_cpu(rows, indices):
 
 # -- vanilla RNN: h_t = tanh(x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) ----------------
 @kernel
-def rnn_forward_sequence(xproj, w_hh_t, bias, hs, hh, chunks, rows):
+def rnn_forward_sequence(xproj, w_hh_t, w_hh, bias, hs, hh, swap, chunks, rows):
     """xproj (T, N, H) = X W_ih^T; w_hh_t (H, H) = W_hh^T; bias (H,) = b_ih + b_hh;
     hs (T+1, N, H) with hs[0] = h0 on entry, every h_t on return; hh (N, H) scratch."""
     steps, batch, hidden = xproj.shape
     for chunk in prange(chunks):
         first, stop = chunk_rows(chunk, chunks, batch)
         for t in range(steps):
-            product_rows(hs[t], w_hh_t, hh, first, stop, rows)
+            product_rows(hs[t], w_hh_t, w_hh, hh, first, stop, rows, swap[chunk])
             for n in range(first, stop):
                 pre = xproj[t, n]
                 rec = hh[n]
@@ -140,7 +145,7 @@ def rnn_forward_sequence(xproj, w_hh_t, bias, hs, hh, chunks, rows):
 
 
 @kernel
-def rnn_backward_sequence(dhs, w_hh, hs, dh, dpre, chunks, rows):
+def rnn_backward_sequence(dhs, w_hh, w_hh_t, hs, dh, dpre, swap, chunks, rows):
     """dhs (T, N, H): gradient reaching each output h_t from above; dh (N, H): in, the
     gradient w.r.t. the final state; out, w.r.t. the initial state.  dpre (T, N, H)
     receives the pre-activation gradients (the weight products are done outside)."""
@@ -156,7 +161,7 @@ def rnn_backward_sequence(dhs, w_hh, hs, dh, dpre, chunks, rows):
                 d = dpre[t, n]
                 for j in range(hidden):
                     d[j] = (up[j] + carry[j]) * (one - h[j] * h[j])
-            product_rows(dpre[t], w_hh, dh, first, stop, rows)
+            product_rows(dpre[t], w_hh, w_hh_t, dh, first, stop, rows, swap[chunk])
 
 
 # -- LSTM (optionally with Gers' peephole connections) ----------------------------
@@ -164,7 +169,7 @@ def rnn_backward_sequence(dhs, w_hh, hs, dh, dpre, chunks, rows):
 # c_t = f c_{t-1} + i g, o = s(x_o + h_o + p_o * c_t), h_t = o tanh(c_t).
 # Without peepholes p is all zeros: three wasted multiply-adds per unit, one kernel.
 @kernel
-def lstm_forward_sequence(gates, w_hh_t, bias, peep, hs, cs, tanh_cs, hh, chunks, rows):
+def lstm_forward_sequence(gates, w_hh_t, w_hh, bias, peep, hs, cs, tanh_cs, hh, swap, chunks, rows):
     """gates (T, N, 4H): X W_ih^T on entry, activated i, f, g, o on return (kept for
     backward); w_hh_t (H, 4H) = W_hh^T; bias (4H,) = b_ih + b_hh; peep (3, H) =
     (p_i, p_f, p_o); hs, cs (T+1, N, H) with row 0 preset to (h0, c0); tanh_cs
@@ -176,7 +181,7 @@ def lstm_forward_sequence(gates, w_hh_t, bias, peep, hs, cs, tanh_cs, hh, chunks
     for chunk in prange(chunks):
         first, stop = chunk_rows(chunk, chunks, batch)
         for t in range(steps):
-            product_rows(hs[t], w_hh_t, hh, first, stop, rows)
+            product_rows(hs[t], w_hh_t, w_hh, hh, first, stop, rows, swap[chunk])
             for n in range(first, stop):
                 row = gates[t, n]
                 rec = hh[n]
@@ -204,7 +209,7 @@ def lstm_forward_sequence(gates, w_hh_t, bias, peep, hs, cs, tanh_cs, hh, chunks
 
 
 @kernel
-def lstm_backward_sequence(dhs, gates, w_hh, peep, cs, tanh_cs, dh, dc, dgates, dpeep, chunks, rows):
+def lstm_backward_sequence(dhs, gates, w_hh, w_hh_t, peep, cs, tanh_cs, dh, dc, dgates, dpeep, swap, chunks, rows):
     """Backpropagation through time for one LSTM layer.
 
     dhs (T, N, H): gradient reaching each h_t from above; dh, dc (N, H): in, gradient
@@ -251,7 +256,7 @@ def lstm_backward_sequence(dhs, gates, w_hh, peep, cs, tanh_cs, dh, dc, dgates, 
                     dp_i[j] += grad_i * cp
                     dp_f[j] += grad_f * cp
                     dp_o[j] += grad_o * c_now[j]
-            product_rows(dgates[t], w_hh, dh, first, stop, rows)
+            product_rows(dgates[t], w_hh, w_hh_t, dh, first, stop, rows, swap[chunk])
 
 
 # -- GRU (PyTorch's formulation) ----------------------------------------------------
@@ -259,7 +264,7 @@ def lstm_backward_sequence(dhs, gates, w_hh, peep, cs, tanh_cs, dh, dc, dgates, 
 # h_t = (1 - z) n + z h_{t-1}.  The reset gate multiplies the *recurrent* part of the
 # candidate, so the input and recurrent pre-activation gradients differ in block n.
 @kernel
-def gru_forward_sequence(gates, w_hh_t, b_ih, b_hh, hs, hn, hh, chunks, rows):
+def gru_forward_sequence(gates, w_hh_t, w_hh, b_ih, b_hh, hs, hn, hh, swap, chunks, rows):
     """gates (T, N, 3H): X W_ih^T on entry, activated r, z, n on return; w_hh_t (H, 3H);
     hs (T+1, N, H) with hs[0] = h0; hn (T, N, H) receives W_hn h_{t-1} + b_hn (needed
     by backward); hh (N, 3H) scratch."""
@@ -271,7 +276,7 @@ def gru_forward_sequence(gates, w_hh_t, b_ih, b_hh, hs, hn, hh, chunks, rows):
     for chunk in prange(chunks):
         first, stop = chunk_rows(chunk, chunks, batch)
         for t in range(steps):
-            product_rows(hs[t], w_hh_t, hh, first, stop, rows)
+            product_rows(hs[t], w_hh_t, w_hh, hh, first, stop, rows, swap[chunk])
             for n in range(first, stop):
                 row = gates[t, n]
                 rec = hh[n]
@@ -293,7 +298,7 @@ def gru_forward_sequence(gates, w_hh_t, b_ih, b_hh, hs, hn, hh, chunks, rows):
 
 
 @kernel
-def gru_backward_sequence(dhs, gates, w_hh, hs, hn, dh, dgx, dgh, dh_skip, chunks, rows):
+def gru_backward_sequence(dhs, gates, w_hh, w_hh_t, hs, hn, dh, dgx, dgh, dh_skip, swap, chunks, rows):
     """dhs, dh as for the LSTM; dgx (T, N, 3H) receives the input pre-activation
     gradients, dgh (T, N, 3H) the recurrent ones (they differ by r in block n);
     dh_skip (N, H) scratch for the z * dh shortcut."""
@@ -330,7 +335,7 @@ def gru_backward_sequence(dhs, gates, w_hh, hs, hn, dh, dgx, dgh, dh_skip, chunk
                     dh_z[j] = grad_z
                     dh_n[j] = grad_n * r
                     skip[j] = grad_h * z
-            product_rows(dgh[t], w_hh, dh, first, stop, rows)
+            product_rows(dgh[t], w_hh, w_hh_t, dh, first, stop, rows, swap[chunk])
             for n in range(first, stop):
                 carry = dh[n]
                 skip = dh_skip[n]

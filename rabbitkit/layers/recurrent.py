@@ -19,8 +19,9 @@ Speed: the input projection of all steps is one matrix product (a row gather whe
 the first layer's input is one-hot), each layer's time loop is one kernel call that
 splits the batch over Numba's threads with a single-threaded BLAS per thread, and
 the weight gradients are one product each over all steps.  How many rows of its
-block a thread gives each BLAS call of the per-step product is measured once per
-product shape and machine (:meth:`Recurrent._time_loop`).
+block a thread gives each BLAS call of the per-step product, and in which
+orientation (``h @ W_hh^T`` or ``W_hh @ h^T``), is measured once per product shape
+and machine (:meth:`Recurrent._time_loop`).
 
 On ``device="cuda"`` the same layer runs through time on the GPU: the input
 projection of all steps is one backend GEMM, each step one GEMM for the recurrent
@@ -116,6 +117,9 @@ class Recurrent(Layer):
     #: None: measured by :mod:`rabbitkit.backend.tuning`, or the built-in rule when
     #: tuning is off.
     row_block = None
+    #: With ``row_block`` forced: whether each call is the transposed product
+    #: (:func:`~rabbitkit.backend.cpu.product_rows`).
+    transposed_product = False
 
     def __init__(
         self,
@@ -270,32 +274,54 @@ class Recurrent(Layer):
         block = -(-batch // chunks)
         return sorted({min(rows, block) for rows in (rule, *ROW_BLOCK_CANDIDATES, block)})
 
+    def _product_candidates(self, batch):
+        """The tuner's candidates for the per-step product: {name: (rows per call,
+        transposed)} for every row-block candidate in both orientations of
+        :func:`~rabbitkit.backend.cpu.product_rows`."""
+        return {f"{rows} rows" + (" transposed" if transposed else ""): (rows, transposed)
+                for rows in self._row_block_candidates(batch) for transposed in (False, True)}
+
+    def _recurrent_weights(self, layer, cache):
+        """(W_hh, W_hh^T as a C array), the operands of the per-step products in either
+        orientation; W_hh^T is kept in ``cache`` for backward."""
+        w_hh = self._param("weight_hh", layer)
+        cache["w_hh_t"] = np.ascontiguousarray(w_hh.T)
+        return w_hh, cache["w_hh_t"]
+
+    def _swap(self, chunks, rows, transposed):
+        """Per-thread scratch of a transposed per-step product (empty: the direct one)."""
+        size = rows * self.gates * self.hidden_size if transposed else 0
+        return np.empty((chunks, size), dtype=self.dtype)
+
     def _time_loop(self, direction, kernel, args, time_major):
-        """Run the time-loop ``kernel(*args, chunks, rows)`` of one layer.
+        """Run the time-loop ``kernel(*args, swap, chunks, rows)`` of one layer.
 
         ``args[0]`` is (T, N, ...); ``time_major`` lists the arguments whose first
         axis is time (T or T + 1 long).  ``rows`` (per BLAS call of the recurrent
-        product) is :attr:`row_block` if set, else the tuner's choice for this
-        product shape, measured on the first use of the shape (see
-        :meth:`_measured_row_block`), else the built-in rule.  Any choice gives the
-        same results up to float32 rounding.
+        product) and its orientation (``swap``, see
+        :func:`~rabbitkit.backend.cpu.product_rows`) are :attr:`row_block` and
+        :attr:`transposed_product` if ``row_block`` is set, else the tuner's choice
+        for this product shape, measured on the first use of the shape (see
+        :meth:`_measured_product`), else the built-in rule in the direct
+        orientation.  Any choice gives the same results up to float32 rounding.
         """
         batch = args[0].shape[1]
         chunks, rows = self._split(batch)
         with SINGLE_THREADED_BLAS:
             if self.row_block is not None:
-                rows = self.row_block
+                rows, transposed = self.row_block, self.transposed_product
             else:
-                rows = self._measured_row_block(direction, kernel, args, time_major, chunks, rows)
-            kernel(*args, chunks, rows)
+                rows, transposed = self._measured_product(direction, kernel, args, time_major, chunks, rows)
+            kernel(*args, self._swap(chunks, rows, transposed), chunks, rows)
 
-    def _measured_row_block(self, direction, kernel, args, time_major, chunks, rule):
-        """The tuner's rows per call for ``kernel`` at this product shape (``rule`` with
-        tuning off).  Candidates run ``kernel`` itself, on copies of ``args`` cut to
-        the first steps of the sequence: nothing the layer keeps is written, and no
-        random numbers are drawn.  Before each timed run the copies are reset from
-        ``args``, untimed, so every candidate works on the same inputs (the kernels
-        overwrite some of theirs in place: gates, the carried state gradients).
+    def _measured_product(self, direction, kernel, args, time_major, chunks, rule):
+        """The tuner's (rows per call, transposed) for ``kernel`` at this product shape
+        (``rule`` rows, direct, with tuning off).  Candidates run ``kernel`` itself, on
+        copies of ``args`` cut to the first steps of the sequence: nothing the layer
+        keeps is written, and no random numbers are drawn.  Before each timed run the
+        copies are reset from ``args``, untimed, so every candidate works on the same
+        inputs (the kernels overwrite some of theirs in place: gates, the carried
+        state gradients).
         """
         from ..backend import tuning
 
@@ -313,15 +339,16 @@ class Recurrent(Layer):
                 if isinstance(source, np.ndarray):
                     np.copyto(copy, source)
 
-        names = {f"{rows} rows": rows for rows in self._row_block_candidates(batch)}
+        candidates = self._product_candidates(batch)
         # The product at each step: batch rows x hidden by hidden x width, split over threads.
         shape = (batch, self.hidden_size, width, self.dtype.name, f"{chunks} threads")
         choice = tuning.choose(
             f"{type(self).__name__.lower()}.{direction}", shape,
-            {name: (lambda rows=rows: kernel(*trial, chunks, rows)) for name, rows in names.items()},
+            {name: (lambda plan=plan: kernel(*trial, self._swap(chunks, *plan), chunks, plan[0]))
+             for name, plan in candidates.items()},
             default=f"{rule} rows", setup=reset_trial_arrays,
         )
-        return names[choice]
+        return candidates[choice]
 
     def _bias(self, layer):
         """b_ih + b_hh: where the cell adds both, the kernel adds them once."""
@@ -623,9 +650,9 @@ class RNN(Recurrent):
         steps, batch, _ = xproj.shape
         hs = np.empty((steps + 1, batch, self.hidden_size), dtype=self.dtype)
         hs[0] = start[0]
-        w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
+        w_hh, w_hh_t = self._recurrent_weights(layer, cache)
         scratch = np.empty((batch, self.hidden_size), dtype=self.dtype)
-        self._time_loop("forward", rnn_forward_sequence, (xproj, w_hh_t, self._bias(layer), hs, scratch),
+        self._time_loop("forward", rnn_forward_sequence, (xproj, w_hh_t, w_hh, self._bias(layer), hs, scratch),
                         time_major=(xproj, hs))
         cache["hs"] = hs
         cache["final"] = [hs[-1]]
@@ -633,8 +660,9 @@ class RNN(Recurrent):
 
     def _backward_layer(self, layer, dout, dcarry, cache):
         dpre = np.empty_like(dout)
-        self._time_loop("backward", rnn_backward_sequence, (dout, self._param("weight_hh", layer), cache["hs"],
-                                                            dcarry[0], dpre), time_major=(dout, cache["hs"], dpre))
+        self._time_loop("backward", rnn_backward_sequence, (dout, self._param("weight_hh", layer), cache["w_hh_t"],
+                                                            cache["hs"], dcarry[0], dpre),
+                        time_major=(dout, cache["hs"], dpre))
         return dpre, dpre
 
     def _forward_layer_cuda(self, layer, xproj, start, cache):
@@ -696,11 +724,11 @@ class LSTM(Recurrent):
         hs[0] = start[0]
         cs[0] = start[1]
         tanh_cs = np.empty((steps, batch, self.hidden_size), dtype=self.dtype)
-        w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
+        w_hh, w_hh_t = self._recurrent_weights(layer, cache)
         scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
         peep = self._peepholes(layer)
-        self._time_loop("forward", lstm_forward_sequence, (gates, w_hh_t, self._bias(layer), peep, hs, cs, tanh_cs,
-                                                           scratch), time_major=(gates, hs, cs, tanh_cs))
+        self._time_loop("forward", lstm_forward_sequence, (gates, w_hh_t, w_hh, self._bias(layer), peep, hs, cs,
+                                                           tanh_cs, scratch), time_major=(gates, hs, cs, tanh_cs))
         cache.update(gates=gates, hs=hs, cs=cs, tanh_cs=tanh_cs, peep=peep, final=[hs[-1], cs[-1]])
         return hs[1:]
 
@@ -710,8 +738,8 @@ class LSTM(Recurrent):
         dpeep = np.zeros((chunks, 3, self.hidden_size), dtype=self.dtype)
         self._time_loop(
             "backward", lstm_backward_sequence,
-            (dout, cache["gates"], self._param("weight_hh", layer), cache["peep"], cache["cs"], cache["tanh_cs"],
-             dcarry[0], dcarry[1], dgates, dpeep),
+            (dout, cache["gates"], self._param("weight_hh", layer), cache["w_hh_t"], cache["peep"], cache["cs"],
+             cache["tanh_cs"], dcarry[0], dcarry[1], dgates, dpeep),
             time_major=(dout, cache["gates"], cache["cs"], cache["tanh_cs"], dgates),
         )
         if self.peephole:
@@ -774,9 +802,9 @@ class GRU(Recurrent):
         hs = np.empty((steps + 1, batch, self.hidden_size), dtype=self.dtype)
         hs[0] = start[0]
         hn = np.empty((steps, batch, self.hidden_size), dtype=self.dtype)
-        w_hh_t = np.ascontiguousarray(self._param("weight_hh", layer).T)
+        w_hh, w_hh_t = self._recurrent_weights(layer, cache)
         scratch = np.empty((batch, self.gates * self.hidden_size), dtype=self.dtype)
-        self._time_loop("forward", gru_forward_sequence, (gates, w_hh_t, self._param("bias_ih", layer),
+        self._time_loop("forward", gru_forward_sequence, (gates, w_hh_t, w_hh, self._param("bias_ih", layer),
                                                           self._param("bias_hh", layer), hs, hn, scratch),
                         time_major=(gates, hs, hn))
         cache.update(gates=gates, hs=hs, hn=hn, final=[hs[-1]])
@@ -788,8 +816,8 @@ class GRU(Recurrent):
         scratch = np.empty_like(dcarry[0])
         self._time_loop(
             "backward", gru_backward_sequence,
-            (dout, cache["gates"], self._param("weight_hh", layer), cache["hs"], cache["hn"], dcarry[0], dgx, dgh,
-             scratch),
+            (dout, cache["gates"], self._param("weight_hh", layer), cache["w_hh_t"], cache["hs"], cache["hn"],
+             dcarry[0], dgx, dgh, scratch),
             time_major=(dout, cache["gates"], cache["hs"], cache["hn"], dgx, dgh),
         )
         return dgx, dgh
