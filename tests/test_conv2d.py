@@ -21,7 +21,7 @@ CASES = [
 ]
 
 
-ALGORITHMS = ["per-sample", "whole-batch", "banded", "shifted", "winograd", "winograd-batch"]
+ALGORITHMS = ["per-sample", "whole-batch", "banded", "shifted", "winograd", "winograd-batch", "channels-last"]
 
 
 @pytest.fixture
@@ -181,10 +181,10 @@ def test_kernel_blas_is_single_threaded_inside_kernels_and_nesting_restores():
 @pytest.mark.parametrize("stride, relu, band_bytes", [(1, False, 1 << 19), (2, False, 1 << 19), (1, True, 1 << 19),
                                                      (1, True, 200), (1, False, 1)])
 def test_cpu_variants_agree_to_float32_rounding(stride, relu, band_bytes, rng, monkeypatch):
-    """Per-sample, whole-batch and banded lowering, shifted products and Winograd compute
-    the same thing (sums in another order); ``band_bytes`` makes one band per image,
-    several, or the fewest rows a band may have (kh).  Stride 2 has no banded, shifted or
-    Winograd variant (whole-batch runs)."""
+    """Per-sample, whole-batch, banded and channels-last lowering, shifted products and
+    Winograd compute the same thing (sums in another order); ``band_bytes`` makes one band
+    per image, several, or the fewest rows a band may have (kh).  Stride 2 has no banded,
+    shifted, channels-last or Winograd variant (whole-batch runs)."""
     from rabbitkit.layers.activations import ReLU
     from rabbitkit.layers.sequential import Sequential
 
@@ -386,16 +386,49 @@ def test_tuner_times_the_shifted_variant_at_stride_1_from_8_channels(monkeypatch
     assert conv._variant("forward", np.zeros((1, 8, 9, 9), np.float32), None, 0) == WHOLE_BATCH
 
 
+def test_tuner_times_the_channels_last_forward_at_stride_1_from_8_channels(monkeypatch):
+    """Channels-last lowering is a forward candidate where per-sample lowering is one
+    (stride 1, at least as many samples as threads) and the input has enough channels;
+    forced, the backward pass runs per-sample lowering, and at stride 2 whole-batch."""
+    import numba
+
+    from rabbitkit.backend import tuning
+    from rabbitkit.layers.conv2d import CHANNELS_LAST, PER_SAMPLE, WHOLE_BATCH
+
+    offered = {}
+    monkeypatch.setattr(tuning, "choose", lambda op, shape, candidates, default, **_: offered.setdefault(
+        (op, shape[0][0], shape[0][1], shape[3]), sorted(candidates)) and default)
+    threads = numba.get_num_threads()
+    for batch, channels, stride in [(threads, 8, 1), (threads, 3, 1), (threads, 8, 2)]:
+        conv = Conv2D(channels, 4, 3, stride=stride, padding=1)
+        for direction in ("forward", "backward"):
+            conv._variant(direction, np.zeros((batch, channels, 9, 9), np.float32), None, 0)
+    assert (CHANNELS_LAST in offered[("conv2d.forward", threads, 8, (1, 1))]) == (threads > 1)
+    assert CHANNELS_LAST not in offered[("conv2d.backward", threads, 8, (1, 1))]
+    assert CHANNELS_LAST not in offered[("conv2d.forward", threads, 3, (1, 1))]
+    assert CHANNELS_LAST not in offered[("conv2d.forward", threads, 8, (2, 2))]
+    conv = Conv2D(8, 4, 3, padding=1)
+    conv.algorithm = CHANNELS_LAST
+    x = np.zeros((1, 8, 9, 9), np.float32)
+    assert conv._variant("forward", x, None, 0) == CHANNELS_LAST
+    assert conv._variant("backward", x, None, 0) == PER_SAMPLE
+    conv = Conv2D(8, 4, 3, stride=2)
+    conv.algorithm = CHANNELS_LAST
+    assert conv._variant("forward", x, None, 0) == WHOLE_BATCH
+
+
+@pytest.mark.parametrize("variant", ["shifted", "channels-last"])
 @pytest.mark.parametrize("kernel, padding", [(3, 1), ((2, 3), (0, 1)), (1, 0)])
-def test_shifted_products_match_lowering_in_float32(kernel, padding, smallest_bands, rng):
-    """Forward, input, weight and bias gradients of the shifted variant against
-    per-sample lowering, in float32 with a fused ReLU, bands of the fewest rows."""
+def test_shifted_and_channels_last_match_lowering_in_float32(variant, kernel, padding, smallest_bands, rng):
+    """Forward, input, weight and bias gradients of the shifted variant and the channels-last
+    forward against per-sample lowering, in float32 with a fused ReLU, bands of the fewest
+    rows; 9 channels and 10 columns: full and partial tiles of the channels-last transpose."""
     from rabbitkit.layers.activations import ReLU
     from rabbitkit.layers.sequential import Sequential
 
     x = rng.standard_normal((3, 9, 11, 10)).astype(np.float32)
     results = []
-    for algorithm in ("per-sample", "shifted"):
+    for algorithm in ("per-sample", variant):
         conv = Conv2D(9, 6, kernel, padding=padding)
         weight = np.sin(np.arange(conv.params["weight"].size)).reshape(conv.params["weight"].shape)
         conv.load_state_dict({"weight": weight, "bias": np.arange(6) / 7})
@@ -404,5 +437,5 @@ def test_shifted_products_match_lowering_in_float32(kernel, padding, smallest_ba
         y = model.forward(x)
         dx = model.backward(np.cos(np.arange(y.size)).reshape(y.shape).astype(np.float32))
         results.append((y, dx, conv.grads["weight"].copy(), conv.grads["bias"].copy()))
-    for lowered, shifted in zip(*results):
-        np.testing.assert_allclose(shifted, lowered, rtol=1e-5, atol=1e-5)
+    for lowered, other in zip(*results):
+        np.testing.assert_allclose(other, lowered, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,9 @@ stay in cache (see :mod:`rabbitkit.layers._conv_lowering`); the shifted variant 
 lowers nothing: one product per tap reads the padded input in place
 (:mod:`rabbitkit.layers._conv_shifted`); 3x3 kernels at stride 1
 also have Winograd's F(2x2, 3x3), 16 products of transformed tiles instead of one
-lowered product, 2.25x fewer multiplications (:mod:`rabbitkit.layers._conv_winograd`).
+lowered product, 2.25x fewer multiplications (:mod:`rabbitkit.layers._conv_winograd`);
+the forward pass at stride 1 also has a channels-last lowering, the per-sample product
+formed transposed where the BLAS packs its operands (:mod:`rabbitkit.layers._conv_channels_last`).
 Per-sample lowering needs at least as many samples as threads;
 :mod:`rabbitkit.backend.tuning` measures the variants that apply once per machine and
 shape (batch 1 in Deep Dream and style transfer: whole-batch, banded, shifted, Winograd).
@@ -41,6 +43,7 @@ from ..backend.cuda import REDUCE_THREADS, block_reduce_sum, cuda_device, cuda_k
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from . import _conv_winograd as winograd
+from ._conv_channels_last import CHANNELS_LAST, channels_last_weights, conv_forward_channels_last, padded_size
 from ._conv_shifted import (
     SHIFTED,
     conv_backward_shifted,
@@ -275,9 +278,11 @@ class Conv2D(Layer):
         return 2 * self.out_channels * self.in_channels * kh * kw * ho * wo
 
     # -- CPU ------------------------------------------------------------------------
-    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH, BANDED, SHIFTED, WINOGRAD or
-    #: WINOGRAD_BATCH) instead of the tuner's choice; BANDED and SHIFTED apply to stride 1
-    #: only, the Winograd ones to 3x3 kernels at stride 1 (other layers then run WHOLE_BATCH).
+    #: Force a CPU variant (PER_SAMPLE, WHOLE_BATCH, BANDED, SHIFTED, WINOGRAD,
+    #: WINOGRAD_BATCH or CHANNELS_LAST) instead of the tuner's choice; BANDED, SHIFTED and
+    #: CHANNELS_LAST apply to stride 1 only, the Winograd ones to 3x3 kernels at stride 1
+    #: (other layers then run WHOLE_BATCH).  CHANNELS_LAST is a forward lowering: its
+    #: backward pass runs PER_SAMPLE.
     algorithm = None
 
     #: Elements of the largest column matrix the whole-batch variant may lower, and of
@@ -292,6 +297,11 @@ class Conv2D(Layer):
     #: multiply over C (one tap at a time), and over the 3 channels of an RGB input
     #: that is far from BLAS speed (not worth the tuning time).
     shifted_min_channels = 8
+
+    #: Input channels from which the tuner times the channels-last forward: its lowering
+    #: copies runs of kw*C values, 9 with an RGB input, and there it measured 1.5x slower
+    #: than per-sample lowering (AMD EPYC, Zen 3, 3->32 at 32 px).
+    channels_last_min_channels = 8
 
     def _plan(self, x):
         """Geometry arguments of the kernels and the shape of one sample's column matrix."""
@@ -324,9 +334,11 @@ class Conv2D(Layer):
         banded = self.stride == (1, 1) and SINGLE_THREADED_BLAS.available  # its threads each call BLAS
         tiled = banded and self.kernel_size == (3, 3)
         if self.algorithm is not None:
-            unavailable = ((self.algorithm in (BANDED, SHIFTED) and not banded)
+            unavailable = ((self.algorithm in (BANDED, SHIFTED, CHANNELS_LAST) and not banded)
                            or (self.algorithm in (WINOGRAD, WINOGRAD_BATCH) and not tiled))
-            return WHOLE_BATCH if unavailable else self.algorithm
+            if unavailable:
+                return WHOLE_BATCH
+            return PER_SAMPLE if self.algorithm == CHANNELS_LAST and direction == "backward" else self.algorithm
         threads = numba.get_num_threads()
         if x.shape[0] >= threads > 1 and SINGLE_THREADED_BLAS.available:
             names, default = [PER_SAMPLE, WHOLE_BATCH], PER_SAMPLE
@@ -336,6 +348,9 @@ class Conv2D(Layer):
             names.append(BANDED)
             if self.in_channels >= self.shifted_min_channels:
                 names.append(SHIFTED)
+            if (direction == "forward" and PER_SAMPLE in names
+                    and self.in_channels >= self.channels_last_min_channels):
+                names.append(CHANNELS_LAST)
             if column_elements > self.whole_batch_column_budget:
                 names.remove(WHOLE_BATCH)  # not even for one timing: its scratch would stay allocated
                 default = names[0]
@@ -453,6 +468,15 @@ class Conv2D(Layer):
                 product = scratch("conv_rows", (slots, self.out_channels, positions), self.dtype)
                 with SINGLE_THREADED_BLAS:
                     conv_forward_parallel(x, weight, self._bias(), self.fused_relu, y, xpad, cols, product, *geometry)
+            elif variant == CHANNELS_LAST:
+                slots = numba.get_num_threads()
+                kh, kw, ph, pw = geometry[0], geometry[1], geometry[4], geometry[5]
+                xs = scratch("conv_xpad", (slots, padded_size(*x.shape[1:], kh, kw, ph, pw)), self.dtype)
+                cols = scratch("conv_cols", (slots, rows * positions), self.dtype)
+                product = scratch("conv_rows", (slots, self.out_channels * positions), self.dtype)
+                with SINGLE_THREADED_BLAS:
+                    conv_forward_channels_last(x, channels_last_weights(self.params["weight"]), self._bias(),
+                                               self.fused_relu, y, xs, cols, product, kh, kw, ph, pw)
             elif variant in (WINOGRAD, WINOGRAD_BATCH):
                 self._winograd_forward(x, y, variant == WINOGRAD_BATCH)
             elif variant in (BANDED, SHIFTED):
